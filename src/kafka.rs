@@ -1,0 +1,155 @@
+//! The Kafka producer and what the gateway asks of it.
+//!
+//! One `FutureProducer` is shared by all requests. It is configured for
+//! durability first (`acks=all`, idempotence on) and its message timeout is
+//! the configured delivery timeout, so librdkafka itself gives up on a
+//! message no later than the request that carries it.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, Producer};
+
+use crate::config::{KafkaSettings, MessageKey};
+use crate::domain::Category;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create the Kafka producer: {0}")]
+pub struct KafkaSetupError(#[from] rdkafka::error::KafkaError);
+
+/// The producer plus the settings that shape each message.
+pub struct KafkaSink {
+    producer: FutureProducer,
+    topic_template: String,
+    key: MessageKey,
+    delivery_timeout: Duration,
+    max_message_bytes: usize,
+}
+
+impl KafkaSink {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaSetupError> {
+        let producer: FutureProducer = producer_config(settings).create()?;
+        Ok(Self {
+            producer,
+            topic_template: settings.topic_template.clone(),
+            key: settings.key(),
+            delivery_timeout: settings.delivery_timeout(),
+            max_message_bytes: settings.max_message_bytes,
+        })
+    }
+
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    pub fn key(&self) -> &MessageKey {
+        &self.key
+    }
+
+    pub fn delivery_timeout(&self) -> Duration {
+        self.delivery_timeout
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    /// The topic of a batch of `category`.
+    pub fn topic_for(&self, category: &Category) -> String {
+        render_topic(&self.topic_template, category)
+    }
+
+    /// Messages handed to the producer and not yet acknowledged or failed.
+    pub fn queue_depth(&self) -> i64 {
+        i64::from(self.producer.in_flight_count())
+    }
+
+    /// Asks a broker for cluster metadata; `Ok` means Kafka is reachable.
+    /// Blocks up to `timeout`: call it from a blocking thread.
+    pub fn check_reachable(&self, timeout: Duration) -> Result<(), String> {
+        self.producer
+            .client()
+            .fetch_metadata(None, timeout)
+            .map(|_| ())
+            .map_err(|e| format!("Kafka metadata not reachable: {e}"))
+    }
+
+    /// Waits for every queued message to be acknowledged or to fail.
+    pub fn flush(&self, timeout: Duration) -> Result<(), String> {
+        self.producer.flush(timeout).map_err(|e| e.to_string())
+    }
+}
+
+/// The librdkafka configuration: our defaults, then the pass-through map.
+pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", &settings.compression)
+        .set("linger.ms", settings.linger_ms.to_string())
+        .set(
+            "message.timeout.ms",
+            settings.delivery_timeout_ms.to_string(),
+        )
+        // The size check of the gateway is on the value; leave room for the
+        // key, headers and record overhead.
+        .set(
+            "message.max.bytes",
+            (settings.max_message_bytes + 64 * 1024).to_string(),
+        );
+    for (key, value) in &settings.producer {
+        config.set(key, value);
+    }
+    config
+}
+
+/// `template` with `{category}` replaced.
+pub fn render_topic(template: &str, category: &Category) -> String {
+    template.replace("{category}", category.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_template_gives_the_analyzer_topic() {
+        let category = Category::parse("page_view").unwrap();
+        assert_eq!(
+            render_topic("to_analyzer__0.{category}", &category),
+            "to_analyzer__0.page_view"
+        );
+    }
+
+    #[test]
+    fn the_category_can_stand_anywhere_and_more_than_once() {
+        let category = Category::parse("click").unwrap();
+        assert_eq!(
+            render_topic("{category}-events-{category}", &category),
+            "click-events-click"
+        );
+    }
+
+    #[test]
+    fn pass_through_settings_win_over_the_defaults() {
+        let settings = KafkaSettings {
+            brokers: "b:9092".into(),
+            topic_template: "t.{category}".into(),
+            key_spec: String::new(),
+            key: None,
+            delivery_timeout_ms: 1234,
+            compression: "zstd".into(),
+            linger_ms: 7,
+            max_message_bytes: 1000,
+            producer: [("linger.ms".to_string(), "50".to_string())].into(),
+        };
+        let config = producer_config(&settings);
+        assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+        assert_eq!(config.get("compression.type"), Some("zstd"));
+        assert_eq!(config.get("message.timeout.ms"), Some("1234"));
+        assert_eq!(config.get("linger.ms"), Some("50"));
+    }
+}

@@ -1,0 +1,75 @@
+//! The `venus` binary: load the configuration, start telemetry, serve until
+//! SIGINT or SIGTERM, drain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// HTTP gateway that writes uploaded event batches to Kafka.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Configuration file; every key can be overridden as VENUS__SECTION__KEY.
+    #[arg(long, default_value = "config.yaml")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match venus::config::Settings::load(&cli.config) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("venus: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let tracing = match venus::telemetry::init_tracing(&settings.telemetry) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("venus: cannot start telemetry: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let app = match venus::Application::build(settings).await {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            eprintln!("venus: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(address = %app.local_addr(), "listening");
+    let result = app.run_until(shutdown_signal()).await;
+    tracing.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("venus: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

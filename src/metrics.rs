@@ -1,0 +1,323 @@
+//! The gateway's counters and histograms, on the OpenTelemetry meter API.
+//!
+//! The same instruments are read two ways (see `telemetry`): scraped as
+//! Prometheus text at `GET /metrics`, and pushed over OTLP when an endpoint is
+//! configured. Names follow OpenTelemetry; Prometheus sees them with dots as
+//! underscores and unit/`_total` suffixes (`venus.uploads` is
+//! `venus_uploads_total`).
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider, UpDownCounter};
+use opentelemetry::KeyValue;
+
+use crate::wire::{PartCode, Reply};
+
+/// `type` values of `venus.uploads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadType {
+    /// Every upload request.
+    All,
+    /// Rejected for its meta or body (malformed, too large, wrong type).
+    WrongMeta,
+    /// At least one event failed validation.
+    WrongData,
+    /// Every event accepted.
+    Success,
+    /// Some events accepted, some not.
+    Partial,
+    /// At least one event was not acknowledged by Kafka.
+    KafkaError,
+}
+
+impl UploadType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all_upload",
+            Self::WrongMeta => "wrong_meta",
+            Self::WrongData => "wrong_data",
+            Self::Success => "success_upload",
+            Self::Partial => "partial_upload",
+            Self::KafkaError => "kafka_error",
+        }
+    }
+}
+
+/// `result` values of `venus.events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventResult {
+    Accepted,
+    Invalid,
+    Failed,
+}
+
+impl EventResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Invalid => "invalid",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Keeps the `category` label bounded: configured categories are always
+/// their own label; otherwise the first `cap` distinct categories are, and
+/// any later one is counted as `other`.
+struct CategoryLabels {
+    allowed: HashSet<String>,
+    seen: RwLock<HashSet<String>>,
+    cap: usize,
+}
+
+impl CategoryLabels {
+    const OTHER: &'static str = "other";
+
+    fn label(&self, category: &str) -> String {
+        if !self.allowed.is_empty() {
+            return if self.allowed.contains(category) {
+                category.to_owned()
+            } else {
+                Self::OTHER.to_owned()
+            };
+        }
+        if self
+            .seen
+            .read()
+            .map(|seen| seen.contains(category))
+            .unwrap_or(false)
+        {
+            return category.to_owned();
+        }
+        let Ok(mut seen) = self.seen.write() else {
+            return Self::OTHER.to_owned();
+        };
+        if seen.contains(category) || seen.len() < self.cap {
+            seen.insert(category.to_owned());
+            category.to_owned()
+        } else {
+            Self::OTHER.to_owned()
+        }
+    }
+}
+
+struct Instruments {
+    uploads: Counter<u64>,
+    events: Counter<u64>,
+    request_duration: Histogram<f64>,
+    produce_duration: Histogram<f64>,
+    active_requests: UpDownCounter<i64>,
+    geoip_lookups: Counter<u64>,
+    delivery_errors: Counter<u64>,
+    categories: CategoryLabels,
+}
+
+/// A cheap, cloneable handle on the instruments.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Instruments>,
+}
+
+/// Bucket bounds in seconds for request and produce latency: fine-grained
+/// where a gateway lives (1 ms to 1 s), coarse up to the delivery timeout.
+const LATENCY_BOUNDS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new(provider: &dyn MeterProviderRef, categories: &[String], cap: usize) -> Self {
+        let meter = provider.venus_meter();
+        Self::from_meter(&meter, categories, cap)
+    }
+
+    /// Instruments that record nowhere, for unit tests of single handlers.
+    pub fn noop() -> Self {
+        let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("venus");
+        Self::from_meter(&meter, &[], 0)
+    }
+
+    fn from_meter(meter: &Meter, categories: &[String], cap: usize) -> Self {
+        let inner = Instruments {
+            uploads: meter
+                .u64_counter("venus.uploads")
+                .with_description("Upload requests by outcome type")
+                .build(),
+            events: meter
+                .u64_counter("venus.events")
+                .with_description("Events by category and result")
+                .build(),
+            request_duration: meter
+                .f64_histogram("http.server.request.duration")
+                .with_unit("s")
+                .with_description("Duration of HTTP server requests")
+                .with_boundaries(LATENCY_BOUNDS.to_vec())
+                .build(),
+            produce_duration: meter
+                .f64_histogram("venus.kafka.produce.duration")
+                .with_unit("s")
+                .with_description(
+                    "Time from producing a batch's events to Kafka's last acknowledgement",
+                )
+                .with_boundaries(LATENCY_BOUNDS.to_vec())
+                .build(),
+            active_requests: meter
+                .i64_up_down_counter("http.server.active_requests")
+                .with_description("Upload requests in flight")
+                .build(),
+            geoip_lookups: meter
+                .u64_counter("venus.geoip.lookups")
+                .with_description("GeoIP lookups by result: hit, miss, invalid")
+                .build(),
+            delivery_errors: meter
+                .u64_counter("venus.kafka.delivery.errors")
+                .with_description("Events Kafka did not acknowledge")
+                .build(),
+            categories: CategoryLabels {
+                allowed: categories.iter().cloned().collect(),
+                seen: RwLock::new(HashSet::new()),
+                cap,
+            },
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub fn upload(&self, kind: UploadType) {
+        self.inner
+            .uploads
+            .add(1, &[KeyValue::new("type", kind.as_str())]);
+    }
+
+    pub fn events(&self, category: &str, result: EventResult, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let category = self.inner.categories.label(category);
+        self.inner.events.add(
+            count,
+            &[
+                KeyValue::new("category", category),
+                KeyValue::new("result", result.as_str()),
+            ],
+        );
+    }
+
+    pub fn request_duration(&self, seconds: f64, method: &str, route: &str, status: u16) {
+        self.inner.request_duration.record(
+            seconds,
+            &[
+                KeyValue::new("http.request.method", method.to_owned()),
+                KeyValue::new("http.route", route.to_owned()),
+                KeyValue::new("http.response.status_code", i64::from(status)),
+            ],
+        );
+    }
+
+    pub fn produce_duration(&self, seconds: f64) {
+        self.inner.produce_duration.record(seconds, &[]);
+    }
+
+    pub fn request_started(&self) {
+        self.inner.active_requests.add(1, &[]);
+    }
+
+    pub fn request_finished(&self) {
+        self.inner.active_requests.add(-1, &[]);
+    }
+
+    pub fn geoip_lookup(&self, result: &'static str) {
+        self.inner
+            .geoip_lookups
+            .add(1, &[KeyValue::new("result", result)]);
+    }
+
+    pub fn delivery_errors(&self, count: u64) {
+        if count > 0 {
+            self.inner.delivery_errors.add(count, &[]);
+        }
+    }
+
+    /// Counts a finished upload by its reply: the `type`s it falls under and
+    /// its events by result. `category` is absent when the request was
+    /// rejected before its meta was understood.
+    pub fn record_upload(&self, category: Option<&str>, reply: &Reply) {
+        if reply.body.parts.is_empty() {
+            // Rejected as a whole: body, type, encoding, JSON or meta.
+            if reply.status.is_client_error() {
+                self.upload(UploadType::WrongMeta);
+            }
+            return;
+        }
+        let (mut accepted, mut invalid, mut failed, mut kafka) = (0u64, 0u64, 0u64, 0u64);
+        for part in &reply.body.parts {
+            match part.code {
+                PartCode::Accepted => accepted += 1,
+                PartCode::Validation | PartCode::InvalidIp => invalid += 1,
+                PartCode::Serialization => failed += 1,
+                PartCode::KafkaDelivery => {
+                    failed += 1;
+                    kafka += 1;
+                }
+            }
+        }
+        let total = reply.body.parts.len() as u64;
+        if invalid > 0 {
+            self.upload(UploadType::WrongData);
+        }
+        if kafka > 0 {
+            self.upload(UploadType::KafkaError);
+        }
+        if accepted == total {
+            self.upload(UploadType::Success);
+        } else if accepted > 0 {
+            self.upload(UploadType::Partial);
+        }
+        let category = category.unwrap_or(CategoryLabels::OTHER);
+        self.events(category, EventResult::Accepted, accepted);
+        self.events(category, EventResult::Invalid, invalid);
+        self.events(category, EventResult::Failed, failed);
+    }
+}
+
+/// Anything that can hand out the gateway's meter (the SDK provider in the
+/// app, a test provider in tests).
+pub trait MeterProviderRef {
+    fn venus_meter(&self) -> Meter;
+}
+
+impl<P: MeterProvider> MeterProviderRef for P {
+    fn venus_meter(&self) -> Meter {
+        self.meter("venus")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(allowed: &[&str], cap: usize) -> CategoryLabels {
+        CategoryLabels {
+            allowed: allowed.iter().map(|s| s.to_string()).collect(),
+            seen: RwLock::new(HashSet::new()),
+            cap,
+        }
+    }
+
+    #[test]
+    fn an_allow_list_bounds_the_category_label() {
+        let labels = labels(&["click"], 0);
+        assert_eq!(labels.label("click"), "click");
+        assert_eq!(labels.label("view"), "other");
+    }
+
+    #[test]
+    fn without_an_allow_list_the_first_categories_up_to_the_cap_keep_their_name() {
+        let labels = labels(&[], 2);
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("b"), "b");
+        assert_eq!(labels.label("c"), "other");
+        assert_eq!(labels.label("a"), "a");
+    }
+}

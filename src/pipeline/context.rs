@@ -1,0 +1,149 @@
+//! The per-request state the handlers share.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::domain::{AppId, Category};
+use crate::geoip::Location;
+use crate::pipeline::HandlerError;
+use crate::wire::{Part, PartCode, Reply};
+
+/// What the HTTP layer hands to the pipeline.
+#[derive(Debug, Clone)]
+pub struct UploadRequest {
+    /// `X-Request-ID` of the request, or the one generated for it.
+    pub request_id: String,
+    /// The client's address (TCP peer, or the configured proxy header).
+    pub client_ip: IpAddr,
+    /// The batch document, decompressed.
+    pub document: Bytes,
+}
+
+/// The batch-level fields, parsed from `meta`.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub app_id: AppId,
+    pub category: Category,
+    /// `meta` exactly as sent (a slice of the document, not a copy).
+    pub meta: Bytes,
+}
+
+/// The `ip` field of an event as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SentIp {
+    /// No `ip` field: the client's address is used.
+    Absent,
+    Text(String),
+}
+
+/// Server-side facts added to an accepted event by `ip_enrich`.
+#[derive(Debug, Clone)]
+pub struct Enrichment {
+    pub backend_id: Uuid,
+    /// Milliseconds since the epoch at which the batch was received.
+    pub upload_time_ms: u64,
+    /// The address used for the lookup.
+    pub ip: IpAddr,
+    /// Shared by every event of the batch with the same address.
+    pub location: Arc<Location>,
+}
+
+/// Where an event stands. Only `write_kafka` sets [`EventStatus::Accepted`],
+/// and only on Kafka's acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventStatus {
+    /// Valid so far, waiting for the next handler.
+    Pending,
+    Accepted,
+    Failed {
+        code: PartCode,
+        reason: String,
+    },
+}
+
+/// One event of the batch.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The event object exactly as sent (a slice of the document).
+    pub raw: Bytes,
+    /// `id` as sent, when it was a string (even an invalid one, so the
+    /// client can match the part to its event).
+    pub id: Option<String>,
+    pub ip: SentIp,
+    pub enrichment: Option<Enrichment>,
+    pub status: EventStatus,
+}
+
+impl Event {
+    pub fn is_pending(&self) -> bool {
+        self.status == EventStatus::Pending
+    }
+
+    pub fn fail(&mut self, code: PartCode, reason: impl Into<String>) {
+        self.status = EventStatus::Failed {
+            code,
+            reason: reason.into(),
+        };
+    }
+
+    fn part(&self) -> Part {
+        let (code, data) = match &self.status {
+            EventStatus::Accepted => (PartCode::Accepted, "accepted".to_owned()),
+            EventStatus::Failed { code, reason } => (*code, reason.clone()),
+            // A chain that ends with an event still pending never reached
+            // Kafka with it: it must not be reported accepted.
+            EventStatus::Pending => (PartCode::KafkaDelivery, "not delivered to Kafka".to_owned()),
+        };
+        Part {
+            id: self.id.clone(),
+            backend_id: self
+                .enrichment
+                .as_ref()
+                .map(|e| e.backend_id.hyphenated().to_string()),
+            code,
+            data,
+        }
+    }
+}
+
+/// One upload on its way through the chain.
+#[derive(Debug)]
+pub struct UploadContext {
+    pub request: UploadRequest,
+    /// Set by `split_and_validate` once `meta` is valid.
+    pub batch: Option<Batch>,
+    /// Every event of `data`, in request order.
+    pub events: Vec<Event>,
+    /// Errors the handlers reported, in order, with the handler's name.
+    pub errors: Vec<(&'static str, HandlerError)>,
+}
+
+impl UploadContext {
+    pub fn new(request: UploadRequest) -> Self {
+        Self {
+            request,
+            batch: None,
+            events: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.events.iter().filter(|e| e.is_pending()).count()
+    }
+
+    pub fn failed(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|e| matches!(e.status, EventStatus::Failed { .. }))
+            .count()
+    }
+
+    /// The reply for the batch as it stands: a part per event.
+    pub fn reply(&self) -> Reply {
+        Reply::from_parts(self.events.iter().map(Event::part).collect())
+    }
+}

@@ -1,0 +1,114 @@
+//! Second handler: give every valid event its server-side facts.
+//!
+//! * `backend_id`: a UUIDv7, time-ordered, unique per event;
+//! * `upload_time`: when the batch reached this handler, ms since the epoch;
+//! * `ip`: the event's own `ip`, or the client's address when it has none;
+//! * `country`, `region`, `city` from the GeoIP database (empty when unknown).
+//!
+//! An `ip` that does not parse as an address fails its event with code 1002.
+//! An address the database does not know (a private range, say) is not an
+//! error: the event goes on with empty location fields.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use uuid::Uuid;
+
+use crate::geoip::{GeoIp, Location, Lookup};
+use crate::metrics::Metrics;
+use crate::pipeline::context::{Enrichment, EventStatus, SentIp};
+use crate::pipeline::{Handler, Outcome, UploadContext};
+use crate::wire::PartCode;
+
+pub struct IpEnrich {
+    geoip: Arc<GeoIp>,
+    metrics: Metrics,
+}
+
+impl IpEnrich {
+    pub fn new(geoip: Arc<GeoIp>, metrics: Metrics) -> Self {
+        Self { geoip, metrics }
+    }
+}
+
+impl Handler for IpEnrich {
+    fn name(&self) -> &'static str {
+        "ip_enrich"
+    }
+
+    fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move { self.run(ctx) })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl IpEnrich {
+    fn run(&self, ctx: &mut UploadContext) -> Outcome {
+        let upload_time_ms = now_ms();
+        let client_ip = ctx.request.client_ip.to_canonical();
+        // Events of one batch mostly share an address or a few: look each
+        // one up once.
+        let mut locations: HashMap<IpAddr, Arc<Location>> = HashMap::new();
+        let mut invalid = 0usize;
+        let mut first_invalid = String::new();
+
+        for event in ctx.events.iter_mut().filter(|e| e.is_pending()) {
+            let ip = match &event.ip {
+                SentIp::Absent => client_ip,
+                SentIp::Text(text) => match text.parse::<IpAddr>() {
+                    Ok(ip) => ip.to_canonical(),
+                    Err(_) => {
+                        self.metrics.geoip_lookup("invalid");
+                        let reason = format!("ip {text:?} is not an IPv4 or IPv6 address");
+                        if invalid == 0 {
+                            first_invalid = reason.clone();
+                        }
+                        invalid += 1;
+                        event.fail(PartCode::InvalidIp, reason);
+                        continue;
+                    }
+                },
+            };
+            let location = locations
+                .entry(ip)
+                .or_insert_with(|| match self.geoip.lookup(ip) {
+                    Lookup::Hit(location) => {
+                        self.metrics.geoip_lookup("hit");
+                        Arc::new(location)
+                    }
+                    Lookup::Miss => {
+                        self.metrics.geoip_lookup("miss");
+                        Arc::new(Location::default())
+                    }
+                })
+                .clone();
+            event.enrichment = Some(Enrichment {
+                backend_id: Uuid::now_v7(),
+                upload_time_ms,
+                ip,
+                location,
+            });
+        }
+
+        if invalid == 0 {
+            return Outcome::proceed();
+        }
+        let message = format!("{invalid} events have an invalid ip; {first_invalid}");
+        let none_left = !ctx.events.iter().any(|e| e.status == EventStatus::Pending);
+        if none_left {
+            Outcome::fail(message, ctx.reply())
+        } else {
+            Outcome::error(message)
+        }
+    }
+}

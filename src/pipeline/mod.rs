@@ -1,0 +1,129 @@
+//! The upload pipeline: a chain of handlers over one request's context.
+//!
+//! ```text
+//! body ─▶ split_and_validate ─▶ ip_enrich ─▶ write_kafka ─▶ reply (a part per event)
+//! ```
+//!
+//! Each handler ([`Handler`]) reads and updates the [`UploadContext`] and
+//! returns an [`Outcome`]: an optional error and an optional responder.
+//!
+//! | error | responder | what the chain does                       |
+//! |-------|-----------|-------------------------------------------|
+//! | yes   | yes       | records the error, sends the response now |
+//! | yes   | no        | records the error, goes on                |
+//! | no    | yes       | sends the response now                    |
+//! | no    | no        | goes on                                   |
+//!
+//! When no handler responds, the reply is built from the per-event results.
+//! The [`Chain`] wraps every handler in a [`TraceWrapper`] in one place, so no
+//! handler opens spans or records its own errors.
+
+mod chain;
+pub mod context;
+pub mod ip_enrich;
+pub mod split_and_validate;
+mod trace_wrapper;
+pub mod write_kafka;
+
+use futures::future::BoxFuture;
+use opentelemetry::KeyValue;
+
+use crate::wire::Reply;
+
+pub use chain::Chain;
+pub use context::{Event, EventStatus, UploadContext, UploadRequest};
+pub use trace_wrapper::TraceWrapper;
+
+/// What went wrong in a handler, for the span, the log and the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HandlerError(pub String);
+
+/// A handler's verdict: see the module documentation for the four cases.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub error: Option<HandlerError>,
+    pub responder: Option<Reply>,
+    /// Extra attributes for the handler's span (e.g. the Kafka topic).
+    pub attributes: Vec<KeyValue>,
+}
+
+impl Outcome {
+    /// Neither error nor responder: go on.
+    pub fn proceed() -> Self {
+        Self::default()
+    }
+
+    /// An error, and the chain goes on.
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            error: Some(HandlerError(message.into())),
+            ..Self::default()
+        }
+    }
+
+    /// Respond now.
+    pub fn respond(reply: Reply) -> Self {
+        Self {
+            responder: Some(reply),
+            ..Self::default()
+        }
+    }
+
+    /// An error, and respond now.
+    pub fn fail(message: impl Into<String>, reply: Reply) -> Self {
+        Self {
+            error: Some(HandlerError(message.into())),
+            responder: Some(reply),
+            ..Self::default()
+        }
+    }
+
+    pub fn with_attribute(mut self, attribute: KeyValue) -> Self {
+        self.attributes.push(attribute);
+        self
+    }
+}
+
+/// The span kind a handler's span gets (OpenTelemetry names, as
+/// `tracing-opentelemetry` reads them from the `otel.kind` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanKind {
+    Internal,
+    Producer,
+}
+
+impl SpanKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Internal => "internal",
+            Self::Producer => "producer",
+        }
+    }
+}
+
+/// One step of the pipeline.
+pub trait Handler: Send + Sync {
+    /// The handler's name: its span's name and its label in logs.
+    fn name(&self) -> &'static str;
+
+    fn span_kind(&self) -> SpanKind {
+        SpanKind::Internal
+    }
+
+    fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome>;
+}
+
+impl<H: Handler + ?Sized> Handler for Box<H> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn span_kind(&self) -> SpanKind {
+        (**self).span_kind()
+    }
+
+    fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome> {
+        (**self).handle(ctx)
+    }
+}

@@ -1,0 +1,502 @@
+//! First handler: parse the batch document, check `meta` and every event.
+//!
+//! A malformed request (not JSON, bad `meta`, `data` missing, empty or too
+//! long) ends the chain with 400 and no parts. Otherwise every event gets a
+//! slot in the context, either pending or failed with code 1001 and the rule
+//! it broke; the chain goes on with the pending ones.
+//!
+//! Events and `meta` are not copied: the context keeps slices of the
+//! document's bytes, which are what goes to Kafka.
+
+use std::collections::HashSet;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use sonic_rs::{JsonType, JsonValueTrait, LazyValue};
+
+use crate::domain::{AppId, Category, EventId};
+use crate::pipeline::context::{Batch, Event, EventStatus, SentIp};
+use crate::pipeline::{Handler, Outcome, UploadContext};
+use crate::wire::{PartCode, Reply};
+
+pub struct SplitAndValidate {
+    max_events: usize,
+    /// Allowed categories; empty allows any valid category.
+    categories: HashSet<String>,
+}
+
+impl SplitAndValidate {
+    pub fn new(max_events: usize, categories: &[String]) -> Self {
+        Self {
+            max_events,
+            categories: categories.iter().cloned().collect(),
+        }
+    }
+}
+
+impl Handler for SplitAndValidate {
+    fn name(&self) -> &'static str {
+        "split_and_validate"
+    }
+
+    fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move { self.run(ctx) })
+    }
+}
+
+/// The top level of the batch document. Unknown top-level keys are ignored.
+#[derive(Deserialize)]
+struct Document<'a> {
+    #[serde(borrow, default)]
+    meta: Option<LazyValue<'a>>,
+    #[serde(borrow, default)]
+    data: Option<LazyValue<'a>>,
+}
+
+/// A request-level rejection: 400, code 2, no parts.
+struct Malformed(String);
+
+impl SplitAndValidate {
+    fn run(&self, ctx: &mut UploadContext) -> Outcome {
+        let document = ctx.request.document.clone();
+        match self.split(&document) {
+            Err(Malformed(message)) => Outcome::fail(
+                message.clone(),
+                Reply::error(StatusCode::BAD_REQUEST, message),
+            ),
+            Ok((batch, events)) => {
+                ctx.batch = Some(batch);
+                ctx.events = events;
+                let total = ctx.events.len();
+                let invalid = ctx.failed();
+                if invalid == 0 {
+                    return Outcome::proceed();
+                }
+                let first = ctx
+                    .events
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, e)| match &e.status {
+                        EventStatus::Failed { reason, .. } => Some(format!("event {i}: {reason}")),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                let message = format!("{invalid} of {total} events failed validation; {first}");
+                if invalid == total {
+                    Outcome::fail(message, ctx.reply())
+                } else {
+                    Outcome::error(message)
+                }
+            }
+        }
+    }
+
+    fn split(&self, document: &Bytes) -> Result<(Batch, Vec<Event>), Malformed> {
+        let first = document.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(Malformed(
+                "the batch must be a JSON object with \"meta\" and \"data\"".into(),
+            ));
+        }
+        let parsed: Document = sonic_rs::from_slice(document)
+            .map_err(|e| Malformed(format!("the batch is not valid JSON: {e}")))?;
+
+        let meta = parsed
+            .meta
+            .ok_or_else(|| Malformed("meta is required".into()))?;
+        let batch = self.batch(document, &meta)?;
+
+        let data = parsed
+            .data
+            .ok_or_else(|| Malformed("data is required".into()))?;
+        let items: Vec<LazyValue> = data
+            .into_array_iter()
+            .ok_or_else(|| Malformed("data must be an array of events".into()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| Malformed(format!("data is not valid JSON: {e}")))?;
+        if items.is_empty() {
+            return Err(Malformed("data must hold at least one event".into()));
+        }
+        if items.len() > self.max_events {
+            return Err(Malformed(format!(
+                "data holds {} events; at most {} are allowed per batch",
+                items.len(),
+                self.max_events
+            )));
+        }
+
+        let mut events = Vec::with_capacity(items.len());
+        for item in &items {
+            let mut event = Event {
+                raw: share(document, item.as_raw_str()),
+                id: None,
+                ip: SentIp::Absent,
+                enrichment: None,
+                status: EventStatus::Pending,
+            };
+            if let Err(reason) = check_event(item, &mut event) {
+                event.fail(PartCode::Validation, reason);
+            }
+            events.push(event);
+        }
+        // Uniqueness is a property of the batch: a repeated id fails every
+        // occurrence after the first.
+        let mut seen_ids: HashSet<&str> = HashSet::with_capacity(events.len());
+        let mut repeated = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            if let Some(id) = event.id.as_deref() {
+                if !seen_ids.insert(id) {
+                    repeated.push(index);
+                }
+            }
+        }
+        drop(seen_ids);
+        for index in repeated {
+            let event = &mut events[index];
+            if event.is_pending() {
+                let id = event.id.as_deref().unwrap_or_default();
+                let reason = format!("id {id:?} appears more than once in the batch");
+                event.fail(PartCode::Validation, reason);
+            }
+        }
+        Ok((batch, events))
+    }
+
+    fn batch(&self, document: &Bytes, meta: &LazyValue) -> Result<Batch, Malformed> {
+        if meta.get_type() != JsonType::Object {
+            return Err(Malformed("meta must be a JSON object".into()));
+        }
+        let app_id = required_string(meta, "app_id")?;
+        let app_id = AppId::parse(&app_id).map_err(|e| Malformed(e.to_string()))?;
+        let category = required_string(meta, "category")?;
+        let category = Category::parse(&category).map_err(|e| Malformed(e.to_string()))?;
+        if !self.categories.is_empty() && !self.categories.contains(category.as_str()) {
+            return Err(Malformed(format!(
+                "meta.category {:?} is not one of the categories this gateway accepts",
+                category.as_str()
+            )));
+        }
+        Ok(Batch {
+            app_id,
+            category,
+            meta: share(document, meta.as_raw_str()),
+        })
+    }
+}
+
+fn required_string(meta: &LazyValue, field: &str) -> Result<String, Malformed> {
+    let value = meta
+        .get(field)
+        .ok_or_else(|| Malformed(format!("meta.{field} is required")))?;
+    value.as_str().map(str::to_owned).ok_or_else(|| {
+        Malformed(format!(
+            "meta.{field} must be a string, not {}",
+            type_name(value.get_type())
+        ))
+    })
+}
+
+fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
+    if item.get_type() != JsonType::Object {
+        return Err(format!(
+            "an event must be a JSON object, not {}",
+            type_name(item.get_type())
+        ));
+    }
+    let mut id: Option<LazyValue> = None;
+    let mut ip: Option<LazyValue> = None;
+    let mut timestamp: Option<LazyValue> = None;
+    let fields = item
+        .clone()
+        .into_object_iter()
+        .ok_or_else(|| "an event must be a JSON object".to_owned())?;
+    for field in fields {
+        let (key, value) = field.map_err(|e| format!("the event is not valid JSON: {e}"))?;
+        let slot = match key.as_ref() {
+            "id" => &mut id,
+            "ip" => &mut ip,
+            "timestamp" => &mut timestamp,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(format!("field {key:?} appears more than once"));
+        }
+        *slot = Some(value);
+    }
+
+    let id = id.ok_or_else(|| "id is required".to_owned())?;
+    let id_text = id
+        .as_str()
+        .ok_or_else(|| format!("id must be a string, not {}", type_name(id.get_type())))?;
+    event.id = Some(id_text.to_owned());
+    EventId::parse(id_text).map_err(|e| e.to_string())?;
+
+    match ip {
+        Some(ip) if ip.get_type() != JsonType::Null => {
+            let text = ip
+                .as_str()
+                .ok_or_else(|| format!("ip must be a string, not {}", type_name(ip.get_type())))?;
+            event.ip = SentIp::Text(text.to_owned());
+        }
+        _ => event.ip = SentIp::Absent,
+    }
+
+    if let Some(timestamp) = timestamp {
+        if timestamp.get_type() != JsonType::Null && timestamp.as_u64().is_none() {
+            return Err(format!(
+                "timestamp must be a non-negative integer (milliseconds since the epoch), not {}",
+                timestamp.as_raw_str()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn type_name(t: JsonType) -> &'static str {
+    match t {
+        JsonType::Null => "null",
+        JsonType::Boolean => "a boolean",
+        JsonType::Number => "a number",
+        JsonType::String => "a string",
+        JsonType::Array => "an array",
+        JsonType::Object => "an object",
+    }
+}
+
+/// A slice of `document` for `part`, which must be borrowed from it; falls
+/// back to a copy if it is not (it always is for sonic-rs lazy values).
+fn share(document: &Bytes, part: &str) -> Bytes {
+    let base = document.as_ptr() as usize;
+    let start = part.as_ptr() as usize;
+    if start >= base && start + part.len() <= base + document.len() {
+        document.slice(start - base..start - base + part.len())
+    } else {
+        Bytes::copy_from_slice(part.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::UploadRequest;
+
+    fn run_with(handler: &SplitAndValidate, document: &str) -> (UploadContext, Outcome) {
+        let mut ctx = UploadContext::new(UploadRequest {
+            request_id: "r".into(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+            document: Bytes::from(document.to_owned()),
+        });
+        let outcome = handler.run(&mut ctx);
+        (ctx, outcome)
+    }
+
+    fn run(document: &str) -> (UploadContext, Outcome) {
+        run_with(&SplitAndValidate::new(3, &[]), document)
+    }
+
+    /// The 400 message of a malformed request.
+    fn rejected(document: &str) -> String {
+        let (ctx, outcome) = run(document);
+        let reply = outcome
+            .responder
+            .expect("a malformed request gets a response");
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{document}");
+        assert!(reply.body.parts.is_empty());
+        assert!(ctx.events.is_empty());
+        assert_eq!(outcome.error.unwrap().0, reply.body.data);
+        reply.body.data
+    }
+
+    /// The reason event 0 failed with, given a valid meta.
+    fn event_failure(event: &str) -> (PartCode, String) {
+        let doc = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c"}},"data":[{event},{{"id":"other"}}]}}"#
+        );
+        let (ctx, outcome) = run(&doc);
+        assert!(outcome.responder.is_none(), "one valid event remains");
+        assert!(outcome.error.is_some(), "an invalid event is an error");
+        match &ctx.events[0].status {
+            EventStatus::Failed { code, reason } => (*code, reason.clone()),
+            other => panic!("{event}: expected a failure, got {other:?}"),
+        }
+    }
+
+    const META: &str = r#""meta":{"app_id":"app-1","category":"page_view","sdk":"ios/1.2"}"#;
+
+    #[test]
+    fn a_valid_batch_keeps_meta_and_events_as_sent() {
+        let doc = format!(
+            r#"{{{META}, "data":[ {{"id":"e1","n":1.50,"ip":"1.2.3.4"}} , {{"id":"e2","timestamp":1700000000000,"nested":{{"a":[1,2]}}}}]}}"#
+        );
+        let (ctx, outcome) = run(&doc);
+        assert!(outcome.error.is_none() && outcome.responder.is_none());
+        let batch = ctx.batch.unwrap();
+        assert_eq!(batch.app_id.as_str(), "app-1");
+        assert_eq!(batch.category.as_str(), "page_view");
+        assert_eq!(
+            &batch.meta[..],
+            br#"{"app_id":"app-1","category":"page_view","sdk":"ios/1.2"}"#
+        );
+        assert_eq!(ctx.events.len(), 2);
+        assert_eq!(
+            &ctx.events[0].raw[..],
+            br#"{"id":"e1","n":1.50,"ip":"1.2.3.4"}"#
+        );
+        assert_eq!(ctx.events[0].ip, SentIp::Text("1.2.3.4".into()));
+        assert_eq!(ctx.events[1].ip, SentIp::Absent);
+        assert_eq!(
+            &ctx.events[1].raw[..],
+            br#"{"id":"e2","timestamp":1700000000000,"nested":{"a":[1,2]}}"#
+        );
+        assert!(ctx.events.iter().all(|e| e.is_pending()));
+    }
+
+    #[test]
+    fn malformed_documents_are_rejected_with_their_reason() {
+        assert!(rejected("").contains("JSON object"));
+        assert!(rejected("[1,2]").contains("JSON object"));
+        assert!(rejected("{\"meta\":").contains("not valid JSON"));
+        assert!(rejected(&format!(r#"{{{META},"data":[{{"id":"a","x":tru}}]}}"#)).contains("JSON"));
+        assert!(rejected(&format!(r#"{{{META},"data":[]}} trailing"#)).contains("JSON"));
+        assert!(rejected(r#"{"data":[{"id":"a"}]}"#).contains("meta is required"));
+        assert!(rejected(r#"{"meta":null,"data":[{"id":"a"}]}"#).contains("meta is required"));
+        assert!(
+            rejected(r#"{"meta":"x","data":[{"id":"a"}]}"#).contains("meta must be a JSON object")
+        );
+        assert!(rejected(&format!("{{{META}}}")).contains("data is required"));
+        assert!(rejected(&format!(r#"{{{META},"data":{{}}}}"#)).contains("data must be an array"));
+        assert!(rejected(&format!(r#"{{{META},"data":[]}}"#)).contains("at least one event"));
+        assert!(rejected(&format!(
+            r#"{{{META},"data":[{{"id":"1"}},{{"id":"2"}},{{"id":"3"}},{{"id":"4"}}]}}"#
+        ))
+        .contains("4 events; at most 3"));
+    }
+
+    #[test]
+    fn meta_rules() {
+        let data = r#""data":[{"id":"a"}]"#;
+        for (meta, expected) in [
+            (r#"{"category":"c"}"#, "meta.app_id is required"),
+            (
+                r#"{"app_id":7,"category":"c"}"#,
+                "meta.app_id must be a string",
+            ),
+            (
+                r#"{"app_id":"","category":"c"}"#,
+                "meta.app_id must not be empty",
+            ),
+            (r#"{"app_id":"a b","category":"c"}"#, "meta.app_id contains"),
+            (r#"{"app_id":"a"}"#, "meta.category is required"),
+            (
+                r#"{"app_id":"a","category":null}"#,
+                "meta.category must be a string",
+            ),
+            (
+                r#"{"app_id":"a","category":"a-b"}"#,
+                "meta.category contains",
+            ),
+        ] {
+            let message = rejected(&format!(r#"{{"meta":{meta},{data}}}"#));
+            assert!(message.contains(expected), "{meta}: {message}");
+        }
+        let long = "x".repeat(65);
+        let message = rejected(&format!(
+            r#"{{"meta":{{"app_id":"{long}","category":"c"}},{data}}}"#
+        ));
+        assert!(message.contains("at most 64"), "{message}");
+    }
+
+    #[test]
+    fn the_category_allow_list_applies_when_set() {
+        let handler = SplitAndValidate::new(10, &["click".to_string()]);
+        let (_, outcome) = run_with(
+            &handler,
+            r#"{"meta":{"app_id":"a","category":"click"},"data":[{"id":"1"}]}"#,
+        );
+        assert!(outcome.responder.is_none());
+        let (_, outcome) = run_with(
+            &handler,
+            r#"{"meta":{"app_id":"a","category":"view"},"data":[{"id":"1"}]}"#,
+        );
+        let reply = outcome.responder.unwrap();
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(reply.body.data.contains("\"view\""));
+    }
+
+    #[test]
+    fn event_rules() {
+        for (event, expected) in [
+            ("7", "must be a JSON object, not a number"),
+            ("[]", "must be a JSON object, not an array"),
+            (r#"{"x":1}"#, "id is required"),
+            (r#"{"id":5}"#, "id must be a string, not a number"),
+            (r#"{"id":""}"#, "id must not be empty"),
+            (r#"{"id":"a","id":"b"}"#, "appears more than once"),
+            (r#"{"id":"a","ip":4}"#, "ip must be a string"),
+            (
+                r#"{"id":"a","timestamp":"now"}"#,
+                "timestamp must be a non-negative integer",
+            ),
+            (
+                r#"{"id":"a","timestamp":-1}"#,
+                "timestamp must be a non-negative integer",
+            ),
+            (
+                r#"{"id":"a","timestamp":1.5}"#,
+                "timestamp must be a non-negative integer",
+            ),
+        ] {
+            let (code, reason) = event_failure(event);
+            assert_eq!(code, PartCode::Validation, "{event}");
+            assert!(reason.contains(expected), "{event}: {reason}");
+        }
+        let long = format!(r#"{{"id":"{}"}}"#, "i".repeat(129));
+        assert!(event_failure(&long).1.contains("at most 128"));
+    }
+
+    #[test]
+    fn null_ip_and_timestamp_count_as_absent() {
+        let doc = format!(r#"{{{META},"data":[{{"id":"a","ip":null,"timestamp":null}}]}}"#);
+        let (ctx, outcome) = run(&doc);
+        assert!(outcome.error.is_none());
+        assert_eq!(ctx.events[0].ip, SentIp::Absent);
+    }
+
+    #[test]
+    fn an_escaped_id_is_unescaped() {
+        let doc = format!(r#"{{{META},"data":[{{"id":"a\"b\u00e9"}}]}}"#);
+        let (ctx, _) = run(&doc);
+        assert_eq!(ctx.events[0].id.as_deref(), Some("a\"bé"));
+    }
+
+    #[test]
+    fn repeated_ids_fail_every_occurrence_after_the_first() {
+        let doc = format!(r#"{{{META},"data":[{{"id":"a"}},{{"id":"b"}},{{"id":"a"}}]}}"#);
+        let (ctx, outcome) = run(&doc);
+        assert!(ctx.events[0].is_pending());
+        assert!(ctx.events[1].is_pending());
+        assert!(matches!(
+            &ctx.events[2].status,
+            EventStatus::Failed { code: PartCode::Validation, reason } if reason.contains("more than once")
+        ));
+        assert!(outcome.error.unwrap().0.contains("1 of 3 events"));
+    }
+
+    #[test]
+    fn all_events_invalid_ends_the_chain_with_400_and_parts() {
+        let doc = format!(r#"{{{META},"data":[{{"id":5}},{{"x":1}}]}}"#);
+        let (_, outcome) = run(&doc);
+        let reply = outcome.responder.unwrap();
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert_eq!(reply.body.parts.len(), 2);
+        assert!(reply
+            .body
+            .parts
+            .iter()
+            .all(|p| p.code == PartCode::Validation));
+        assert_eq!(reply.body.parts[0].id, None);
+        assert!(outcome.error.is_some());
+    }
+}

@@ -1,0 +1,263 @@
+//! Last handler: one Kafka message per valid event, and wait for the acks.
+//!
+//! Every pending event is serialized and handed to the producer at once, then
+//! the handler waits for all acknowledgements, bounded by the delivery
+//! timeout. An event becomes `Accepted` only when its acknowledgement arrived;
+//! anything else (queue full, broker error, timeout) fails it with code 1004.
+//! An event too large for a message fails with code 1003 and is not sent.
+//!
+//! Message value (built from slices of the request, nothing is re-parsed):
+//! `{"backend_id","upload_time","ip","country","region","city","meta","data"}`
+//! with `meta` and `data` exactly as the client sent them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::{join_all, BoxFuture};
+use opentelemetry::KeyValue;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+
+use crate::config::MessageKey;
+use crate::kafka::KafkaSink;
+use crate::metrics::Metrics;
+use crate::pipeline::context::{Batch, Enrichment, EventStatus};
+use crate::pipeline::{Handler, Outcome, SpanKind, UploadContext};
+use crate::telemetry;
+use crate::wire::PartCode;
+
+/// Extra time given to librdkafka to report its own timeout before the
+/// handler stops waiting (its `message.timeout.ms` is the delivery timeout).
+const ACK_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+pub struct WriteKafka {
+    sink: Arc<KafkaSink>,
+    metrics: Metrics,
+}
+
+impl WriteKafka {
+    pub fn new(sink: Arc<KafkaSink>, metrics: Metrics) -> Self {
+        Self { sink, metrics }
+    }
+}
+
+impl Handler for WriteKafka {
+    fn name(&self) -> &'static str {
+        "write_kafka"
+    }
+
+    fn span_kind(&self) -> SpanKind {
+        SpanKind::Producer
+    }
+
+    fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.run(ctx))
+    }
+}
+
+/// Appends `text` to `out` as a JSON string.
+fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = sonic_rs::to_writer(&mut *out, text);
+}
+
+/// The Kafka message value of one event.
+pub fn message_value(batch: &Batch, enrichment: &Enrichment, event: &[u8]) -> Vec<u8> {
+    let location = &enrichment.location;
+    let mut out = Vec::with_capacity(
+        event.len()
+            + batch.meta.len()
+            + location.country.len()
+            + location.region.len()
+            + location.city.len()
+            + 160,
+    );
+    out.extend_from_slice(b"{\"backend_id\":\"");
+    let mut uuid = uuid::Uuid::encode_buffer();
+    out.extend_from_slice(
+        enrichment
+            .backend_id
+            .hyphenated()
+            .encode_lower(&mut uuid)
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\",\"upload_time\":");
+    out.extend_from_slice(
+        itoa::Buffer::new()
+            .format(enrichment.upload_time_ms)
+            .as_bytes(),
+    );
+    out.extend_from_slice(b",\"ip\":\"");
+    // An IpAddr's text form needs no escaping.
+    out.extend_from_slice(enrichment.ip.to_string().as_bytes());
+    out.extend_from_slice(b"\",\"country\":");
+    push_json_str(&mut out, &location.country);
+    out.extend_from_slice(b",\"region\":");
+    push_json_str(&mut out, &location.region);
+    out.extend_from_slice(b",\"city\":");
+    push_json_str(&mut out, &location.city);
+    out.extend_from_slice(b",\"meta\":");
+    out.extend_from_slice(&batch.meta);
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(event);
+    out.push(b'}');
+    out
+}
+
+/// The key of a batch's messages when it does not depend on the event.
+fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
+    let MessageKey::MetaField(field) = key else {
+        return None;
+    };
+    let value = sonic_rs::get_from_slice(&batch.meta, &[field.as_str()]).ok()?;
+    Some(match sonic_rs::JsonValueTrait::as_str(&value) {
+        Some(text) => text.as_bytes().to_vec(),
+        None => value.as_raw_str().as_bytes().to_vec(),
+    })
+}
+
+impl WriteKafka {
+    async fn run(&self, ctx: &mut UploadContext) -> Outcome {
+        let Some(batch) = ctx.batch.clone() else {
+            return Outcome::error("no valid batch to write");
+        };
+        let topic = self.sink.topic_for(&batch.category);
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in telemetry::propagation_headers(&ctx.request.request_id) {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        headers = headers
+            .insert(Header {
+                key: "request_id",
+                value: Some(ctx.request.request_id.as_bytes()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json".as_bytes()),
+            });
+        let key_of_batch = batch_key(self.sink.key(), &batch);
+        let max_bytes = self.sink.max_message_bytes();
+
+        let started = Instant::now();
+        let mut deliveries = Vec::new();
+        let mut sent = 0usize;
+        for (index, event) in ctx.events.iter_mut().enumerate() {
+            if !event.is_pending() {
+                continue;
+            }
+            let Some(enrichment) = event.enrichment.as_ref() else {
+                event.fail(PartCode::Serialization, "event was not enriched");
+                continue;
+            };
+            let value = message_value(&batch, enrichment, &event.raw);
+            if value.len() > max_bytes {
+                let reason = format!(
+                    "event is {} bytes as a Kafka message; at most {max_bytes} are allowed",
+                    value.len()
+                );
+                event.fail(PartCode::Serialization, reason);
+                continue;
+            }
+            let backend_key;
+            let key: Option<&[u8]> = match self.sink.key() {
+                MessageKey::None => None,
+                MessageKey::BackendId => {
+                    backend_key = enrichment.backend_id.hyphenated().to_string();
+                    Some(backend_key.as_bytes())
+                }
+                MessageKey::MetaField(_) => key_of_batch.as_deref(),
+            };
+            let mut record = FutureRecord::to(&topic)
+                .payload(&value)
+                .headers(headers.clone());
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            match self.sink.producer().send_result(record) {
+                Ok(delivery) => {
+                    sent += 1;
+                    deliveries.push((index, delivery));
+                }
+                Err((error, _)) => {
+                    event.fail(
+                        PartCode::KafkaDelivery,
+                        format!("Kafka producer did not take the event: {error}"),
+                    );
+                }
+            }
+        }
+
+        let deadline = tokio::time::Instant::now() + self.sink.delivery_timeout() + ACK_GRACE;
+        let timeout_ms = self.sink.delivery_timeout().as_millis();
+        let results = join_all(deliveries.into_iter().map(|(index, delivery)| async move {
+            (index, tokio::time::timeout_at(deadline, delivery).await)
+        }))
+        .await;
+        for (index, result) in results {
+            let event = &mut ctx.events[index];
+            match result {
+                Ok(Ok(Ok(_delivery))) => event.status = EventStatus::Accepted,
+                Ok(Ok(Err((error, _message)))) => event.fail(
+                    PartCode::KafkaDelivery,
+                    format!("Kafka did not acknowledge the event: {error}"),
+                ),
+                Ok(Err(_canceled)) => event.fail(
+                    PartCode::KafkaDelivery,
+                    "the Kafka producer shut down before acknowledging the event",
+                ),
+                Err(_elapsed) => event.fail(
+                    PartCode::KafkaDelivery,
+                    format!("no acknowledgement from Kafka within {timeout_ms} ms"),
+                ),
+            }
+        }
+        if sent > 0 {
+            self.metrics
+                .produce_duration(started.elapsed().as_secs_f64());
+        }
+
+        let failed: Vec<&str> = ctx
+            .events
+            .iter()
+            .filter_map(|e| match &e.status {
+                EventStatus::Failed {
+                    code: PartCode::KafkaDelivery | PartCode::Serialization,
+                    reason,
+                } => Some(reason.as_str()),
+                _ => None,
+            })
+            .collect();
+        let kafka_failed = ctx
+            .events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.status,
+                    EventStatus::Failed {
+                        code: PartCode::KafkaDelivery,
+                        ..
+                    }
+                )
+            })
+            .count();
+        self.metrics.delivery_errors(kafka_failed as u64);
+
+        let outcome = if failed.is_empty() {
+            Outcome::proceed()
+        } else {
+            Outcome::error(format!(
+                "{} events not written to Kafka; first: {}",
+                failed.len(),
+                failed[0]
+            ))
+        };
+        outcome
+            .with_attribute(KeyValue::new("messaging.system", "kafka"))
+            .with_attribute(KeyValue::new("messaging.destination.name", topic))
+            .with_attribute(KeyValue::new("messaging.operation.type", "send"))
+            .with_attribute(KeyValue::new("messaging.batch.message_count", sent as i64))
+    }
+}

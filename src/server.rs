@@ -1,0 +1,440 @@
+//! The HTTP side: routes, per-request middleware, and the application's
+//! life from bind to graceful drain.
+//!
+//! Routes:
+//! * `POST /api/v1/upload`: read the body (`upload_body`), run the pipeline
+//!   chain, answer with a part per event;
+//! * `GET /healthz`: 200 while the process runs;
+//! * `GET /readyz`: 200 when Kafka answers a metadata request and the GeoIP
+//!   database is loaded, else 503 with the reason;
+//! * `GET /metrics`: Prometheus text.
+//!
+//! Shutdown follows mini-redis: a signal stops the listener, requests in
+//! flight run to completion (their Kafka acknowledgements included), then
+//! the producer is flushed, all within `server.shutdown_grace_ms`.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{field, Instrument};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::config::Settings;
+use crate::geoip::GeoIp;
+use crate::kafka::KafkaSink;
+use crate::metrics::{Metrics, UploadType};
+use crate::pipeline::ip_enrich::IpEnrich;
+use crate::pipeline::split_and_validate::SplitAndValidate;
+use crate::pipeline::write_kafka::WriteKafka;
+use crate::pipeline::{Chain, UploadContext, UploadRequest};
+use crate::telemetry::{self, Metering};
+use crate::upload_body::read_document;
+use crate::wire::{Reply, RETRY_AFTER_SECONDS};
+
+pub const UPLOAD_ROUTE: &str = "/api/v1/upload";
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every request handler shares.
+#[derive(Clone)]
+struct AppState {
+    chain: Arc<Chain>,
+    sink: Arc<KafkaSink>,
+    geoip: Arc<GeoIp>,
+    metrics: Metrics,
+    metering: Arc<Metering>,
+    in_flight: Arc<Semaphore>,
+    max_body_bytes: usize,
+    body_timeout: Duration,
+    client_ip_header: Option<HeaderName>,
+    /// Keeps the observable instruments (and their callbacks) alive.
+    _gauges: Arc<Gauges>,
+}
+
+/// The request id of a request: its `X-Request-ID`, or a generated one.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// A bound, ready-to-run gateway.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    shutdown_grace: Duration,
+}
+
+impl Application {
+    /// Opens the GeoIP database, creates the producer and binds the listener.
+    /// Kafka need not be up: readiness says so until it is.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let geoip = Arc::new(GeoIp::open(&settings.geoip.database)?);
+        let sink = Arc::new(KafkaSink::new(&settings.kafka)?);
+        let metering = Arc::new(Metering::new(&settings.telemetry)?);
+        let metrics = Metrics::new(
+            &metering.provider,
+            &settings.categories,
+            settings.telemetry.max_metric_categories,
+        );
+        let gauges = Arc::new(register_gauges(&metering, &sink));
+
+        let chain = Chain::new(vec![
+            Box::new(SplitAndValidate::new(
+                settings.server.max_events_per_batch,
+                &settings.categories,
+            )),
+            Box::new(IpEnrich::new(geoip.clone(), metrics.clone())),
+            Box::new(WriteKafka::new(sink.clone(), metrics.clone())),
+        ]);
+        let client_ip_header = match settings.server.client_ip_header.trim() {
+            "" => None,
+            name => Some(HeaderName::try_from(name).map_err(|e| {
+                anyhow::anyhow!("configuration key `server.client_ip_header`: {e}")
+            })?),
+        };
+        let state = AppState {
+            chain: Arc::new(chain),
+            sink,
+            geoip,
+            metrics,
+            metering,
+            in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight_requests)),
+            max_body_bytes: settings.server.max_body_bytes,
+            body_timeout: Duration::from_millis(settings.server.body_timeout_ms),
+            client_ip_header,
+            _gauges: gauges,
+        };
+        let router = router(state.clone(), settings.server.max_body_bytes);
+        let listener = TcpListener::bind(settings.listen_addr()).await?;
+        Ok(Self {
+            listener,
+            router,
+            state,
+            shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then drains: in-flight requests
+    /// finish, queued Kafka messages are flushed.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            router,
+            state,
+            shutdown_grace,
+        } = self;
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining in-flight uploads");
+            let _ = drain_tx.send(());
+        };
+        let server = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal);
+        let serving = tokio::spawn(async move { server.await });
+        // Wait for the server; once shutdown began, only up to the grace.
+        tokio::pin!(serving);
+        let result = tokio::select! {
+            result = &mut serving => result,
+            _ = async {
+                let _ = drain_rx.await;
+                tokio::time::sleep(shutdown_grace).await;
+            } => {
+                tracing::warn!("in-flight uploads did not finish within the shutdown grace");
+                serving.abort();
+                Ok(Ok(()))
+            }
+        };
+        let sink = state.sink.clone();
+        let flushed = tokio::task::spawn_blocking(move || sink.flush(shutdown_grace)).await;
+        if let Ok(Err(error)) = flushed {
+            tracing::warn!(%error, "Kafka producer did not flush every message");
+        }
+        tracing::info!("stopped");
+        result??;
+        Ok(())
+    }
+}
+
+fn router(state: AppState, max_body_bytes: usize) -> Router {
+    // Multipart framing adds a little around the batch part; the document
+    // itself is held to `max_body_bytes` by `upload_body`.
+    let wire_limit = max_body_bytes.saturating_add(64 * 1024);
+    let upload = Router::new().route(UPLOAD_ROUTE, post(upload)).route_layer(
+        middleware::from_fn_with_state(state.clone(), http_server_span),
+    );
+    Router::new()
+        .merge(upload)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(wire_limit))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Takes `X-Request-ID` (when it is sane) or makes one, and echoes it.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    response
+}
+
+/// Decrements the in-flight gauge however the request ends (a client that
+/// disconnects drops the future).
+struct ActiveRequest(Metrics);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// The server span of a request, child of the caller's trace context, with
+/// the HTTP semantic-convention attributes; and the request metrics.
+async fn http_server_span(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| request.uri().path().to_owned());
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let body_size = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        target: "venus::http",
+        "request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %request.uri().path(),
+        url.scheme = "http",
+        client.address = field::Empty,
+        client.port = field::Empty,
+        http.request.body.size = field::Empty,
+        http.response.status_code = field::Empty,
+        request_id = %request_id,
+        trace_id = field::Empty,
+        span_id = field::Empty,
+    );
+    if let Some(peer) = peer {
+        span.record("client.address", field::display(peer.ip()));
+        span.record("client.port", peer.port());
+    }
+    if let Some(size) = body_size {
+        span.record("http.request.body.size", size);
+    }
+    let _ = span.set_parent(telemetry::extract_parent(request.headers()));
+    telemetry::record_ids(&span);
+
+    state.metrics.request_started();
+    let _active = ActiveRequest(state.metrics.clone());
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    state.metrics.request_duration(
+        started.elapsed().as_secs_f64(),
+        &method,
+        &route,
+        status.as_u16(),
+    );
+    response
+}
+
+fn client_ip(headers: &HeaderMap, peer: IpAddr, header: Option<&HeaderName>) -> IpAddr {
+    header
+        .and_then(|name| headers.get(name))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|first| first.trim().parse::<IpAddr>().ok())
+        .unwrap_or(peer)
+}
+
+async fn upload(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    request: Request,
+) -> Response {
+    state.metrics.upload(UploadType::All);
+    // Shed load instead of queueing: a bounded number of bodies in memory.
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        state.metrics.upload(UploadType::KafkaError);
+        let mut response = Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is at its limit of uploads in flight; retry later",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        return response;
+    };
+    let client_ip = client_ip(
+        request.headers(),
+        peer.ip(),
+        state.client_ip_header.as_ref(),
+    );
+    let document = match tokio::time::timeout(
+        state.body_timeout,
+        read_document(request, state.max_body_bytes),
+    )
+    .await
+    {
+        Ok(Ok(document)) => document,
+        Ok(Err(reply)) => {
+            state.metrics.record_upload(None, &reply);
+            return reply.into_response();
+        }
+        Err(_) => {
+            let reply = Reply::error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {} ms",
+                    state.body_timeout.as_millis()
+                ),
+            );
+            state.metrics.record_upload(None, &reply);
+            return reply.into_response();
+        }
+    };
+    let mut ctx = UploadContext::new(UploadRequest {
+        request_id,
+        client_ip,
+        document,
+    });
+    let reply = state.chain.run(&mut ctx).await;
+    let category = ctx.batch.as_ref().map(|b| b.category.as_str());
+    state.metrics.record_upload(category, &reply);
+    reply.into_response()
+}
+
+async fn healthz() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let sink = state.sink.clone();
+    let kafka = tokio::task::spawn_blocking(move || sink.check_reachable(Duration::from_secs(2)))
+        .await
+        .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
+    let geoip = state.geoip.database_type().to_owned();
+    let (status, body) = match kafka {
+        Ok(()) => (
+            StatusCode::OK,
+            sonic_rs::json!({"status": "ready", "kafka": "reachable", "geoip": geoip}),
+        ),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            sonic_rs::json!({"status": "not ready", "reason": reason, "geoip": geoip}),
+        ),
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metering.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    Reply::error(
+        StatusCode::NOT_FOUND,
+        format!("no such route; uploads go to POST {UPLOAD_ROUTE}"),
+    )
+    .into_response()
+}
+
+/// Instruments read at collection time.
+struct Gauges {
+    _queue: opentelemetry::metrics::ObservableGauge<i64>,
+    _dropped_spans: opentelemetry::metrics::ObservableCounter<u64>,
+}
+
+/// The producer's queue depth and the spans lost on export.
+fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>) -> Gauges {
+    use opentelemetry::metrics::MeterProvider;
+    let meter = metering.provider.meter("venus");
+    let queue_sink = Arc::downgrade(sink);
+    let gauge = meter
+        .i64_observable_gauge("venus.kafka.producer.queue.messages")
+        .with_description("Messages in the producer's queue, not yet acknowledged")
+        .with_callback(move |observer| {
+            if let Some(sink) = queue_sink.upgrade() {
+                observer.observe(sink.queue_depth(), &[]);
+            }
+        })
+        .build();
+    let dropped = meter
+        .u64_observable_counter("venus.telemetry.dropped_spans")
+        .with_description("Spans lost because their export to the collector failed")
+        .with_callback(|observer| observer.observe(telemetry::dropped_spans(), &[]))
+        .build();
+    Gauges {
+        _queue: gauge,
+        _dropped_spans: dropped,
+    }
+}

@@ -1,0 +1,296 @@
+//! Traces, logs and the plumbing of metrics.
+//!
+//! * Tracing: `tracing` spans bridged to OpenTelemetry by
+//!   `tracing-opentelemetry`, sampled parent-based, exported over OTLP/HTTP
+//!   through a bounded batch queue when an endpoint is configured. Export never
+//!   blocks an upload; spans whose export failed are counted.
+//! * Propagation: W3C `traceparent`/`tracestate` and `baggage`, read from the
+//!   request and written into every Kafka message.
+//! * Logs: `tracing-subscriber`, JSON or pretty; lines inside a request carry
+//!   the `trace_id` and `span_id` of the span they were logged in.
+//! * Metrics: a meter provider per application, read by the Prometheus
+//!   registry behind `/metrics` and, with an endpoint, pushed over OTLP.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use opentelemetry::baggage::BaggageExt;
+use opentelemetry::propagation::{
+    Extractor, Injector, TextMapCompositePropagator, TextMapPropagator,
+};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+};
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+use crate::config::{LogFormat, TelemetrySettings};
+
+/// Spans lost on the way to the collector, since the process started.
+static DROPPED_SPANS: AtomicU64 = AtomicU64::new(0);
+
+pub fn dropped_spans() -> u64 {
+    DROPPED_SPANS.load(Ordering::Relaxed)
+}
+
+/// W3C trace context plus W3C baggage.
+fn propagator() -> &'static TextMapCompositePropagator {
+    static PROPAGATOR: OnceLock<TextMapCompositePropagator> = OnceLock::new();
+    PROPAGATOR.get_or_init(|| {
+        TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(BaggagePropagator::new()),
+        ])
+    })
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The trace context (and baggage) a request carries; empty when none.
+pub fn extract_parent(headers: &HeaderMap) -> Context {
+    propagator().extract(&HeaderExtractor(headers))
+}
+
+struct VecInjector(Vec<(&'static str, String)>);
+
+impl Injector for VecInjector {
+    fn set(&mut self, key: &str, value: String) {
+        let key = match key {
+            "traceparent" => "traceparent",
+            "tracestate" => "tracestate",
+            "baggage" => "baggage",
+            _ => return,
+        };
+        self.0.push((key, value));
+    }
+}
+
+/// The propagation headers for a message produced inside the current span:
+/// `traceparent` naming the current span, `tracestate` when the trace has
+/// one, and `baggage` with the incoming baggage plus `request_id`.
+pub fn propagation_headers(request_id: &str) -> Vec<(&'static str, String)> {
+    let context = tracing::Span::current().context();
+    let mut baggage: Vec<KeyValue> = context
+        .baggage()
+        .iter()
+        .filter(|(key, _)| key.as_str() != "request_id")
+        .map(|(key, (value, _))| KeyValue::new(key.clone(), value.clone()))
+        .collect();
+    baggage.push(KeyValue::new("request_id", request_id.to_owned()));
+    let context = context.with_baggage(baggage);
+    let mut injector = VecInjector(Vec::with_capacity(3));
+    if context.span().span_context().is_valid() {
+        propagator().inject_context(&context, &mut injector);
+    } else {
+        // No trace (tracing not initialised): still hand on the baggage.
+        BaggagePropagator::new().inject_context(&context, &mut injector);
+    }
+    injector.0
+}
+
+/// Records the OpenTelemetry ids of `span` as its `trace_id` and `span_id`
+/// fields, so that log lines inside it carry them.
+pub fn record_ids(span: &tracing::Span) {
+    let context = span.context();
+    let otel = context.span();
+    let ids = otel.span_context();
+    if ids.is_valid() {
+        span.record("trace_id", tracing::field::display(ids.trace_id()));
+        span.record("span_id", tracing::field::display(ids.span_id()));
+    }
+}
+
+/// An exporter that counts the spans of every batch it failed to deliver.
+#[derive(Debug)]
+struct CountingExporter<E>(E);
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let count = batch.len() as u64;
+        let result = self.0.export(batch).await;
+        if result.is_err() {
+            DROPPED_SPANS.fetch_add(count, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource)
+    }
+}
+
+/// The OTLP base URL: the configured one, else `OTEL_EXPORTER_OTLP_ENDPOINT`.
+pub fn otlp_endpoint(settings: &TelemetrySettings) -> Option<String> {
+    let configured = settings.otlp_endpoint.trim();
+    let endpoint = if configured.is_empty() {
+        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default()
+    } else {
+        configured.to_owned()
+    };
+    let endpoint = endpoint.trim().trim_end_matches('/').to_owned();
+    (!endpoint.is_empty()).then_some(endpoint)
+}
+
+pub fn resource(settings: &TelemetrySettings) -> Resource {
+    Resource::builder()
+        .with_service_name(settings.service_name.clone())
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("deployment.environment", settings.environment.clone()),
+            KeyValue::new("deployment.environment.name", settings.environment.clone()),
+        ])
+        .build()
+}
+
+/// Builds the tracer provider: parent-based sampling, and an OTLP/HTTP batch
+/// exporter when an endpoint is configured.
+pub fn tracer_provider(settings: &TelemetrySettings) -> anyhow::Result<SdkTracerProvider> {
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(resource(settings))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            settings.sampling_ratio,
+        ))));
+    if let Some(endpoint) = otlp_endpoint(settings) {
+        use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(format!("{endpoint}/v1/traces"))
+            .with_timeout(Duration::from_secs(5))
+            .with_headers(HashMap::new())
+            .build()?;
+        let processor = BatchSpanProcessor::builder(CountingExporter(exporter))
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_max_queue_size(settings.span_queue_size)
+                    .with_scheduled_delay(Duration::from_secs(1))
+                    .build(),
+            )
+            .build();
+        builder = builder.with_span_processor(processor);
+    }
+    Ok(builder.build())
+}
+
+/// Owns the tracer provider; [`TracingGuard::shutdown`] flushes what is queued.
+pub struct TracingGuard {
+    provider: SdkTracerProvider,
+}
+
+impl TracingGuard {
+    pub fn shutdown(self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Installs the global `tracing` subscriber: the log layer filtered by
+/// `log_level`, and the OpenTelemetry layer, which sees the gateway's own
+/// spans whatever the log level.
+pub fn init_tracing(settings: &TelemetrySettings) -> anyhow::Result<TracingGuard> {
+    let provider = tracer_provider(settings)?;
+    install_subscriber(settings, &provider)?;
+    Ok(TracingGuard { provider })
+}
+
+/// Installs the subscriber around an existing provider (tests bring their
+/// own, with an in-memory exporter).
+pub fn install_subscriber(
+    settings: &TelemetrySettings,
+    provider: &SdkTracerProvider,
+) -> anyhow::Result<()> {
+    let tracer = provider.tracer("venus");
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(Targets::new().with_target("venus", tracing::Level::INFO));
+    let filter = EnvFilter::try_new(&settings.log_level)?;
+    let logs = match settings.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(otel)
+        .with(logs)
+        .try_init()?;
+    Ok(())
+}
+
+/// Per-application metrics plumbing: the SDK provider and the Prometheus
+/// registry it fills.
+pub struct Metering {
+    pub provider: SdkMeterProvider,
+    pub registry: prometheus::Registry,
+}
+
+impl Metering {
+    pub fn new(settings: &TelemetrySettings) -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let prometheus_reader = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            .build()?;
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(resource(settings))
+            .with_reader(prometheus_reader);
+        if settings.otlp_metrics {
+            if let Some(endpoint) = otlp_endpoint(settings) {
+                use opentelemetry_otlp::WithExportConfig;
+                let exporter = opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_endpoint(format!("{endpoint}/v1/metrics"))
+                    .with_timeout(Duration::from_secs(5))
+                    .build()?;
+                let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+                    .with_interval(Duration::from_millis(settings.metrics_interval_ms))
+                    .build();
+                builder = builder.with_reader(reader);
+            }
+        }
+        Ok(Self {
+            provider: builder.build(),
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let encoder = prometheus::TextEncoder::new();
+        encoder
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+    }
+}

@@ -1,0 +1,375 @@
+//! From an HTTP request to the batch document bytes.
+//!
+//! Accepted forms:
+//! * `multipart/form-data` with one part named `batch` (a plain field or a
+//!   file upload); the part may be gzip-compressed (part `Content-Type:
+//!   application/gzip` or part header `Content-Encoding: gzip`);
+//! * `application/json`, the document as the body.
+//!
+//! Either may also arrive with request `Content-Encoding: gzip`. Every size is
+//! checked against `server.max_body_bytes` after decompression, while
+//! reading, so a small gzip bomb cannot inflate past the limit.
+
+use std::io::Read;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::{header, HeaderMap, StatusCode};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::wire::Reply;
+
+/// Reads the request body into the batch document, or answers why not.
+pub async fn read_document(request: Request, max_bytes: usize) -> Result<Bytes, Reply> {
+    let (parts, body) = request.into_parts();
+    let encoding = content_encoding(&parts.headers)?;
+    let kind = body_kind(&parts.headers)?;
+
+    match (kind, encoding) {
+        (BodyKind::Json, Encoding::Identity) => collect(body, max_bytes).await,
+        (BodyKind::Json, Encoding::Gzip) => {
+            let compressed = collect(body, max_bytes).await?;
+            gunzip(compressed, max_bytes).await
+        }
+        (BodyKind::Multipart, Encoding::Identity) => {
+            batch_part(Request::from_parts(parts, body), max_bytes).await
+        }
+        (BodyKind::Multipart, Encoding::Gzip) => {
+            let compressed = collect(body, max_bytes).await?;
+            let plain = gunzip(compressed, max_bytes).await?;
+            let mut parts = parts;
+            parts.headers.remove(header::CONTENT_ENCODING);
+            parts.headers.remove(header::CONTENT_LENGTH);
+            batch_part(Request::from_parts(parts, Body::from(plain)), max_bytes).await
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Multipart,
+}
+
+fn content_encoding(headers: &HeaderMap) -> Result<Encoding, Reply> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(Encoding::Identity);
+    };
+    match value.to_str().map(|v| v.trim().to_ascii_lowercase()) {
+        Ok(v) if v.is_empty() || v == "identity" => Ok(Encoding::Identity),
+        Ok(v) if v == "gzip" || v == "x-gzip" => Ok(Encoding::Gzip),
+        _ => Err(Reply::error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "unsupported Content-Encoding {:?}; use gzip or none",
+                String::from_utf8_lossy(value.as_bytes())
+            ),
+        )),
+    }
+}
+
+fn body_kind(headers: &HeaderMap) -> Result<BodyKind, Reply> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "multipart/form-data" => Ok(BodyKind::Multipart),
+        "application/json" => Ok(BodyKind::Json),
+        _ => Err(Reply::error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "unsupported Content-Type {content_type:?}; send multipart/form-data with a \"batch\" part, or application/json"
+            ),
+        )),
+    }
+}
+
+fn too_large(max_bytes: usize) -> Reply {
+    Reply::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is larger than {max_bytes} bytes (counted after decompression)"),
+    )
+}
+
+/// Reads a whole body, at most `max_bytes` of it.
+async fn collect(body: Body, max_bytes: usize) -> Result<Bytes, Reply> {
+    match Limited::new(body, max_bytes).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(too_large(max_bytes)),
+        Err(error) => Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("the body could not be read: {error}"),
+        )),
+    }
+}
+
+/// Decompresses gzip data, stopping as soon as the output passes `max_bytes`.
+/// Runs on a blocking thread: inflating megabytes would stall the runtime.
+async fn gunzip(compressed: Bytes, max_bytes: usize) -> Result<Bytes, Reply> {
+    let small = compressed.len() < 64 * 1024;
+    let inflate = move || {
+        let mut plain = Vec::with_capacity((compressed.len() * 4).min(max_bytes));
+        let mut decoder =
+            flate2::read::MultiGzDecoder::new(&compressed[..]).take(max_bytes as u64 + 1);
+        match decoder.read_to_end(&mut plain) {
+            Ok(_) if plain.len() > max_bytes => Err(too_large(max_bytes)),
+            Ok(_) => Ok(Bytes::from(plain)),
+            Err(error) => Err(Reply::error(
+                StatusCode::BAD_REQUEST,
+                format!("the gzip data is corrupt: {error}"),
+            )),
+        }
+    };
+    if small {
+        return inflate();
+    }
+    tokio::task::spawn_blocking(inflate)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Reply::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "decompression failed",
+            ))
+        })
+}
+
+fn multipart_error(error: axum::extract::multipart::MultipartError, max_bytes: usize) -> Reply {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(max_bytes)
+    } else {
+        Reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("the multipart body is malformed: {}", error.body_text()),
+        )
+    }
+}
+
+fn is_gzip_part(headers: &HeaderMap) -> bool {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    matches!(
+        content_type.as_deref(),
+        Some("application/gzip" | "application/x-gzip")
+    ) || matches!(encoding.as_deref(), Some("gzip" | "x-gzip"))
+}
+
+/// Finds the one `batch` part and returns its (decompressed) content.
+async fn batch_part(request: Request, max_bytes: usize) -> Result<Bytes, Reply> {
+    let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| {
+        Reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("the multipart body is malformed: {}", e.body_text()),
+        )
+    })?;
+    let mut batch: Option<Bytes> = None;
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, max_bytes))?
+    {
+        if field.name() != Some("batch") {
+            continue;
+        }
+        if batch.is_some() {
+            return Err(Reply::error(
+                StatusCode::BAD_REQUEST,
+                "the body has more than one \"batch\" part",
+            ));
+        }
+        let gzip = is_gzip_part(field.headers());
+        let mut content = Vec::new();
+        while let Some(chunk) = field
+            .chunk()
+            .await
+            .map_err(|e| multipart_error(e, max_bytes))?
+        {
+            if content.len() + chunk.len() > max_bytes {
+                return Err(too_large(max_bytes));
+            }
+            content.extend_from_slice(&chunk);
+        }
+        let content = Bytes::from(content);
+        batch = Some(if gzip {
+            gunzip(content, max_bytes).await?
+        } else {
+            content
+        });
+    }
+    batch.ok_or_else(|| {
+        Reply::error(
+            StatusCode::BAD_REQUEST,
+            "the multipart body has no part named \"batch\"",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    fn request(content_type: &str, encoding: Option<&str>, body: Vec<u8>) -> Request {
+        let mut builder = Request::builder()
+            .method("POST")
+            .uri("/api/v1/upload")
+            .header(header::CONTENT_TYPE, content_type);
+        if let Some(encoding) = encoding {
+            builder = builder.header(header::CONTENT_ENCODING, encoding);
+        }
+        builder.body(Body::from(body)).unwrap()
+    }
+
+    fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+        let boundary = "XyZbOuNdArY";
+        let mut body = Vec::new();
+        for (name, content_type, data) in parts {
+            write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}.json\"\r\n").unwrap();
+            if let Some(ct) = content_type {
+                write!(body, "Content-Type: {ct}\r\n").unwrap();
+            }
+            body.extend_from_slice(b"\r\n");
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        write!(body, "--{boundary}--\r\n").unwrap();
+        (format!("multipart/form-data; boundary={boundary}"), body)
+    }
+
+    const DOC: &[u8] = br#"{"meta":{},"data":[]}"#;
+
+    #[tokio::test]
+    async fn json_body_is_the_document() {
+        let got = read_document(
+            request("application/json; charset=utf-8", None, DOC.to_vec()),
+            1000,
+        )
+        .await
+        .unwrap();
+        assert_eq!(&got[..], DOC);
+    }
+
+    #[tokio::test]
+    async fn gzip_json_body_is_inflated() {
+        let got = read_document(request("application/json", Some("gzip"), gzip(DOC)), 1000)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], DOC);
+    }
+
+    #[tokio::test]
+    async fn multipart_batch_part_plain_and_gzip() {
+        let (ct, body) = multipart(&[
+            ("other", None, b"x"),
+            ("batch", Some("application/json"), DOC),
+        ]);
+        assert_eq!(
+            &read_document(request(&ct, None, body), 1000).await.unwrap()[..],
+            DOC
+        );
+        let zipped = gzip(DOC);
+        let (ct, body) = multipart(&[("batch", Some("application/gzip"), &zipped)]);
+        assert_eq!(
+            &read_document(request(&ct, None, body), 1000).await.unwrap()[..],
+            DOC
+        );
+    }
+
+    #[tokio::test]
+    async fn multipart_without_batch_part_is_400() {
+        let (ct, body) = multipart(&[("other", None, DOC)]);
+        let reply = read_document(request(&ct, None, body), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(reply.body.data.contains("batch"), "{}", reply.body.data);
+    }
+
+    #[tokio::test]
+    async fn two_batch_parts_are_400() {
+        let (ct, body) = multipart(&[("batch", None, DOC), ("batch", None, DOC)]);
+        let reply = read_document(request(&ct, None, body), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn unsupported_types_and_encodings_are_415() {
+        let reply = read_document(request("text/plain", None, DOC.to_vec()), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let reply = read_document(request("application/json", Some("br"), DOC.to_vec()), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_413_before_and_after_inflating() {
+        let big = vec![b' '; 2000];
+        let reply = read_document(request("application/json", None, big.clone()), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+        // Compresses to far below the limit, inflates past it.
+        let bomb = gzip(&vec![b' '; 100_000]);
+        assert!(bomb.len() < 1000);
+        let reply = read_document(
+            request("application/json", Some("gzip"), bomb.clone()),
+            1000,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let (ct, body) = multipart(&[("batch", Some("application/gzip"), &bomb)]);
+        let reply = read_document(request(&ct, None, body), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn corrupt_gzip_is_400() {
+        let reply = read_document(
+            request("application/json", Some("gzip"), b"not gzip".to_vec()),
+            1000,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(reply.body.data.contains("gzip"));
+    }
+}
