@@ -113,9 +113,9 @@ pub struct KafkaSettings {
     pub key_spec: String,
     #[serde(skip)]
     pub key: Option<MessageKey>,
-    /// Longest time an upload waits for Kafka's acknowledgement; also the
-    /// producer's `message.timeout.ms`, so no message outlives the response
-    /// that reported it failed by more than the in-flight request.
+    /// Longest time an upload waits for Kafka's acknowledgement. The
+    /// producer's `message.timeout.ms` is set a little shorter, so librdkafka
+    /// gives up on a message before the response reports it failed.
     #[serde(default = "defaults::delivery_timeout_ms")]
     pub delivery_timeout_ms: u64,
     /// `compression.type`: none, gzip, snappy, lz4 or zstd.

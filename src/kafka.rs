@@ -91,7 +91,7 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("linger.ms", settings.linger_ms.to_string())
         .set(
             "message.timeout.ms",
-            settings.delivery_timeout_ms.to_string(),
+            librdkafka_message_timeout_ms(settings.delivery_timeout_ms).to_string(),
         )
         // The size check of the gateway is on the value; leave room for the
         // key, headers and record overhead.
@@ -103,6 +103,17 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
         config.set(key, value);
     }
     config
+}
+
+/// librdkafka's own message timeout: shorter than the response deadline
+/// (by up to a second, its timeout scan interval) so that librdkafka gives up
+/// on a message, and says so, before the response reports it failed. Then a
+/// message answered 1004 is not delivered afterwards in the common case.
+pub fn librdkafka_message_timeout_ms(delivery_timeout_ms: u64) -> u64 {
+    delivery_timeout_ms
+        .saturating_sub(1000)
+        .max(delivery_timeout_ms / 2)
+        .max(1)
 }
 
 /// `template` with `{category}` replaced.
@@ -133,6 +144,13 @@ mod tests {
     }
 
     #[test]
+    fn librdkafka_gives_up_before_the_response_deadline() {
+        assert_eq!(librdkafka_message_timeout_ms(10_000), 9_000);
+        assert_eq!(librdkafka_message_timeout_ms(1_500), 750);
+        assert_eq!(librdkafka_message_timeout_ms(1), 1);
+    }
+
+    #[test]
     fn pass_through_settings_win_over_the_defaults() {
         let settings = KafkaSettings {
             brokers: "b:9092".into(),
@@ -149,7 +167,7 @@ mod tests {
         assert_eq!(config.get("acks"), Some("all"));
         assert_eq!(config.get("enable.idempotence"), Some("true"));
         assert_eq!(config.get("compression.type"), Some("zstd"));
-        assert_eq!(config.get("message.timeout.ms"), Some("1234"));
+        assert_eq!(config.get("message.timeout.ms"), Some("617"));
         assert_eq!(config.get("linger.ms"), Some("50"));
     }
 }

@@ -36,8 +36,19 @@ pub use trace_wrapper::TraceWrapper;
 
 /// What went wrong in a handler, for the span, the log and the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct HandlerError(pub String);
+#[error("{message}")]
+pub struct HandlerError {
+    pub message: String,
+    /// Whose fault: a client's bad input is logged at debug (a broken SDK
+    /// must not flood the logs), the gateway's or Kafka's trouble at warn.
+    pub origin: ErrorOrigin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorOrigin {
+    Client,
+    Server,
+}
 
 /// A handler's verdict: see the module documentation for the four cases.
 #[derive(Debug, Default)]
@@ -54,10 +65,24 @@ impl Outcome {
         Self::default()
     }
 
-    /// An error, and the chain goes on.
+    /// An error caused by the client's input, and the chain goes on.
     pub fn error(message: impl Into<String>) -> Self {
         Self {
-            error: Some(HandlerError(message.into())),
+            error: Some(HandlerError {
+                message: message.into(),
+                origin: ErrorOrigin::Client,
+            }),
+            ..Self::default()
+        }
+    }
+
+    /// An error on the gateway's or Kafka's side, and the chain goes on.
+    pub fn server_error(message: impl Into<String>) -> Self {
+        Self {
+            error: Some(HandlerError {
+                message: message.into(),
+                origin: ErrorOrigin::Server,
+            }),
             ..Self::default()
         }
     }
@@ -70,12 +95,11 @@ impl Outcome {
         }
     }
 
-    /// An error, and respond now.
+    /// An error caused by the client's input, and respond now.
     pub fn fail(message: impl Into<String>, reply: Reply) -> Self {
         Self {
-            error: Some(HandlerError(message.into())),
             responder: Some(reply),
-            ..Self::default()
+            ..Self::error(message)
         }
     }
 

@@ -101,7 +101,7 @@ impl SplitAndValidate {
             ));
         }
         let parsed: Document = sonic_rs::from_slice(document)
-            .map_err(|e| Malformed(format!("the batch is not valid JSON: {e}")))?;
+            .map_err(|e| Malformed(format!("the batch is not valid JSON: {}", first_line(&e))))?;
 
         let meta = parsed
             .meta
@@ -115,7 +115,7 @@ impl SplitAndValidate {
             .into_array_iter()
             .ok_or_else(|| Malformed("data must be an array of events".into()))?
             .collect::<Result<_, _>>()
-            .map_err(|e| Malformed(format!("data is not valid JSON: {e}")))?;
+            .map_err(|e| Malformed(format!("data is not valid JSON: {}", first_line(&e))))?;
         if items.is_empty() {
             return Err(Malformed("data must hold at least one event".into()));
         }
@@ -254,6 +254,17 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
     Ok(())
 }
 
+/// sonic-rs errors end with a drawing of the input around the error;
+/// the client gets the sentence only.
+fn first_line(error: &sonic_rs::Error) -> String {
+    error
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 fn type_name(t: JsonType) -> &'static str {
     match t {
         JsonType::Null => "null",
@@ -305,7 +316,7 @@ mod tests {
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{document}");
         assert!(reply.body.parts.is_empty());
         assert!(ctx.events.is_empty());
-        assert_eq!(outcome.error.unwrap().0, reply.body.data);
+        assert_eq!(outcome.error.unwrap().message, reply.body.data);
         reply.body.data
     }
 
@@ -481,7 +492,7 @@ mod tests {
             &ctx.events[2].status,
             EventStatus::Failed { code: PartCode::Validation, reason } if reason.contains("more than once")
         ));
-        assert!(outcome.error.unwrap().0.contains("1 of 3 events"));
+        assert!(outcome.error.unwrap().message.contains("1 of 3 events"));
     }
 
     #[test]

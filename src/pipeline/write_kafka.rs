@@ -26,10 +26,6 @@ use crate::pipeline::{Handler, Outcome, SpanKind, UploadContext};
 use crate::telemetry;
 use crate::wire::PartCode;
 
-/// Extra time given to librdkafka to report its own timeout before the
-/// handler stops waiting (its `message.timeout.ms` is the delivery timeout).
-const ACK_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
-
 pub struct WriteKafka {
     sink: Arc<KafkaSink>,
     metrics: Metrics,
@@ -119,7 +115,7 @@ fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
 impl WriteKafka {
     async fn run(&self, ctx: &mut UploadContext) -> Outcome {
         let Some(batch) = ctx.batch.clone() else {
-            return Outcome::error("no valid batch to write");
+            return Outcome::server_error("no valid batch to write");
         };
         let topic = self.sink.topic_for(&batch.category);
         let mut headers = OwnedHeaders::new();
@@ -190,7 +186,10 @@ impl WriteKafka {
             }
         }
 
-        let deadline = tokio::time::Instant::now() + self.sink.delivery_timeout() + ACK_GRACE;
+        // The response never waits past the delivery timeout; librdkafka's
+        // own message timeout is shorter, so it normally fails a message
+        // itself before this deadline (see `kafka::producer_config`).
+        let deadline = tokio::time::Instant::from_std(started) + self.sink.delivery_timeout();
         let timeout_ms = self.sink.delivery_timeout().as_millis();
         let results = join_all(deliveries.into_iter().map(|(index, delivery)| async move {
             (index, tokio::time::timeout_at(deadline, delivery).await)
@@ -248,7 +247,7 @@ impl WriteKafka {
         let outcome = if failed.is_empty() {
             Outcome::proceed()
         } else {
-            Outcome::error(format!(
+            Outcome::server_error(format!(
                 "{} events not written to Kafka; first: {}",
                 failed.len(),
                 failed[0]

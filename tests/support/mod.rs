@@ -1,0 +1,355 @@
+//! What the integration tests share: a real Kafka-protocol broker (tansu),
+//! the gateway spawned in-process on a random port with a generated GeoIP
+//! database, and a reader for what reached a topic.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use venus::config::Settings;
+
+/// Where the `tansu` binary is: `$TANSU_BIN`, `PATH`, or cargo's bin dir.
+fn tansu_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(path);
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".cargo/bin/tansu"));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .expect("the tansu broker is not installed: run scripts/install-deps (or set TANSU_BIN)")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Spawns `command` from a thread that lives as long as the test process.
+/// The parent-death signal is tied to the spawning *thread*, and test
+/// threads end with their test: a broker shared by several tests must not
+/// die with the first.
+fn spawn_from_lasting_thread(command: Command) -> Child {
+    type Request = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Request>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        std::thread::spawn(move || {
+            for (mut command, reply) in rx {
+                let _ = reply.send(command.spawn());
+            }
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (reply, child) = std::sync::mpsc::channel();
+    spawner
+        .lock()
+        .unwrap()
+        .send((command, reply))
+        .expect("spawner thread");
+    child.recv().unwrap().expect("start tansu")
+}
+
+/// A tansu broker process with in-memory storage, killed on drop (and when
+/// the test process dies, through the parent-death signal).
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut command = Command::new(tansu_binary());
+        command
+            .args([
+                "broker",
+                "--storage-engine",
+                "memory://tansu/",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = spawn_from_lasting_thread(command);
+        let broker = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        broker
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Creates `topic` (tansu does not create topics on first produce).
+    pub async fn create_topic(&self, topic: &str) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.address())
+            .create()
+            .expect("admin client");
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("create topic");
+        for result in results {
+            if let Err((name, code)) = result {
+                assert_eq!(
+                    code,
+                    rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                    "create {name}"
+                );
+            }
+        }
+    }
+
+    /// Reads `topic` from the beginning until `expected` messages arrived or
+    /// nothing came for `idle` (tansu's watermarks cannot be trusted).
+    pub fn read(&self, topic: &str, expected: usize, idle: Duration) -> Vec<OwnedMessage> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.address())
+            .set("group.id", format!("venus-test-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&assignment).expect("assign");
+        let mut messages = Vec::new();
+        let mut last = Instant::now();
+        while messages.len() < expected && last.elapsed() < idle {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                messages.push(message.detach());
+                last = Instant::now();
+            }
+        }
+        // A little longer, to catch messages beyond the expected count.
+        let extra_until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < extra_until {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
+                messages.push(message.detach());
+            }
+        }
+        messages
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One broker for all tests of a test binary; each test uses its own topics.
+pub fn shared_broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(Broker::start)
+}
+
+/// A unique category (and so a unique topic) for one test.
+pub fn unique_category(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn topic_of(category: &str) -> String {
+    format!("to_analyzer__0.{category}")
+}
+
+/// The generated GeoIP database, written once per test binary.
+pub fn geoip_database() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("venus-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("city.mmdb");
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&venus::geoip::test_support::city_database())
+            .unwrap();
+        path
+    })
+    .clone()
+}
+
+/// Settings from the repository's `config.yaml`, pointed at `brokers`, with
+/// `overrides` as `VENUS__*` variables.
+pub fn settings(brokers: &str, overrides: &[(&str, &str)]) -> Settings {
+    let mut env: HashMap<String, String> = HashMap::from([
+        ("VENUS__SERVER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("VENUS__KAFKA__BROKERS".into(), brokers.into()),
+        (
+            "VENUS__GEOIP__DATABASE".into(),
+            geoip_database().display().to_string(),
+        ),
+        ("VENUS__KAFKA__DELIVERY_TIMEOUT_MS".into(), "5000".into()),
+        ("VENUS__KAFKA__LINGER_MS".into(), "1".into()),
+    ]);
+    for (key, value) in overrides {
+        env.insert(key.to_string(), value.to_string());
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config.yaml");
+    Settings::load_with_env(&path, Some(env)).expect("test settings")
+}
+
+/// Installs the tracing subscriber once per test binary, with a tracer
+/// provider that samples everything and exports nowhere (trace context is
+/// still created and propagated).
+pub fn init_tracing() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let telemetry = venus::config::TelemetrySettings {
+            log_level: "warn,rdkafka=off,librdkafka=off".into(),
+            otlp_endpoint: String::new(),
+            ..Default::default()
+        };
+        let provider = venus::telemetry::tracer_provider(&telemetry).unwrap();
+        venus::telemetry::install_subscriber(&telemetry, &provider).unwrap();
+        std::mem::forget(provider);
+    });
+}
+
+/// The gateway running in this process.
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(settings: Settings) -> Self {
+        init_tracing();
+        let app = venus::Application::build(settings)
+            .await
+            .expect("build app");
+        let address = app.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            address,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    /// Uploads `document` as the `batch` part of a multipart body.
+    pub async fn upload_multipart(&self, document: &str) -> reqwest::Response {
+        let part = reqwest::multipart::Part::bytes(document.as_bytes().to_vec())
+            .file_name("batch.json")
+            .mime_str("application/json")
+            .unwrap();
+        let form = reqwest::multipart::Form::new().part("batch", part);
+        self.client
+            .post(self.url("/api/v1/upload"))
+            .multipart(form)
+            .send()
+            .await
+            .expect("upload")
+    }
+
+    pub async fn upload_json(&self, document: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/v1/upload"))
+            .header("content-type", "application/json")
+            .body(document.to_owned())
+            .send()
+            .await
+            .expect("upload")
+    }
+
+    /// Stops the gateway and waits for its drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// The value of header `name` of a Kafka message, as text.
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+pub fn value_json(message: &OwnedMessage) -> serde_json::Value {
+    serde_json::from_slice(message.payload().expect("a payload")).expect("JSON value")
+}
