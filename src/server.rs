@@ -238,7 +238,7 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| v.parse::<i64>().ok());
     let request_id = request
         .extensions()
         .get::<RequestId>()
@@ -264,7 +264,7 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
     );
     if let Some(peer) = peer {
         span.record("client.address", field::display(peer.ip()));
-        span.record("client.port", peer.port());
+        span.record("client.port", i64::from(peer.port()));
     }
     if let Some(size) = body_size {
         span.record("http.request.body.size", size);
@@ -277,7 +277,7 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
     let started = Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_server_error() {
         span.record("otel.status_code", "error");
     }

@@ -3,6 +3,8 @@
 //! database, and a reader for what reached a topic.
 #![allow(dead_code)]
 
+pub mod otlp;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -241,18 +244,24 @@ pub fn settings(brokers: &str, overrides: &[(&str, &str)]) -> Settings {
 /// Installs the tracing subscriber once per test binary, with a tracer
 /// provider that samples everything and exports nowhere (trace context is
 /// still created and propagated).
-pub fn init_tracing() {
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
+pub fn init_tracing() -> &'static SdkTracerProvider {
+    init_tracing_exporting_to("")
+}
+
+/// Like [`init_tracing`], exporting spans over OTLP/HTTP to `endpoint`.
+/// The first call in a test binary decides.
+pub fn init_tracing_exporting_to(endpoint: &str) -> &'static SdkTracerProvider {
+    static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+    PROVIDER.get_or_init(|| {
         let telemetry = venus::config::TelemetrySettings {
             log_level: "warn,rdkafka=off,librdkafka=off".into(),
-            otlp_endpoint: String::new(),
+            otlp_endpoint: endpoint.to_owned(),
             ..Default::default()
         };
         let provider = venus::telemetry::tracer_provider(&telemetry).unwrap();
         venus::telemetry::install_subscriber(&telemetry, &provider).unwrap();
-        std::mem::forget(provider);
-    });
+        provider
+    })
 }
 
 /// The gateway running in this process.

@@ -1,0 +1,190 @@
+//! The `venus` binary as operators run it: start-up errors, JSON logs that
+//! carry the trace, and a graceful stop on SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use support::{free_port, shared_broker, topic_of, unique_category};
+
+struct Gateway {
+    child: Child,
+    lines: Receiver<String>,
+    port: u16,
+}
+
+fn command(env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_venus"));
+    command
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"),
+        ])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+}
+
+impl Gateway {
+    fn start(brokers: &str, extra: &[(&str, String)]) -> Self {
+        let port = free_port();
+        let mut env = vec![
+            ("VENUS__SERVER__LISTEN", format!("127.0.0.1:{port}")),
+            ("VENUS__KAFKA__BROKERS", brokers.to_owned()),
+            (
+                "VENUS__GEOIP__DATABASE",
+                support::geoip_database().display().to_string(),
+            ),
+            (
+                "VENUS__TELEMETRY__LOG_LEVEL",
+                "debug,rdkafka=off,librdkafka=off".to_owned(),
+            ),
+        ];
+        env.extend(extra.iter().cloned());
+        let mut child = command(&env).spawn().expect("start venus");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let gateway = Self { child, lines, port };
+        gateway.wait_for_line(|l| l["message"] == "listening", Duration::from_secs(20));
+        gateway
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn wait_for_line(&self, wanted: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .expect("the wanted log line did not come");
+            let parsed: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if wanted(&parsed) {
+                return parsed;
+            }
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
+    let broker = shared_broker();
+    let category = unique_category("logs");
+    broker.create_topic(&topic_of(&category)).await;
+    let gateway = Gateway::start(&broker.address(), &[]);
+    let trace_id = "11112222333344445555666677778888";
+    let response = reqwest::Client::new()
+        .post(gateway.url("/api/v1/upload"))
+        .header("traceparent", format!("00-{trace_id}-1234567812345678-01"))
+        .json(&json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": 1}, {"id": "ok"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 206);
+    let line = gateway.wait_for_line(
+        |l| l["message"] == "handler reported an error",
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        line["level"], "DEBUG",
+        "a client's bad event is not a warning"
+    );
+    assert_eq!(line["handler"], "split_and_validate");
+    assert_eq!(line["span"]["trace_id"], trace_id, "{line}");
+    let span_id = line["span"]["span_id"].as_str().unwrap();
+    assert_eq!(span_id.len(), 16);
+    assert_ne!(span_id, "1234567812345678", "the handler's own span");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_cleanly() {
+    let broker = shared_broker();
+    let category = unique_category("drain");
+    let topic = topic_of(&category);
+    broker.create_topic(&topic).await;
+    let mut gateway = Gateway::start(&broker.address(), &[]);
+    let document = json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "1"}]});
+    let response = reqwest::Client::new()
+        .post(gateway.url("/api/v1/upload"))
+        .json(&document)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    unsafe {
+        libc::kill(gateway.child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = gateway.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "venus did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    gateway.wait_for_line(|l| l["message"] == "stopped", Duration::from_secs(2));
+    assert_eq!(broker.read(&topic, 1, Duration::from_secs(3)).len(), 1);
+}
+
+fn start_failure(env: &[(&str, String)]) -> (i32, String) {
+    let output = command(env).output().expect("run venus");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_invalid_configuration_stops_start_up_naming_the_key() {
+    let (code, stderr) = start_failure(&[("VENUS__SERVER__LISTEN", "not-an-address".into())]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("server.listen"), "{stderr}");
+
+    let (code, stderr) = start_failure(&[("VENUS__KAFKA__COMPRESSION", "brotli".into())]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("kafka.compression"), "{stderr}");
+}
+
+#[test]
+fn a_missing_geoip_database_is_named_at_start_up() {
+    let (code, stderr) = start_failure(&[
+        (
+            "VENUS__SERVER__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        ("VENUS__GEOIP__DATABASE", "/nonexistent/City.mmdb".into()),
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/City.mmdb"), "{stderr}");
+    assert!(stderr.contains("geoip/fetch.sh"), "{stderr}");
+}

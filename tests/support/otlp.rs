@@ -1,0 +1,82 @@
+//! An in-process OTLP/HTTP trace receiver: decodes `ExportTraceServiceRequest`
+//! bodies posted to `/v1/traces` and keeps the spans.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use axum::Router;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+
+#[derive(Clone, Default)]
+pub struct Received {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+impl Received {
+    pub fn spans(&self) -> Vec<Span> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// The received spans of one trace.
+    pub fn trace(&self, trace_id: &[u8]) -> Vec<Span> {
+        self.spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect()
+    }
+}
+
+async fn traces(State(received): State<Received>, body: Bytes) -> Vec<u8> {
+    let request = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
+    let mut spans = received.spans.lock().unwrap();
+    for resource in request.resource_spans {
+        for scope in resource.scope_spans {
+            spans.extend(scope.spans);
+        }
+    }
+    ExportTraceServiceResponse::default().encode_to_vec()
+}
+
+/// Starts the receiver on its own thread and runtime (tests each have their
+/// own runtime, which ends with the test); returns its base URL.
+pub fn start() -> (String, Received) {
+    let received = Received::default();
+    let state = received.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let app = Router::new()
+                .route("/v1/traces", post(traces))
+                .with_state(state);
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    let address = rx.recv().unwrap();
+    (format!("http://{address}"), received)
+}
+
+pub fn attribute(span: &Span, key: &str) -> Option<AnyValue> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.clone())
+        .and_then(|v| v.value)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
