@@ -161,8 +161,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
-    /// `service.name` of traces and metrics.
-    #[serde(default = "defaults::service_name")]
+    /// `service.name` of traces and metrics. Empty: `OTEL_SERVICE_NAME`,
+    /// else `venus`.
+    #[serde(default)]
     pub service_name: String,
     /// `deployment.environment` of traces and metrics.
     #[serde(default = "defaults::environment")]
@@ -202,7 +203,7 @@ pub struct TelemetrySettings {
 impl Default for TelemetrySettings {
     fn default() -> Self {
         Self {
-            service_name: defaults::service_name(),
+            service_name: String::new(),
             environment: defaults::environment(),
             otlp_endpoint: String::new(),
             otlp_metrics: defaults::otlp_metrics(),
@@ -248,9 +249,6 @@ mod defaults {
     }
     pub fn max_message_bytes() -> usize {
         1_000_000
-    }
-    pub fn service_name() -> String {
-        "venus".into()
     }
     pub fn environment() -> String {
         "development".into()
@@ -446,7 +444,7 @@ geoip:
         let settings = Settings::load_with_env(f.path(), env(&[])).unwrap();
         assert_eq!(settings.kafka.compression, "lz4");
         assert_eq!(settings.kafka.linger_ms, 5);
-        assert_eq!(settings.telemetry.service_name, "venus");
+        assert_eq!(settings.telemetry.service_name, "");
         assert!(settings.categories.is_empty());
     }
 

@@ -5,10 +5,14 @@
 //! the configured delivery timeout, so librdkafka itself gives up on a
 //! message no later than the request that carries it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::statistics::Statistics;
 
 use crate::config::{KafkaSettings, MessageKey};
 use crate::domain::Category;
@@ -17,9 +21,37 @@ use crate::domain::Category;
 #[error("cannot create the Kafka producer: {0}")]
 pub struct KafkaSetupError(#[from] rdkafka::error::KafkaError);
 
+/// Totals from librdkafka's statistics callback (every
+/// `statistics.interval.ms`), summed over brokers.
+#[derive(Debug, Default)]
+pub struct ProducerStatistics {
+    /// Requests to brokers that failed to transmit.
+    pub tx_errors: AtomicU64,
+    /// Requests to brokers that were retried.
+    pub tx_retries: AtomicU64,
+}
+
+/// The producer's context: keeps librdkafka's statistics for the metrics
+/// and leaves logging as rdkafka does it (into `tracing` via `log`).
+pub struct StatisticsContext {
+    statistics: Arc<ProducerStatistics>,
+}
+
+impl ClientContext for StatisticsContext {
+    fn stats(&self, statistics: Statistics) {
+        let (errors, retries) = statistics
+            .brokers
+            .values()
+            .fold((0, 0), |(e, r), b| (e + b.txerrs, r + b.txretries));
+        self.statistics.tx_errors.store(errors, Ordering::Relaxed);
+        self.statistics.tx_retries.store(retries, Ordering::Relaxed);
+    }
+}
+
 /// The producer plus the settings that shape each message.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: FutureProducer<StatisticsContext>,
+    statistics: Arc<ProducerStatistics>,
     topic_template: String,
     key: MessageKey,
     delivery_timeout: Duration,
@@ -28,9 +60,13 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaSetupError> {
-        let producer: FutureProducer = producer_config(settings).create()?;
+        let statistics = Arc::new(ProducerStatistics::default());
+        let producer = producer_config(settings).create_with_context(StatisticsContext {
+            statistics: statistics.clone(),
+        })?;
         Ok(Self {
             producer,
+            statistics,
             topic_template: settings.topic_template.clone(),
             key: settings.key(),
             delivery_timeout: settings.delivery_timeout(),
@@ -38,8 +74,12 @@ impl KafkaSink {
         })
     }
 
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<StatisticsContext> {
         &self.producer
+    }
+
+    pub fn statistics(&self) -> &ProducerStatistics {
+        &self.statistics
     }
 
     pub fn key(&self) -> &MessageKey {
@@ -93,6 +133,7 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
             "message.timeout.ms",
             librdkafka_message_timeout_ms(settings.delivery_timeout_ms).to_string(),
         )
+        .set("statistics.interval.ms", "5000")
         // The size check of the gateway is on the value; leave room for the
         // key, headers and record overhead.
         .set(

@@ -29,6 +29,8 @@ pub enum UploadType {
     Partial,
     /// At least one event was not acknowledged by Kafka.
     KafkaError,
+    /// Shed at once: the gateway was at `server.max_in_flight_requests`.
+    Overloaded,
 }
 
 impl UploadType {
@@ -40,6 +42,7 @@ impl UploadType {
             Self::Success => "success_upload",
             Self::Partial => "partial_upload",
             Self::KafkaError => "kafka_error",
+            Self::Overloaded => "overloaded",
         }
     }
 }

@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -189,6 +190,7 @@ fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(wire_limit))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -308,7 +310,7 @@ async fn upload(
     state.metrics.upload(UploadType::All);
     // Shed load instead of queueing: a bounded number of bodies in memory.
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        state.metrics.upload(UploadType::KafkaError);
+        state.metrics.upload(UploadType::Overloaded);
         let mut response = Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is at its limit of uploads in flight; retry later",
@@ -365,28 +367,45 @@ async fn healthz() -> impl IntoResponse {
     )
 }
 
+/// The body of `/readyz`.
+#[derive(serde::Serialize)]
+struct Readiness<'a> {
+    status: &'static str,
+    kafka: &'static str,
+    /// The loaded database's type, e.g. `GeoLite2-City`.
+    geoip: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a String>,
+}
+
 async fn readyz(State(state): State<AppState>) -> Response {
     let sink = state.sink.clone();
     let kafka = tokio::task::spawn_blocking(move || sink.check_reachable(Duration::from_secs(2)))
         .await
         .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
-    let geoip = state.geoip.database_type().to_owned();
-    let (status, body) = match kafka {
+    let geoip = state.geoip.database_type();
+    let (status, body) = match &kafka {
         Ok(()) => (
             StatusCode::OK,
-            sonic_rs::json!({"status": "ready", "kafka": "reachable", "geoip": geoip}),
+            Readiness {
+                status: "ready",
+                kafka: "reachable",
+                geoip,
+                reason: None,
+            },
         ),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            sonic_rs::json!({"status": "not ready", "reason": reason, "geoip": geoip}),
+            Readiness {
+                status: "not ready",
+                kafka: "unreachable",
+                geoip,
+                reason: Some(reason),
+            },
         ),
     };
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    let body = sonic_rs::to_string(&body).unwrap_or_default();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -400,6 +419,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+async fn method_not_allowed() -> Response {
+    Reply::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; uploads go to POST {UPLOAD_ROUTE}"),
+    )
+    .into_response()
+}
+
 async fn not_found() -> Response {
     Reply::error(
         StatusCode::NOT_FOUND,
@@ -411,10 +438,13 @@ async fn not_found() -> Response {
 /// Instruments read at collection time.
 struct Gauges {
     _queue: opentelemetry::metrics::ObservableGauge<i64>,
+    _tx_errors: opentelemetry::metrics::ObservableCounter<u64>,
+    _tx_retries: opentelemetry::metrics::ObservableCounter<u64>,
     _dropped_spans: opentelemetry::metrics::ObservableCounter<u64>,
 }
 
-/// The producer's queue depth and the spans lost on export.
+/// The producer's queue depth, librdkafka's transmission errors and
+/// retries, and the spans lost on export.
 fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>) -> Gauges {
     use opentelemetry::metrics::MeterProvider;
     let meter = metering.provider.meter("venus");
@@ -428,6 +458,28 @@ fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>) -> Gauges {
             }
         })
         .build();
+    let errors_sink = Arc::downgrade(sink);
+    let tx_errors = meter
+        .u64_observable_counter("venus.kafka.broker.tx_errors")
+        .with_description("Broker requests that failed to transmit (librdkafka statistics)")
+        .with_callback(move |observer| {
+            if let Some(sink) = errors_sink.upgrade() {
+                let value = sink.statistics().tx_errors.load(Ordering::Relaxed);
+                observer.observe(value, &[]);
+            }
+        })
+        .build();
+    let retries_sink = Arc::downgrade(sink);
+    let tx_retries = meter
+        .u64_observable_counter("venus.kafka.broker.tx_retries")
+        .with_description("Broker requests that were retried (librdkafka statistics)")
+        .with_callback(move |observer| {
+            if let Some(sink) = retries_sink.upgrade() {
+                let value = sink.statistics().tx_retries.load(Ordering::Relaxed);
+                observer.observe(value, &[]);
+            }
+        })
+        .build();
     let dropped = meter
         .u64_observable_counter("venus.telemetry.dropped_spans")
         .with_description("Spans lost because their export to the collector failed")
@@ -435,6 +487,8 @@ fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>) -> Gauges {
         .build();
     Gauges {
         _queue: gauge,
+        _tx_errors: tx_errors,
+        _tx_retries: tx_retries,
         _dropped_spans: dropped,
     }
 }

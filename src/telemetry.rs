@@ -77,6 +77,10 @@ struct VecInjector(Vec<(&'static str, String)>);
 
 impl Injector for VecInjector {
     fn set(&mut self, key: &str, value: String) {
+        if value.is_empty() {
+            // The propagator writes an empty `tracestate` when there is none.
+            return;
+        }
         let key = match key {
             "traceparent" => "traceparent",
             "tracestate" => "tracestate",
@@ -161,9 +165,21 @@ pub fn otlp_endpoint(settings: &TelemetrySettings) -> Option<String> {
     (!endpoint.is_empty()).then_some(endpoint)
 }
 
+/// `service.name`: the configured one, else `OTEL_SERVICE_NAME`, else `venus`.
+pub fn service_name(settings: &TelemetrySettings) -> String {
+    [
+        settings.service_name.clone(),
+        std::env::var("OTEL_SERVICE_NAME").unwrap_or_default(),
+    ]
+    .into_iter()
+    .map(|name| name.trim().to_owned())
+    .find(|name| !name.is_empty())
+    .unwrap_or_else(|| "venus".to_owned())
+}
+
 pub fn resource(settings: &TelemetrySettings) -> Resource {
     Resource::builder()
-        .with_service_name(settings.service_name.clone())
+        .with_service_name(service_name(settings))
         .with_attributes([
             KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
             KeyValue::new("deployment.environment", settings.environment.clone()),

@@ -27,7 +27,10 @@ pub async fn read_document(request: Request, max_bytes: usize) -> Result<Bytes, 
     let kind = body_kind(&parts.headers)?;
 
     match (kind, encoding) {
-        (BodyKind::Json, Encoding::Identity) => collect(body, max_bytes).await,
+        (BodyKind::Json, Encoding::Identity) => {
+            let content = collect(body, max_bytes).await?;
+            inflate_if_gzip(content, max_bytes).await
+        }
         (BodyKind::Json, Encoding::Gzip) => {
             let compressed = collect(body, max_bytes).await?;
             gunzip(compressed, max_bytes).await
@@ -147,6 +150,17 @@ async fn gunzip(compressed: Bytes, max_bytes: usize) -> Result<Bytes, Reply> {
         })
 }
 
+/// Content that starts with the gzip magic number is gzip whatever its
+/// headers say (SDKs and curl often send a gzip file part as
+/// `application/octet-stream`); JSON text never starts with these bytes.
+async fn inflate_if_gzip(content: Bytes, max_bytes: usize) -> Result<Bytes, Reply> {
+    if content.starts_with(&[0x1f, 0x8b]) {
+        gunzip(content, max_bytes).await
+    } else {
+        Ok(content)
+    }
+}
+
 fn multipart_error(error: axum::extract::multipart::MultipartError, max_bytes: usize) -> Reply {
     if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
         too_large(max_bytes)
@@ -218,7 +232,7 @@ async fn batch_part(request: Request, max_bytes: usize) -> Result<Bytes, Reply> 
         batch = Some(if gzip {
             gunzip(content, max_bytes).await?
         } else {
-            content
+            inflate_if_gzip(content, max_bytes).await?
         });
     }
     batch.ok_or_else(|| {
@@ -304,6 +318,20 @@ mod tests {
             &read_document(request(&ct, None, body), 1000).await.unwrap()[..],
             DOC
         );
+    }
+
+    #[tokio::test]
+    async fn gzip_content_is_recognised_by_its_magic_number() {
+        let zipped = gzip(DOC);
+        let (ct, body) = multipart(&[("batch", Some("application/octet-stream"), &zipped)]);
+        assert_eq!(
+            &read_document(request(&ct, None, body), 1000).await.unwrap()[..],
+            DOC
+        );
+        let got = read_document(request("application/json", None, zipped), 1000)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], DOC);
     }
 
     #[tokio::test]

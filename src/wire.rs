@@ -131,7 +131,7 @@ impl Reply {
             (
                 StatusCode::BAD_REQUEST,
                 BatchCode::NoneAccepted,
-                format!("none of {total} events accepted: all failed validation"),
+                format!("none of {total} events accepted: every event was rejected, see parts"),
             )
         };
         Self {

@@ -142,6 +142,8 @@ async fn metrics_count_uploads_by_type_and_events_by_result() {
     );
     assert_eq!(value(&text, "http_server_active_requests", &[]), 0.0);
     assert!(text.contains("venus_kafka_producer_queue_messages"));
+    assert!(text.contains("venus_kafka_broker_tx_errors_total"));
+    assert!(text.contains("venus_kafka_broker_tx_retries_total"));
     app.stop().await;
 }
 

@@ -17,12 +17,12 @@ use support::otlp::{self, attribute, hex, Received};
 use support::{header, shared_broker, topic_of, unique_category, TestApp};
 
 /// The collector, started once; tracing exports to it.
-fn collector() -> &'static Received {
-    static COLLECTOR: OnceLock<Received> = OnceLock::new();
+fn collector() -> &'static (String, Received) {
+    static COLLECTOR: OnceLock<(String, Received)> = OnceLock::new();
     COLLECTOR.get_or_init(|| {
         let (url, received) = otlp::start();
         support::init_tracing_exporting_to(&url);
-        received
+        (url, received)
     })
 }
 
@@ -35,7 +35,7 @@ fn spans_of(trace_id: &str, count: usize) -> Vec<Span> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let _ = support::init_tracing().force_flush();
-        let spans = collector().trace(&id);
+        let spans = collector().1.trace(&id);
         if spans.len() >= count || Instant::now() > deadline {
             return spans;
         }
@@ -208,5 +208,38 @@ async fn an_unsampled_caller_gets_no_spans_but_a_valid_unsampled_traceparent() {
         spans_of(trace_id, 0).is_empty(),
         "unsampled spans are not exported"
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_pushed_over_otlp_when_an_endpoint_is_set() {
+    let (url, received) = collector();
+    let broker = shared_broker();
+    let category = unique_category("pushed");
+    broker.create_topic(&topic_of(&category)).await;
+    let app = TestApp::spawn(support::settings(
+        &broker.address(),
+        &[
+            ("VENUS__TELEMETRY__OTLP_ENDPOINT", url.as_str()),
+            ("VENUS__TELEMETRY__METRICS_INTERVAL_MS", "200"),
+        ],
+    ))
+    .await;
+    let document = json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "1"}]});
+    assert_eq!(app.upload_json(&document.to_string()).await.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let wanted = [
+        "venus.uploads",
+        "venus.events",
+        "http.server.request.duration",
+    ];
+    loop {
+        let names = received.metric_names();
+        if wanted.iter().all(|w| names.iter().any(|n| n == w)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "metrics pushed: {names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     app.stop().await;
 }

@@ -128,6 +128,7 @@ async fn an_all_valid_batch_is_200_and_every_event_reaches_kafka_with_its_enrich
             header(message, "content-type").as_deref(),
             Some("application/json")
         );
+        assert_eq!(header(message, "tracestate"), None, "the caller sent none");
         let baggage = header(message, "baggage").expect("baggage");
         assert!(baggage.contains("request_id=req-all-valid-1"), "{baggage}");
     }
@@ -366,9 +367,31 @@ async fn malformed_requests_get_a_clear_json_error() {
     )
     .await;
 
-    // Unknown routes answer in the same shape.
+    // Invalid UTF-8 inside an event: a clear 400, not a dropped connection.
+    let mut bytes =
+        br#"{"meta":{"app_id":"a","category":"c"},"data":[{"id":"x","note":"?"}]}"#.to_vec();
+    let at = bytes.iter().position(|b| *b == b'?').unwrap();
+    bytes[at] = 0xc3;
+    let response = app
+        .client
+        .post(app.url("/api/v1/upload"))
+        .header("content-type", "application/json")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    check(response, 400, "not valid UTF-8").await;
+
+    // Unknown routes and methods answer in the same shape.
     let response = app.client.get(app.url("/nope")).send().await.unwrap();
     check(response, 404, "/api/v1/upload").await;
+    let response = app
+        .client
+        .get(app.url("/api/v1/upload"))
+        .send()
+        .await
+        .unwrap();
+    check(response, 405, "POST /api/v1/upload").await;
     app.stop().await;
 }
 

@@ -100,6 +100,14 @@ impl SplitAndValidate {
                 "the batch must be a JSON object with \"meta\" and \"data\"".into(),
             ));
         }
+        // JSON text is UTF-8; checking it whole first also keeps the lazy
+        // parser from ever handing out a `&str` over invalid bytes.
+        if let Err(error) = std::str::from_utf8(document) {
+            return Err(Malformed(format!(
+                "the batch is not valid UTF-8 (at byte {})",
+                error.valid_up_to()
+            )));
+        }
         let parsed: Document = sonic_rs::from_slice(document)
             .map_err(|e| Malformed(format!("the batch is not valid JSON: {}", first_line(&e))))?;
 
@@ -168,6 +176,16 @@ impl SplitAndValidate {
         if meta.get_type() != JsonType::Object {
             return Err(Malformed("meta must be a JSON object".into()));
         }
+        // `meta` goes to Kafka as sent: a repeated key would let a consumer
+        // read another app id or category than the one checked here.
+        let mut keys = HashSet::new();
+        for entry in meta.clone().into_object_iter().into_iter().flatten() {
+            let (key, _) = entry
+                .map_err(|e| Malformed(format!("meta is not valid JSON: {}", first_line(&e))))?;
+            if !keys.insert(key.clone()) {
+                return Err(Malformed(format!("meta.{key} appears more than once")));
+            }
+        }
         let app_id = required_string(meta, "app_id")?;
         let app_id = AppId::parse(&app_id).map_err(|e| Malformed(e.to_string()))?;
         let category = required_string(meta, "category")?;
@@ -190,12 +208,10 @@ fn required_string(meta: &LazyValue, field: &str) -> Result<String, Malformed> {
     let value = meta
         .get(field)
         .ok_or_else(|| Malformed(format!("meta.{field} is required")))?;
-    value.as_str().map(str::to_owned).ok_or_else(|| {
-        Malformed(format!(
-            "meta.{field} must be a string, not {}",
-            type_name(value.get_type())
-        ))
-    })
+    value
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| Malformed(not_a_string(&format!("meta.{field}"), &value)))
 }
 
 fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
@@ -227,17 +243,13 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
     }
 
     let id = id.ok_or_else(|| "id is required".to_owned())?;
-    let id_text = id
-        .as_str()
-        .ok_or_else(|| format!("id must be a string, not {}", type_name(id.get_type())))?;
+    let id_text = id.as_str().ok_or_else(|| not_a_string("id", &id))?;
     event.id = Some(id_text.to_owned());
     EventId::parse(id_text).map_err(|e| e.to_string())?;
 
     match ip {
         Some(ip) if ip.get_type() != JsonType::Null => {
-            let text = ip
-                .as_str()
-                .ok_or_else(|| format!("ip must be a string, not {}", type_name(ip.get_type())))?;
+            let text = ip.as_str().ok_or_else(|| not_a_string("ip", &ip))?;
             event.ip = SentIp::Text(text.to_owned());
         }
         _ => event.ip = SentIp::Absent,
@@ -252,6 +264,15 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Why `value` of `field` is not usable as a string.
+fn not_a_string(field: &str, value: &LazyValue) -> String {
+    match value.get_type() {
+        // A JSON string whose escapes do not make text (a lone surrogate).
+        JsonType::String => format!("{field} is not a valid string (bad escape sequence)"),
+        other => format!("{field} must be a string, not {}", type_name(other)),
+    }
 }
 
 /// sonic-rs errors end with a drawing of the input around the error;
@@ -383,6 +404,46 @@ mod tests {
             r#"{{{META},"data":[{{"id":"1"}},{{"id":"2"}},{{"id":"3"}},{{"id":"4"}}]}}"#
         ))
         .contains("4 events; at most 3"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_rejected_not_parsed() {
+        let mut doc =
+            br#"{"meta":{"app_id":"a","category":"c"},"data":[{"id":"x","note":""}]}"#.to_vec();
+        let at = doc.len() - 4;
+        doc.insert(at, 0xc3);
+        let handler = SplitAndValidate::new(3, &[]);
+        let mut ctx = UploadContext::new(UploadRequest {
+            request_id: "r".into(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+            document: Bytes::from(doc),
+        });
+        let outcome = handler.run(&mut ctx);
+        let reply = outcome.responder.unwrap();
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(
+            reply.body.data.contains("not valid UTF-8"),
+            "{}",
+            reply.body.data
+        );
+    }
+
+    #[test]
+    fn a_repeated_meta_key_is_rejected() {
+        let message = rejected(
+            r#"{"meta":{"app_id":"ok","category":"c","app_id":"other"},"data":[{"id":"1"}]}"#,
+        );
+        assert!(
+            message.contains("meta.app_id appears more than once"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_lone_surrogate_is_a_bad_string_not_a_wrong_type() {
+        let (code, reason) = event_failure(r#"{"id":"\ud800"}"#);
+        assert_eq!(code, PartCode::Validation);
+        assert!(reason.contains("not a valid string"), "{reason}");
     }
 
     #[test]

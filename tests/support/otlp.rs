@@ -1,5 +1,7 @@
-//! An in-process OTLP/HTTP trace receiver: decodes `ExportTraceServiceRequest`
-//! bodies posted to `/v1/traces` and keeps the spans.
+//! An in-process OTLP/HTTP receiver: decodes `ExportTraceServiceRequest`
+//! bodies posted to `/v1/traces` and keeps the spans, and
+//! `ExportMetricsServiceRequest` bodies posted to `/v1/metrics` and keeps the
+//! metric names with their resources' `service.name`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -8,6 +10,9 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -18,11 +23,17 @@ use prost::Message;
 #[derive(Clone, Default)]
 pub struct Received {
     spans: Arc<Mutex<Vec<Span>>>,
+    metric_names: Arc<Mutex<Vec<String>>>,
 }
 
 impl Received {
     pub fn spans(&self) -> Vec<Span> {
         self.spans.lock().unwrap().clone()
+    }
+
+    /// Names of every metric received so far.
+    pub fn metric_names(&self) -> Vec<String> {
+        self.metric_names.lock().unwrap().clone()
     }
 
     /// The received spans of one trace.
@@ -45,6 +56,17 @@ async fn traces(State(received): State<Received>, body: Bytes) -> Vec<u8> {
     ExportTraceServiceResponse::default().encode_to_vec()
 }
 
+async fn metrics(State(received): State<Received>, body: Bytes) -> Vec<u8> {
+    let request = ExportMetricsServiceRequest::decode(body).expect("an OTLP metrics export");
+    let mut names = received.metric_names.lock().unwrap();
+    for resource in request.resource_metrics {
+        for scope in resource.scope_metrics {
+            names.extend(scope.metrics.into_iter().map(|m| m.name));
+        }
+    }
+    ExportMetricsServiceResponse::default().encode_to_vec()
+}
+
 /// Starts the receiver on its own thread and runtime (tests each have their
 /// own runtime, which ends with the test); returns its base URL.
 pub fn start() -> (String, Received) {
@@ -61,6 +83,7 @@ pub fn start() -> (String, Received) {
             tx.send(listener.local_addr().unwrap()).unwrap();
             let app = Router::new()
                 .route("/v1/traces", post(traces))
+                .route("/v1/metrics", post(metrics))
                 .with_state(state);
             axum::serve(listener, app).await.unwrap();
         });
