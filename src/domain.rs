@@ -18,12 +18,30 @@ impl InvalidValue {
     }
 }
 
-fn is_app_id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
-
-fn is_category_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_'
+/// Checks a token-like client value: not empty, at most `max` characters,
+/// every character `allowed` (described by `alphabet` for the message).
+fn check_token(
+    field: &str,
+    value: &str,
+    max: usize,
+    allowed: fn(char) -> bool,
+    alphabet: &str,
+) -> Result<(), InvalidValue> {
+    if value.is_empty() {
+        return Err(InvalidValue::new(format!("{field} must not be empty")));
+    }
+    if value.len() > max {
+        return Err(InvalidValue::new(format!(
+            "{field} is {} characters long; at most {max} are allowed",
+            value.len()
+        )));
+    }
+    if let Some(bad) = value.chars().find(|c| !allowed(*c)) {
+        return Err(InvalidValue::new(format!(
+            "{field} contains {bad:?}; only {alphabet} are allowed"
+        )));
+    }
+    Ok(())
 }
 
 /// `meta.app_id`: 1..=64 characters from `[A-Za-z0-9._-]`.
@@ -34,21 +52,13 @@ impl AppId {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
-        if value.is_empty() {
-            return Err(InvalidValue::new("meta.app_id must not be empty"));
-        }
-        if value.len() > Self::MAX_LEN {
-            return Err(InvalidValue::new(format!(
-                "meta.app_id is {} characters long; at most {} are allowed",
-                value.len(),
-                Self::MAX_LEN
-            )));
-        }
-        if let Some(bad) = value.chars().find(|c| !is_app_id_char(*c)) {
-            return Err(InvalidValue::new(format!(
-                "meta.app_id contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed"
-            )));
-        }
+        check_token(
+            "meta.app_id",
+            value,
+            Self::MAX_LEN,
+            |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
+            "letters, digits, '.', '_' and '-'",
+        )?;
         Ok(Self(value.to_owned()))
     }
 
@@ -66,21 +76,13 @@ impl Category {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
-        if value.is_empty() {
-            return Err(InvalidValue::new("meta.category must not be empty"));
-        }
-        if value.len() > Self::MAX_LEN {
-            return Err(InvalidValue::new(format!(
-                "meta.category is {} characters long; at most {} are allowed",
-                value.len(),
-                Self::MAX_LEN
-            )));
-        }
-        if let Some(bad) = value.chars().find(|c| !is_category_char(*c)) {
-            return Err(InvalidValue::new(format!(
-                "meta.category contains {bad:?}; only letters, digits and '_' are allowed"
-            )));
-        }
+        check_token(
+            "meta.category",
+            value,
+            Self::MAX_LEN,
+            |c| c.is_ascii_alphanumeric() || c == '_',
+            "letters, digits and '_'",
+        )?;
         Ok(Self(value.to_owned()))
     }
 

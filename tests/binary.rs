@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use support::{free_port, shared_broker, topic_of, unique_category};
+use support::{free_port, shared_broker};
 
 struct Gateway {
     child: Child,
@@ -97,8 +97,7 @@ impl Drop for Gateway {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
     let broker = shared_broker();
-    let category = unique_category("logs");
-    broker.create_topic(&topic_of(&category)).await;
+    let (category, _) = support::fresh_topic("logs").await;
     let gateway = Gateway::start(&broker.address(), &[]);
     let trace_id = "11112222333344445555666677778888";
     let response = reqwest::Client::new()
@@ -127,9 +126,7 @@ async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_cleanly() {
     let broker = shared_broker();
-    let category = unique_category("drain");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    let (category, topic) = support::fresh_topic("drain").await;
     let mut gateway = Gateway::start(&broker.address(), &[]);
     let document = json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "1"}]});
     let response = reqwest::Client::new()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use support::{free_port, shared_broker, topic_of, unique_category, TestApp};
+use support::{free_port, shared_broker, unique_category, TestApp};
 
 /// `name{labels} value` lines of the Prometheus text, by name and labels.
 fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
@@ -55,8 +55,7 @@ async fn metrics_text(app: &TestApp) -> String {
 /// app and the category the valid events used.
 async fn scripted_uploads() -> (TestApp, String) {
     let broker = shared_broker();
-    let category = unique_category("metrics");
-    broker.create_topic(&topic_of(&category)).await;
+    let (category, _) = support::fresh_topic("metrics").await;
     // No topic for this one: tansu does not create it, delivery times out.
     let missing = unique_category("missing");
     let app = TestApp::spawn(support::settings(

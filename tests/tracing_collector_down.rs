@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use support::{free_port, shared_broker, topic_of, unique_category, TestApp};
+use support::{free_port, shared_broker, TestApp};
 
 fn dropped_spans(metrics: &str) -> f64 {
     metrics
@@ -23,8 +23,7 @@ async fn uploads_succeed_while_the_collector_is_down_and_lost_spans_are_counted(
     // Nothing listens there.
     let provider = support::init_tracing_exporting_to(&format!("http://127.0.0.1:{}", free_port()));
     let broker = shared_broker();
-    let category = unique_category("nocollector");
-    broker.create_topic(&topic_of(&category)).await;
+    let (category, _) = support::fresh_topic("nocollector").await;
     let app = TestApp::spawn(support::settings(&broker.address(), &[])).await;
 
     for i in 0..20 {

@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
 
 use support::otlp::{self, attribute, hex, Received};
-use support::{header, shared_broker, topic_of, unique_category, TestApp};
+use support::{header, shared_broker, TestApp};
 
 /// The collector, started once; tracing exports to it.
 fn collector() -> &'static (String, Received) {
@@ -70,9 +70,7 @@ fn text(span: &Span, key: &str) -> String {
 async fn an_upload_is_one_trace_from_the_caller_through_every_handler_into_kafka() {
     collector();
     let broker = shared_broker();
-    let category = unique_category("traced");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    let (category, topic) = support::fresh_topic("traced").await;
     let app = TestApp::spawn(support::settings(&broker.address(), &[])).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -156,9 +154,7 @@ async fn an_upload_is_one_trace_from_the_caller_through_every_handler_into_kafka
 async fn without_incoming_context_a_new_trace_still_reaches_kafka() {
     collector();
     let broker = shared_broker();
-    let category = unique_category("root");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    let (category, topic) = support::fresh_topic("root").await;
     let app = TestApp::spawn(support::settings(&broker.address(), &[])).await;
     let document = json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "1"}]});
     assert_eq!(app.upload_json(&document.to_string()).await.status(), 200);
@@ -180,9 +176,7 @@ async fn without_incoming_context_a_new_trace_still_reaches_kafka() {
 async fn an_unsampled_caller_gets_no_spans_but_a_valid_unsampled_traceparent() {
     collector();
     let broker = shared_broker();
-    let category = unique_category("unsampled");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    let (category, topic) = support::fresh_topic("unsampled").await;
     let app = TestApp::spawn(support::settings(&broker.address(), &[])).await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let document = json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "1"}]});
@@ -215,8 +209,7 @@ async fn an_unsampled_caller_gets_no_spans_but_a_valid_unsampled_traceparent() {
 async fn metrics_are_pushed_over_otlp_when_an_endpoint_is_set() {
     let (url, received) = collector();
     let broker = shared_broker();
-    let category = unique_category("pushed");
-    broker.create_topic(&topic_of(&category)).await;
+    let (category, _) = support::fresh_topic("pushed").await;
     let app = TestApp::spawn(support::settings(
         &broker.address(),
         &[

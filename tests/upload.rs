@@ -30,9 +30,7 @@ async fn body(response: reqwest::Response) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_all_valid_batch_is_200_and_every_event_reaches_kafka_with_its_enrichment() {
     let broker = shared_broker();
-    let category = unique_category("valid");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    let (category, topic) = support::fresh_topic("valid").await;
     let app = app_on_shared_broker().await;
 
     // Raw event texts, kept byte for byte (spacing, number forms, key order).
@@ -138,9 +136,7 @@ async fn an_all_valid_batch_is_200_and_every_event_reaches_kafka_with_its_enrich
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_batch_is_206_and_only_valid_events_reach_kafka() {
     let broker = shared_broker();
-    let category = unique_category("mixed");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    let (category, topic) = support::fresh_topic("mixed").await;
     let app = app_on_shared_broker().await;
     let document = json!({
         "meta": {"app_id": "a", "category": category},
@@ -202,9 +198,7 @@ async fn a_mixed_batch_is_206_and_only_valid_events_reach_kafka() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_all_invalid_batch_is_400_and_nothing_reaches_kafka() {
     let broker = shared_broker();
-    let category = unique_category("invalid");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    let (category, topic) = support::fresh_topic("invalid").await;
     let app = app_on_shared_broker().await;
     let document = json!({
         "meta": {"app_id": "a", "category": category},
@@ -229,9 +223,7 @@ async fn an_all_invalid_batch_is_400_and_nothing_reaches_kafka() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_part_gzip_body_and_json_body_are_accepted() {
     let broker = shared_broker();
-    let category = unique_category("gzip");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    let (category, topic) = support::fresh_topic("gzip").await;
     let app = app_on_shared_broker().await;
     let document = |id: &str| {
         json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": id}]}).to_string()
@@ -439,8 +431,7 @@ async fn the_message_key_can_be_the_backend_id_or_a_meta_field() {
 async fn with_the_broker_stopped_uploads_get_503_with_retry_after_within_the_delivery_timeout() {
     let mut broker = Broker::start();
     let category = unique_category("down");
-    let topic = topic_of(&category);
-    broker.create_topic(&topic).await;
+    broker.create_topic(&topic_of(&category)).await;
     let app = TestApp::spawn(support::settings(
         &broker.address(),
         &[("VENUS__KAFKA__DELIVERY_TIMEOUT_MS", "3000")],

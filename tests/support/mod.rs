@@ -206,6 +206,14 @@ pub fn topic_of(category: &str) -> String {
     format!("to_analyzer__0.{category}")
 }
 
+/// A unique category and its topic, created on the shared broker.
+pub async fn fresh_topic(prefix: &str) -> (String, String) {
+    let category = unique_category(prefix);
+    let topic = topic_of(&category);
+    shared_broker().create_topic(&topic).await;
+    (category, topic)
+}
+
 /// The generated GeoIP database, written once per test binary.
 pub fn geoip_database() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();

@@ -1,0 +1,116 @@
+//! The handler path without network: parse + validate, enrich, and build
+//! the Kafka message values of a 50-event batch (~300 bytes per event).
+//!
+//!     cargo bench --bench pipeline
+//!
+//! Throughput is reported in events.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use futures::executor::block_on;
+
+use venus::geoip::{test_support, GeoIp};
+use venus::metrics::Metrics;
+use venus::pipeline::ip_enrich::IpEnrich;
+use venus::pipeline::split_and_validate::SplitAndValidate;
+use venus::pipeline::write_kafka::message_value;
+use venus::pipeline::{Handler, UploadContext, UploadRequest};
+
+const EVENTS: usize = 50;
+
+/// A batch like an SDK sends: a few IPs (public v4/v6, private), ~300-byte
+/// events with nested properties.
+fn batch() -> Bytes {
+    let ips = ["81.2.69.142", "2a02:d280::7", "10.1.2.3", "89.160.20.128"];
+    let events: Vec<String> = (0..EVENTS)
+        .map(|i| {
+            format!(
+                r#"{{"id":"evt-{i:06}","ip":"{}","timestamp":{},"name":"screen_view","props":{{"screen":"/catalog/item/{i}","referrer":"/home","duration_ms":{},"experiment":"checkout-v2","flags":[true,false,true]}},"device":{{"os":"iOS","os_version":"17.2","model":"iPhone15,3","locale":"en_GB"}}}}"#,
+                ips[i % ips.len()],
+                1_763_779_200_000u64 + i as u64,
+                100 + i * 7,
+            )
+        })
+        .collect();
+    Bytes::from(format!(
+        r#"{{"meta":{{"app_id":"com.example.shop","category":"page_view","sdk":"ios/4.2.0","session":"9f1c2e"}},"data":[{}]}}"#,
+        events.join(",")
+    ))
+}
+
+fn context(document: &Bytes) -> UploadContext {
+    UploadContext::new(UploadRequest {
+        request_id: "bench".into(),
+        client_ip: "81.2.69.1".parse().unwrap(),
+        document: document.clone(),
+    })
+}
+
+fn pipeline(c: &mut Criterion) {
+    let document = batch();
+    let split = SplitAndValidate::new(1000, &[]);
+    let geoip = Arc::new(GeoIp::from_bytes(test_support::city_database()).unwrap());
+    let enrich = IpEnrich::new(geoip, Metrics::noop());
+
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(EVENTS as u64));
+
+    group.bench_function("split_and_validate", |b| {
+        b.iter(|| {
+            let mut ctx = context(&document);
+            block_on(split.handle(&mut ctx));
+            black_box(ctx.events.len())
+        })
+    });
+
+    let mut validated = context(&document);
+    block_on(split.handle(&mut validated));
+    group.bench_function("ip_enrich", |b| {
+        b.iter(|| {
+            let mut ctx = UploadContext {
+                request: validated.request.clone(),
+                batch: validated.batch.clone(),
+                events: validated.events.clone(),
+                errors: Vec::new(),
+            };
+            block_on(enrich.handle(&mut ctx));
+            black_box(ctx.events.len())
+        })
+    });
+
+    let mut enriched = context(&document);
+    block_on(split.handle(&mut enriched));
+    block_on(enrich.handle(&mut enriched));
+    let batch = enriched.batch.clone().unwrap();
+    group.bench_function("serialize", |b| {
+        b.iter(|| {
+            let mut bytes = 0;
+            for event in &enriched.events {
+                let value = message_value(&batch, event.enrichment.as_ref().unwrap(), &event.raw);
+                bytes += value.len();
+            }
+            black_box(bytes)
+        })
+    });
+
+    group.bench_function("parse_validate_enrich_serialize", |b| {
+        b.iter(|| {
+            let mut ctx = context(&document);
+            block_on(split.handle(&mut ctx));
+            block_on(enrich.handle(&mut ctx));
+            let batch = ctx.batch.as_ref().unwrap();
+            let mut bytes = 0;
+            for event in &ctx.events {
+                bytes += message_value(batch, event.enrichment.as_ref().unwrap(), &event.raw).len();
+            }
+            black_box(bytes)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, pipeline);
+criterion_main!(benches);
