@@ -114,7 +114,7 @@ impl Application {
             _gauges: gauges,
         };
         let router = router(state.clone(), settings.server.max_body_bytes);
-        let listener = TcpListener::bind(settings.listen_addr()).await?;
+        let listener = listen(settings.listen_addr())?;
         Ok(Self {
             listener,
             router,
@@ -175,6 +175,24 @@ impl Application {
         result??;
         Ok(())
     }
+}
+
+/// Connections the kernel queues before the gateway accepts them. The
+/// default of `TcpListener::bind` (128) overflows under a burst of new
+/// connections, which clients then see as seconds of SYN retries instead of a
+/// quick answer (a 503 from load shedding, if it comes to that).
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn router(state: AppState, max_body_bytes: usize) -> Router {

@@ -1,1 +1,71 @@
-fn main() {}
+//! The `venus-loadtest` binary: parse the command line, run, print the
+//! report (table or JSON) and exit 1 when verification found missing events.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use venus_loadtest::cli::Cli;
+use venus_loadtest::Report;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = cli.threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let runtime = match runtime.build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(venus_loadtest::run_until(cli.to_config(), ctrl_c()));
+    let report = match result {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = print_report(&report, cli.json) {
+        // A closed pipe (`| head`) is not worth a complaint.
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot print the report: {error}");
+            return ExitCode::from(2);
+        }
+    }
+    if report.has_missing_events() {
+        eprintln!("error: accepted events are missing from Kafka");
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Writes the report to stdout, as a table or as one JSON line.
+fn print_report(report: &Report, json: bool) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{report}")?;
+    }
+    out.flush()
+}
+
+/// Completes on the first Ctrl-C (the run then stops and still reports); a
+/// second one ends the process.
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        // No signal handling here: never stop early.
+        std::future::pending::<()>().await;
+    }
+    eprintln!("stopping: finishing requests in flight (Ctrl-C again to quit)");
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
+}

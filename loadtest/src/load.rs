@@ -1,0 +1,355 @@
+//! The load driver: closed loop or open loop, for any target.
+//!
+//! * Closed loop: `connections` workers, each sending its next request as
+//!   soon as the last one finished. Latency runs from the actual send.
+//! * Open loop: a scheduler starts request `n` at `start + n / rate`
+//!   whatever the responses do, with at most `max_in_flight` outstanding.
+//!   Latency runs from the *intended* start, so a slow server (or a full
+//!   in-flight cap) shows up in the percentiles instead of quietly lowering
+//!   the send rate (no coordinated omission).
+//!
+//! A closed-loop worker whose request got no response at all (refused
+//! connection, timeout) pauses 10 ms before its next one, so a dead server
+//! does not turn the loop into a busy spin.
+//!
+//! Both stop starting requests at the deadline, after the request limit, or
+//! when the shutdown future completes, then wait for what is in flight.
+//! Results flow over a channel to one collector task that owns the totals.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::progress::Live;
+use crate::report::{Outcome, Stats};
+
+/// Closed loop: a worker's pause after a request that got no response.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
+
+/// Something that carries out request number `n` (one batch).
+pub(crate) trait Target: Send + Sync + 'static {
+    /// Sends batch `request` and reports what came of it.
+    fn send(&self, request: u64) -> impl Future<Output = Outcome> + Send;
+}
+
+/// How to load.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub connections: usize,
+    pub rate: Option<f64>,
+    pub max_in_flight: usize,
+    pub duration: Option<Duration>,
+    pub requests: Option<u64>,
+}
+
+/// How well the open loop kept its schedule (all 0 in closed loop).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ScheduleFigures {
+    /// Times the schedule had to wait for a free in-flight slot.
+    pub in_flight_waits: u64,
+    /// Requests the schedule was due to start before it stopped but never
+    /// started, because `max_in_flight` requests were outstanding.
+    pub behind_schedule: u64,
+}
+
+/// What a drive produced.
+#[derive(Debug)]
+pub(crate) struct Driven {
+    pub stats: Stats,
+    /// From the first request to the last response.
+    pub elapsed: Duration,
+    pub schedule: ScheduleFigures,
+}
+
+/// Runs `plan` against `target` until a stop condition or `shutdown`.
+pub(crate) async fn drive<T, F>(
+    target: Arc<T>,
+    plan: &Plan,
+    categories: usize,
+    live: Arc<Live>,
+    shutdown: F,
+) -> Driven
+where
+    T: Target,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let start = Instant::now();
+    let deadline = plan.duration.map(|d| start + d);
+
+    // `true` once the run must stop starting requests.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopper = tokio::spawn(async move {
+        match deadline {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                    _ = shutdown => {}
+                }
+            }
+            None => shutdown.await,
+        }
+        let _ = stop_tx.send(true);
+        // Keep the sender alive so receivers never see it closed early.
+        std::future::pending::<()>().await;
+    });
+
+    let (tx, rx) = mpsc::unbounded_channel::<(Duration, Outcome)>();
+    let collector = tokio::spawn(collect(rx, Stats::new(categories), live));
+
+    let schedule = match plan.rate {
+        None => closed_loop(target, plan, stop_rx, tx).await,
+        Some(rate) => open_loop(target, plan, rate, start, deadline, stop_rx, tx).await,
+    };
+    let stats = collector.await.expect("the collector does not panic");
+    let elapsed = start.elapsed();
+    stopper.abort();
+    Driven {
+        stats,
+        elapsed,
+        schedule,
+    }
+}
+
+/// Totals the results until every sender is gone.
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<(Duration, Outcome)>,
+    mut stats: Stats,
+    live: Arc<Live>,
+) -> Stats {
+    while let Some((latency, outcome)) = rx.recv().await {
+        let failed = match outcome.status {
+            Some(status) => u64::from(!(200..300).contains(&status)),
+            None => outcome.errors.iter().map(|(_, n)| u64::from(*n)).sum(),
+        };
+        live.requests.fetch_add(1, Ordering::Relaxed);
+        live.accepted
+            .fetch_add(u64::from(outcome.accepted), Ordering::Relaxed);
+        live.failed.fetch_add(failed, Ordering::Relaxed);
+        stats.record(latency, outcome);
+    }
+    stats
+}
+
+/// `connections` workers sending back to back.
+async fn closed_loop<T: Target>(
+    target: Arc<T>,
+    plan: &Plan,
+    stop: watch::Receiver<bool>,
+    tx: mpsc::UnboundedSender<(Duration, Outcome)>,
+) -> ScheduleFigures {
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..plan.connections)
+        .map(|_| {
+            let target = target.clone();
+            let next = next.clone();
+            let stop = stop.clone();
+            let tx = tx.clone();
+            let limit = plan.requests;
+            tokio::spawn(async move {
+                loop {
+                    if *stop.borrow() {
+                        break;
+                    }
+                    let request = next.fetch_add(1, Ordering::Relaxed);
+                    if limit.is_some_and(|limit| request >= limit) {
+                        break;
+                    }
+                    let sent = Instant::now();
+                    let outcome = target.send(request).await;
+                    let no_response = !outcome.record_latency;
+                    if tx.send((sent.elapsed(), outcome)).is_err() {
+                        break;
+                    }
+                    if no_response {
+                        // A refused connection fails at once: do not spin.
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    for worker in workers {
+        // A panicking worker loses its own results only.
+        let _ = worker.await;
+    }
+    ScheduleFigures::default()
+}
+
+/// Requests started on a fixed schedule.
+async fn open_loop<T: Target>(
+    target: Arc<T>,
+    plan: &Plan,
+    rate: f64,
+    start: Instant,
+    deadline: Option<Instant>,
+    mut stop: watch::Receiver<bool>,
+    tx: mpsc::UnboundedSender<(Duration, Outcome)>,
+) -> ScheduleFigures {
+    let slots = Arc::new(Semaphore::new(plan.max_in_flight));
+    let mut waits = 0u64;
+    let mut request = 0u64;
+    loop {
+        if plan.requests.is_some_and(|limit| request >= limit) || *stop.borrow() {
+            break;
+        }
+        let intended = start + Duration::from_secs_f64(request as f64 / rate);
+        if deadline.is_some_and(|deadline| intended >= deadline) {
+            break;
+        }
+        if intended > Instant::now() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(intended.into()) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                waits += 1;
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => {
+                        permit.expect("the semaphore is never closed")
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        };
+        let target = target.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let outcome = target.send(request).await;
+            let _ = tx.send((intended.elapsed(), outcome));
+            drop(permit);
+        });
+        request += 1;
+    }
+    // The collector ends when the last request task drops its sender.
+    drop(tx);
+    // Requests due by now (or by the deadline) that never started.
+    let end = deadline.map_or_else(Instant::now, |d| d.min(Instant::now()));
+    let mut due = (end.duration_since(start).as_secs_f64() * rate).ceil() as u64;
+    if let Some(limit) = plan.requests {
+        due = due.min(limit);
+    }
+    ScheduleFigures {
+        in_flight_waits: waits,
+        behind_schedule: due.saturating_sub(request),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target that takes a fixed time and accepts every event.
+    struct Sleepy {
+        delay: Duration,
+        sent: AtomicU64,
+    }
+
+    impl Target for Sleepy {
+        async fn send(&self, _request: u64) -> Outcome {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(self.delay).await;
+            Outcome {
+                events: 2,
+                accepted: 2,
+                status: Some(200),
+                record_latency: true,
+                ..Outcome::default()
+            }
+        }
+    }
+
+    fn sleepy(delay_ms: u64) -> Arc<Sleepy> {
+        Arc::new(Sleepy {
+            delay: Duration::from_millis(delay_ms),
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn closed_loop_stops_at_the_request_limit() {
+        let target = sleepy(1);
+        let plan = Plan {
+            connections: 4,
+            rate: None,
+            max_in_flight: 10,
+            duration: None,
+            requests: Some(37),
+        };
+        let live = Arc::new(Live::default());
+        let driven = drive(
+            target.clone(),
+            &plan,
+            1,
+            live.clone(),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(driven.stats.requests, 37);
+        assert_eq!(target.sent.load(Ordering::Relaxed), 37);
+        assert_eq!(driven.stats.accepted, 74);
+        assert_eq!(live.requests.load(Ordering::Relaxed), 37);
+        assert!(driven.stats.latency().p50 >= 1.0);
+    }
+
+    #[tokio::test]
+    async fn open_loop_latency_counts_from_the_intended_time() {
+        // 100 req/s for 0.5 s, each request takes 50 ms, at most 1 in
+        // flight: the schedule falls behind and latency must show it.
+        let target = sleepy(50);
+        let plan = Plan {
+            connections: 1,
+            rate: Some(100.0),
+            max_in_flight: 1,
+            duration: Some(Duration::from_millis(500)),
+            requests: None,
+        };
+        let driven = drive(
+            target,
+            &plan,
+            1,
+            Arc::new(Live::default()),
+            std::future::pending(),
+        )
+        .await;
+        let latency = driven.stats.latency();
+        assert!(driven.schedule.in_flight_waits > 0);
+        // 50 were due, about 10 could go (1 at a time, 50 ms each).
+        assert!(
+            driven.schedule.behind_schedule >= 30,
+            "{:?}",
+            driven.schedule
+        );
+        // The last requests were intended far earlier than they could go.
+        assert!(latency.max > 200.0, "{latency:?}");
+        assert!(driven.stats.requests >= 5, "{}", driven.stats.requests);
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_an_endless_run() {
+        let target = sleepy(1);
+        let plan = Plan {
+            connections: 2,
+            rate: None,
+            max_in_flight: 10,
+            duration: None,
+            requests: None,
+        };
+        let driven = drive(
+            target,
+            &plan,
+            1,
+            Arc::new(Live::default()),
+            tokio::time::sleep(Duration::from_millis(100)),
+        )
+        .await;
+        assert!(driven.stats.requests > 0);
+        assert!(driven.elapsed < Duration::from_secs(5));
+    }
+}

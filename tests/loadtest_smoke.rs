@@ -1,0 +1,70 @@
+//! A few seconds of load through the gateway with `venus-loadtest`, then
+//! every event it reported accepted is looked up in Kafka: none may be
+//! missing. Also the raw-Kafka mode the benchmark compares against.
+
+mod support;
+
+use std::time::Duration;
+
+use venus_loadtest::{run, Config, GenConfig, Target};
+
+use support::{shared_broker, TestApp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_every_accepted_event_is_in_kafka_exactly_once() {
+    let broker = shared_broker();
+    let (first, _) = support::fresh_topic("smoke_a").await;
+    let (second, _) = support::fresh_topic("smoke_b").await;
+    let app = TestApp::spawn(support::settings(&broker.address(), &[])).await;
+    let report = run(Config {
+        url: app.url("/api/v1/upload"),
+        connections: 4,
+        duration: Some(Duration::from_secs(3)),
+        generator: GenConfig {
+            categories: vec![first, second],
+            invalid_fraction: 0.05,
+            ..GenConfig::default()
+        },
+        verify: true,
+        brokers: Some(broker.address()),
+        verify_idle: Duration::from_secs(3),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let verify = report.verify.as_ref().expect("a verify section");
+    assert!(report.requests > 10, "{report}");
+    assert!(report.events_accepted > 0, "{report}");
+    assert_eq!(report.errors, 0, "{report}");
+    assert_eq!(report.bad_responses, 0, "{report}");
+    assert_eq!(report.unexpected_codes, 0, "{report}");
+    assert_eq!(verify.checked, report.events_accepted);
+    assert_eq!(verify.missing, 0, "{report}");
+    assert_eq!(verify.duplicates, 0, "{report}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_kafka_mode_produces_readable_acknowledged_events() {
+    let broker = shared_broker();
+    let (category, _) = support::fresh_topic("smoke_raw").await;
+    let report = run(Config {
+        target: Target::RawKafka,
+        connections: 2,
+        requests: Some(20),
+        generator: GenConfig {
+            categories: vec![category],
+            ..GenConfig::default()
+        },
+        verify: true,
+        brokers: Some(broker.address()),
+        verify_idle: Duration::from_secs(3),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let raw = report.raw_kafka.as_ref().expect("a raw_kafka section");
+    assert_eq!(raw.failed, 0, "{report}");
+    assert_eq!(raw.acked, report.events);
+    assert_eq!(report.verify.as_ref().unwrap().missing, 0, "{report}");
+}
