@@ -6,6 +6,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// glibc's allocator spent about a fifth of the gateway's CPU under load
+/// (see docs/BENCHMARKS.md); mimalloc's per-thread caches suit the many
+/// short-lived per-request allocations.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// HTTP gateway that writes uploaded event batches to Kafka.
 #[derive(Parser)]
 #[command(version)]

@@ -13,7 +13,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::future::{join_all, BoxFuture};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use opentelemetry::KeyValue;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -57,17 +58,18 @@ fn push_json_str(out: &mut Vec<u8>, text: &str) {
     let _ = sonic_rs::to_writer(&mut *out, text);
 }
 
-/// The Kafka message value of one event.
-pub fn message_value(batch: &Batch, enrichment: &Enrichment, event: &[u8]) -> Vec<u8> {
+/// Writes the Kafka message value of one event into `out` (cleared first),
+/// so one buffer serves a whole batch: librdkafka copies each payload.
+pub fn write_message_value(
+    out: &mut Vec<u8>,
+    batch: &Batch,
+    enrichment: &Enrichment,
+    event: &[u8],
+) {
+    use std::io::Write;
+
     let location = &enrichment.location;
-    let mut out = Vec::with_capacity(
-        event.len()
-            + batch.meta.len()
-            + location.country.len()
-            + location.region.len()
-            + location.city.len()
-            + 160,
-    );
+    out.clear();
     out.extend_from_slice(b"{\"backend_id\":\"");
     let mut uuid = uuid::Uuid::encode_buffer();
     out.extend_from_slice(
@@ -84,19 +86,25 @@ pub fn message_value(batch: &Batch, enrichment: &Enrichment, event: &[u8]) -> Ve
             .as_bytes(),
     );
     out.extend_from_slice(b",\"ip\":\"");
-    // An IpAddr's text form needs no escaping.
-    out.extend_from_slice(enrichment.ip.to_string().as_bytes());
+    // An IpAddr's text form needs no escaping; writing to a Vec cannot fail.
+    let _ = write!(out, "{}", enrichment.ip);
     out.extend_from_slice(b"\",\"country\":");
-    push_json_str(&mut out, &location.country);
+    push_json_str(out, &location.country);
     out.extend_from_slice(b",\"region\":");
-    push_json_str(&mut out, &location.region);
+    push_json_str(out, &location.region);
     out.extend_from_slice(b",\"city\":");
-    push_json_str(&mut out, &location.city);
+    push_json_str(out, &location.city);
     out.extend_from_slice(b",\"meta\":");
     out.extend_from_slice(&batch.meta);
     out.extend_from_slice(b",\"data\":");
     out.extend_from_slice(event);
     out.push(b'}');
+}
+
+/// The Kafka message value of one event.
+pub fn message_value(batch: &Batch, enrichment: &Enrichment, event: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(event.len() + batch.meta.len() + 200);
+    write_message_value(&mut out, batch, enrichment, event);
     out
 }
 
@@ -138,8 +146,9 @@ impl WriteKafka {
         let max_bytes = self.sink.max_message_bytes();
 
         let started = Instant::now();
-        let mut deliveries = Vec::new();
+        let mut deliveries = FuturesUnordered::new();
         let mut sent = 0usize;
+        let mut value = Vec::with_capacity(4096);
         for (index, event) in ctx.events.iter_mut().enumerate() {
             if !event.is_pending() {
                 continue;
@@ -148,7 +157,7 @@ impl WriteKafka {
                 event.fail(PartCode::Serialization, "event was not enriched");
                 continue;
             };
-            let value = message_value(&batch, enrichment, &event.raw);
+            write_message_value(&mut value, &batch, enrichment, &event.raw);
             if value.len() > max_bytes {
                 let reason = format!(
                     "event is {} bytes as a Kafka message; at most {max_bytes} are allowed",
@@ -175,7 +184,7 @@ impl WriteKafka {
             match self.sink.producer().send_result(record) {
                 Ok(delivery) => {
                     sent += 1;
-                    deliveries.push((index, delivery));
+                    deliveries.push(async move { (index, delivery.await) });
                 }
                 Err((error, _)) => {
                     event.fail(
@@ -188,30 +197,40 @@ impl WriteKafka {
 
         // The response never waits past the delivery timeout; librdkafka's
         // own message timeout is shorter, so it normally fails a message
-        // itself before this deadline (see `kafka::producer_config`).
-        let deadline = tokio::time::Instant::from_std(started) + self.sink.delivery_timeout();
-        let timeout_ms = self.sink.delivery_timeout().as_millis();
-        let results = join_all(deliveries.into_iter().map(|(index, delivery)| async move {
-            (index, tokio::time::timeout_at(deadline, delivery).await)
-        }))
-        .await;
-        for (index, result) in results {
+        // itself before this deadline (see `kafka::producer_config`). One
+        // timer for the batch, not one per message.
+        let deadline = tokio::time::sleep_until(
+            tokio::time::Instant::from_std(started) + self.sink.delivery_timeout(),
+        );
+        tokio::pin!(deadline);
+        loop {
+            let (index, result) = tokio::select! {
+                next = deliveries.next() => match next {
+                    Some(done) => done,
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            };
             let event = &mut ctx.events[index];
             match result {
-                Ok(Ok(Ok(_delivery))) => event.status = EventStatus::Accepted,
-                Ok(Ok(Err((error, _message)))) => event.fail(
+                Ok(Ok(_delivery)) => event.status = EventStatus::Accepted,
+                Ok(Err((error, _message))) => event.fail(
                     PartCode::KafkaDelivery,
                     format!("Kafka did not acknowledge the event: {error}"),
                 ),
-                Ok(Err(_canceled)) => event.fail(
+                Err(_canceled) => event.fail(
                     PartCode::KafkaDelivery,
                     "the Kafka producer shut down before acknowledging the event",
                 ),
-                Err(_elapsed) => event.fail(
-                    PartCode::KafkaDelivery,
-                    format!("no acknowledgement from Kafka within {timeout_ms} ms"),
-                ),
             }
+        }
+        // Whatever is still pending had no answer before the deadline.
+        let timeout_ms = self.sink.delivery_timeout().as_millis();
+        for event in ctx.events.iter_mut().filter(|e| e.is_pending()) {
+            event.fail(
+                PartCode::KafkaDelivery,
+                format!("no acknowledgement from Kafka within {timeout_ms} ms"),
+            );
         }
         if sent > 0 {
             self.metrics
