@@ -63,6 +63,10 @@ pub struct ServerSettings {
     /// How long a client has to send its whole body.
     #[serde(default = "defaults::body_timeout_ms")]
     pub body_timeout_ms: u64,
+    /// How long a client has to send a request's headers (HTTP/1); the
+    /// connection is closed after that.
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
     /// Header holding the original client address when the gateway runs
     /// behind a proxy (e.g. `X-Forwarded-For`; its first address is used).
     /// Empty means the TCP peer address.
@@ -232,6 +236,9 @@ mod defaults {
     pub fn body_timeout_ms() -> u64 {
         30_000
     }
+    pub fn header_read_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn shutdown_grace_ms() -> u64 {
         30_000
     }
@@ -333,6 +340,12 @@ impl Settings {
         }
         if self.server.body_timeout_ms == 0 {
             return Err(invalid("server.body_timeout_ms", "must be greater than 0"));
+        }
+        if self.server.header_read_timeout_ms == 0 {
+            return Err(invalid(
+                "server.header_read_timeout_ms",
+                "must be greater than 0",
+            ));
         }
         if self.kafka.delivery_timeout_ms == 0 {
             return Err(invalid(

@@ -9,9 +9,10 @@
 //!   database is loaded, else 503 with the reason;
 //! * `GET /metrics`: Prometheus text.
 //!
-//! Shutdown follows mini-redis: a signal stops the listener, requests in
-//! flight run to completion (their Kafka acknowledgements included), then
-//! the producer is flushed, all within `server.shutdown_grace_ms`.
+//! Shutdown follows mini-redis: a signal stops the accept loop, every
+//! connection is told to finish (requests in flight run to completion, Kafka
+//! acknowledgements included), then the producer is flushed, all within
+//! `server.shutdown_grace_ms`.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -25,8 +26,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder as HttpBuilder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower::{Service, ServiceExt};
 use tracing::{field, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -71,6 +78,7 @@ pub struct Application {
     router: Router,
     state: AppState,
     shutdown_grace: Duration,
+    header_read_timeout: Duration,
 }
 
 impl Application {
@@ -120,6 +128,7 @@ impl Application {
             router,
             state,
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
+            header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
         })
     }
 
@@ -140,40 +149,80 @@ impl Application {
             router,
             state,
             shutdown_grace,
+            header_read_timeout,
         } = self;
-        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: draining in-flight uploads");
-            let _ = drain_tx.send(());
-        };
-        let server = axum::serve(
+        let connections = GracefulShutdown::new();
+        accept_until(
             listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
+            router,
+            header_read_timeout,
+            &connections,
+            shutdown,
         )
-        .with_graceful_shutdown(signal);
-        let serving = tokio::spawn(async move { server.await });
-        // Wait for the server; once shutdown began, only up to the grace.
-        tokio::pin!(serving);
-        let result = tokio::select! {
-            result = &mut serving => result,
-            _ = async {
-                let _ = drain_rx.await;
-                tokio::time::sleep(shutdown_grace).await;
-            } => {
-                tracing::warn!("in-flight uploads did not finish within the shutdown grace");
-                serving.abort();
-                Ok(Ok(()))
-            }
-        };
+        .await;
+
+        tracing::info!("shutdown requested: draining in-flight uploads");
+        if tokio::time::timeout(shutdown_grace, connections.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight uploads did not finish within the shutdown grace");
+        }
         let sink = state.sink.clone();
         let flushed = tokio::task::spawn_blocking(move || sink.flush(shutdown_grace)).await;
         if let Ok(Err(error)) = flushed {
             tracing::warn!(%error, "Kafka producer did not flush every message");
         }
         tracing::info!("stopped");
-        result??;
         Ok(())
+    }
+}
+
+/// Accepts connections until `shutdown` completes, serving each on its own
+/// task. hyper's HTTP/1 header timeout needs a timer, which `axum::serve`
+/// does not give it: without one a client that never finishes its request
+/// headers holds a connection for ever.
+async fn accept_until(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    connections: &GracefulShutdown,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut make_service = router.into_make_service_with_connect_info::<SocketAddr>();
+    let mut http = HttpBuilder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    http.http2().timer(TokioTimer::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait instead of spinning.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(service) = make_service.call(peer).await;
+        let service = TowerToHyperService::new(
+            service.map_request(|request: Request<Incoming>| request.map(axum::body::Body::new)),
+        );
+        let connection = http
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
     }
 }
 

@@ -474,3 +474,82 @@ async fn with_the_broker_stopped_uploads_get_503_with_retry_after_within_the_del
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_a_kafka_message_gets_1003_and_is_not_sent() {
+    let broker = shared_broker();
+    let (category, topic) = support::fresh_topic("toolarge").await;
+    let app = TestApp::spawn(support::settings(
+        &broker.address(),
+        &[("VENUS__KAFKA__MAX_MESSAGE_BYTES", "600")],
+    ))
+    .await;
+    let document = json!({
+        "meta": {"app_id": "a", "category": category},
+        "data": [{"id": "small"}, {"id": "big", "pad": "x".repeat(1000)}]
+    })
+    .to_string();
+    let response = app.upload_json(&document).await;
+    assert_eq!(response.status(), 206);
+    let reply = body(response).await;
+    let parts = reply["parts"].as_array().unwrap();
+    assert_eq!(parts[0]["code"], 0);
+    assert_eq!(parts[1]["code"], 1003);
+    assert!(
+        parts[1]["data"].as_str().unwrap().contains("at most 600"),
+        "{}",
+        parts[1]["data"]
+    );
+    let messages = broker.read(&topic, 2, IDLE);
+    assert_eq!(messages.len(), 1, "only the small event is in Kafka");
+    assert_eq!(value_json(&messages[0])["data"]["id"], "small");
+    app.stop().await;
+}
+
+/// Sends `head` (and no more) on a raw connection and returns what the
+/// gateway answered before closing, or panics if it kept the connection
+/// open for `patience`.
+async fn stalled_request(app: &TestApp, head: &str, patience: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(patience, stream.read_to_end(&mut answer))
+        .await
+        .expect("the gateway held a stalled connection open")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stall_are_cut_off_by_the_header_and_body_timeouts() {
+    let app = TestApp::spawn(support::settings(
+        &shared_broker().address(),
+        &[
+            ("VENUS__SERVER__HEADER_READ_TIMEOUT_MS", "500"),
+            ("VENUS__SERVER__BODY_TIMEOUT_MS", "500"),
+        ],
+    ))
+    .await;
+    // Headers that never end.
+    let started = Instant::now();
+    stalled_request(
+        &app,
+        "POST /api/v1/upload HTTP/1.1\r\nHost: venus\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // A body that never comes: 408 in the usual JSON shape.
+    let answer = stalled_request(
+        &app,
+        "POST /api/v1/upload HTTP/1.1\r\nHost: venus\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"meta\":",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":2"#), "{answer}");
+    assert!(answer.contains("did not arrive within 500 ms"), "{answer}");
+    app.stop().await;
+}
