@@ -60,6 +60,10 @@ pub struct ServerSettings {
     /// once instead of queueing, which keeps memory bounded.
     #[serde(default = "defaults::max_in_flight_requests")]
     pub max_in_flight_requests: usize,
+    /// Open connections at most; more are closed as soon as accepted, so
+    /// file descriptors and buffers stay bounded.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
     /// How long a client has to send its whole body.
     #[serde(default = "defaults::body_timeout_ms")]
     pub body_timeout_ms: u64,
@@ -68,8 +72,8 @@ pub struct ServerSettings {
     #[serde(default = "defaults::header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
     /// Header holding the original client address when the gateway runs
-    /// behind a proxy (e.g. `X-Forwarded-For`; its first address is used).
-    /// Empty means the TCP peer address.
+    /// behind a proxy (e.g. `X-Forwarded-For`; its last address, the one the
+    /// proxy appended, is used). Empty means the TCP peer address.
     #[serde(default)]
     pub client_ip_header: String,
     /// How long a shutdown waits for in-flight uploads and Kafka deliveries.
@@ -233,6 +237,9 @@ mod defaults {
     pub fn max_in_flight_requests() -> usize {
         1024
     }
+    pub fn max_connections() -> usize {
+        4096
+    }
     pub fn body_timeout_ms() -> u64 {
         30_000
     }
@@ -332,6 +339,7 @@ impl Settings {
                 "server.max_in_flight_requests",
                 self.server.max_in_flight_requests,
             ),
+            ("server.max_connections", self.server.max_connections),
             ("kafka.max_message_bytes", self.kafka.max_message_bytes),
         ] {
             if value == 0 {

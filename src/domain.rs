@@ -105,6 +105,10 @@ pub struct EventId(String);
 impl EventId {
     pub const MAX_LEN: usize = 128;
 
+    pub fn into_string(self) -> String {
+        self.0
+    }
+
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         if value.is_empty() {
             return Err(InvalidValue::new("id must not be empty"));

@@ -1,9 +1,9 @@
 //! The Kafka producer and what the gateway asks of it.
 //!
 //! One `FutureProducer` is shared by all requests. It is configured for
-//! durability first (`acks=all`, idempotence on) and its message timeout is
-//! the configured delivery timeout, so librdkafka itself gives up on a
-//! message no later than the request that carries it.
+//! durability first (`acks=all`, idempotence on); its message timeout is a
+//! little shorter than the delivery timeout, so librdkafka itself gives up on
+//! a message before the request that carries it answers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,8 +43,15 @@ impl ClientContext for StatisticsContext {
             .brokers
             .values()
             .fold((0, 0), |(e, r), b| (e + b.txerrs, r + b.txretries));
-        self.statistics.tx_errors.store(errors, Ordering::Relaxed);
-        self.statistics.tx_retries.store(retries, Ordering::Relaxed);
+        // Totals over the brokers librdkafka knows now: one that leaves takes
+        // its share along. Keep the highest seen, so the counters never go
+        // backwards (Prometheus would read that as a reset).
+        self.statistics
+            .tx_errors
+            .fetch_max(errors, Ordering::Relaxed);
+        self.statistics
+            .tx_retries
+            .fetch_max(retries, Ordering::Relaxed);
     }
 }
 
@@ -114,6 +121,15 @@ impl KafkaSink {
             .map_err(|e| format!("Kafka metadata not reachable: {e}"))
     }
 
+    /// The producer's fatal error, if it had one: from then on it fails every
+    /// message, and only a restart helps.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("Kafka producer failed for good: {code}: {reason}"))
+    }
+
     /// Waits for every queued message to be acknowledged or to fail.
     pub fn flush(&self, timeout: Duration) -> Result<(), String> {
         self.producer.flush(timeout).map_err(|e| e.to_string())
@@ -134,6 +150,9 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
             librdkafka_message_timeout_ms(settings.delivery_timeout_ms).to_string(),
         )
         .set("statistics.interval.ms", "5000")
+        // Bound the producer's memory (librdkafka's default is 1 GiB); past
+        // it events fail with 1004 at once instead of queueing.
+        .set("queue.buffering.max.kbytes", "262144")
         // The size check of the gateway is on the value; leave room for the
         // key, headers and record overhead.
         .set(

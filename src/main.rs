@@ -21,8 +21,24 @@ struct Cli {
     config: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Parsing recurses once per nesting level of a batch (bounded by
+    // `split_and_validate::MAX_NESTING`); larger worker stacks keep a wide
+    // margin above that bound.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(8 * 1024 * 1024)
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve()),
+        Err(error) => {
+            eprintln!("venus: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve() -> ExitCode {
     let cli = Cli::parse();
     let settings = match venus::config::Settings::load(&cli.config) {
         Ok(settings) => settings,
@@ -47,15 +63,9 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(address = %app.local_addr(), "listening");
-    let result = app.run_until(shutdown_signal()).await;
+    app.run_until(shutdown_signal()).await;
     tracing.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("venus: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    ExitCode::SUCCESS
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).

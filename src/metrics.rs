@@ -193,20 +193,6 @@ impl Metrics {
             .add(1, &[KeyValue::new("type", kind.as_str())]);
     }
 
-    pub fn events(&self, category: &str, result: EventResult, count: u64) {
-        if count == 0 {
-            return;
-        }
-        let category = self.inner.categories.label(category);
-        self.inner.events.add(
-            count,
-            &[
-                KeyValue::new("category", category),
-                KeyValue::new("result", result.as_str()),
-            ],
-        );
-    }
-
     pub fn request_duration(&self, seconds: f64, method: &str, route: &str, status: u16) {
         self.inner.request_duration.record(
             seconds,
@@ -277,10 +263,25 @@ impl Metrics {
         } else if accepted > 0 {
             self.upload(UploadType::Partial);
         }
-        let category = category.unwrap_or(CategoryLabels::OTHER);
-        self.events(category, EventResult::Accepted, accepted);
-        self.events(category, EventResult::Invalid, invalid);
-        self.events(category, EventResult::Failed, failed);
+        let label = self
+            .inner
+            .categories
+            .label(category.unwrap_or(CategoryLabels::OTHER));
+        for (result, count) in [
+            (EventResult::Accepted, accepted),
+            (EventResult::Invalid, invalid),
+            (EventResult::Failed, failed),
+        ] {
+            if count > 0 {
+                self.inner.events.add(
+                    count,
+                    &[
+                        KeyValue::new("category", label.clone()),
+                        KeyValue::new("result", result.as_str()),
+                    ],
+                );
+            }
+        }
     }
 }
 

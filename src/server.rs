@@ -34,6 +34,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceExt};
+use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{field, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -47,7 +48,7 @@ use crate::pipeline::write_kafka::WriteKafka;
 use crate::pipeline::{Chain, UploadContext, UploadRequest};
 use crate::telemetry::{self, Metering};
 use crate::upload_body::read_document;
-use crate::wire::{Reply, RETRY_AFTER_SECONDS};
+use crate::wire::Reply;
 
 pub const UPLOAD_ROUTE: &str = "/api/v1/upload";
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -79,6 +80,7 @@ pub struct Application {
     state: AppState,
     shutdown_grace: Duration,
     header_read_timeout: Duration,
+    max_connections: usize,
 }
 
 impl Application {
@@ -129,6 +131,7 @@ impl Application {
             state,
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
             header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
+            max_connections: settings.server.max_connections,
         })
     }
 
@@ -140,41 +143,42 @@ impl Application {
 
     /// Serves until `shutdown` completes, then drains: in-flight requests
     /// finish, queued Kafka messages are flushed.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let Self {
             listener,
             router,
             state,
             shutdown_grace,
             header_read_timeout,
+            max_connections,
         } = self;
         let connections = GracefulShutdown::new();
         accept_until(
             listener,
             router,
             header_read_timeout,
+            max_connections,
             &connections,
             shutdown,
         )
         .await;
 
+        // One deadline for the whole drain: connections, then the producer.
         tracing::info!("shutdown requested: draining in-flight uploads");
-        if tokio::time::timeout(shutdown_grace, connections.shutdown())
+        let deadline = tokio::time::Instant::now() + shutdown_grace;
+        if tokio::time::timeout_at(deadline, connections.shutdown())
             .await
             .is_err()
         {
             tracing::warn!("in-flight uploads did not finish within the shutdown grace");
         }
         let sink = state.sink.clone();
-        let flushed = tokio::task::spawn_blocking(move || sink.flush(shutdown_grace)).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let flushed = tokio::task::spawn_blocking(move || sink.flush(left)).await;
         if let Ok(Err(error)) = flushed {
             tracing::warn!(%error, "Kafka producer did not flush every message");
         }
         tracing::info!("stopped");
-        Ok(())
     }
 }
 
@@ -186,28 +190,40 @@ async fn accept_until(
     listener: TcpListener,
     router: Router,
     header_read_timeout: Duration,
+    max_connections: usize,
     connections: &GracefulShutdown,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut make_service = router.into_make_service_with_connect_info::<SocketAddr>();
-    let mut http = HttpBuilder::new(TokioExecutor::new());
+    // HTTP/1 only: SDKs upload over HTTP/1.1, and with only one protocol the
+    // header timer runs from the first byte (detecting the version first
+    // would wait on a silent client for ever).
+    let mut http = HttpBuilder::new(TokioExecutor::new()).http1_only();
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    http.http2().timer(TokioTimer::new());
+    let open = Arc::new(Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, say: wait instead of spinning.
+                Err(error) if is_resource_exhaustion(&error) => {
+                    // Out of file descriptors or memory: wait, don't spin.
                     tracing::warn!(%error, "accepting a connection failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+                // Aborted or reset before we accepted it: nothing to do.
+                Err(_) => continue,
             },
             _ = &mut shutdown => return,
+        };
+        // Past the connection limit, close at once: file descriptors and
+        // per-connection buffers stay bounded.
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "connection limit reached, closing");
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let Ok(service) = make_service.call(peer).await;
@@ -222,8 +238,16 @@ async fn accept_until(
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "connection ended with an error");
             }
+            drop(permit);
         });
     }
+}
+
+fn is_resource_exhaustion(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Connections the kernel queues before the gateway accepts them. The
@@ -259,6 +283,7 @@ fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(wire_limit))
+        .layer(CatchPanicLayer::custom(panic_reply))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -359,12 +384,15 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
     response
 }
 
+/// The client's address: the last entry of the configured header (the one
+/// the gateway's own proxy appended; earlier entries are whatever the client
+/// sent, so trusting them would let it pick its location), else the peer.
 fn client_ip(headers: &HeaderMap, peer: IpAddr, header: Option<&HeaderName>) -> IpAddr {
     header
-        .and_then(|name| headers.get(name))
+        .and_then(|name| headers.get_all(name).iter().next_back())
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|first| first.trim().parse::<IpAddr>().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|last| last.trim().parse::<IpAddr>().ok())
         .unwrap_or(peer)
 }
 
@@ -378,15 +406,12 @@ async fn upload(
     // Shed load instead of queueing: a bounded number of bodies in memory.
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         state.metrics.upload(UploadType::Overloaded);
-        let mut response = Reply::error(
+        // A 503 reply carries Retry-After.
+        return Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is at its limit of uploads in flight; retry later",
         )
         .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
-        return response;
     };
     let client_ip = client_ip(
         request.headers(),
@@ -427,11 +452,26 @@ async fn upload(
     reply.into_response()
 }
 
-async fn healthz() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        r#"{"status":"ok"}"#,
-    )
+/// 200 while the process can do its job; 503 once the producer hit a fatal
+/// error (an idempotent producer can, and then fails every message until
+/// the process restarts: a liveness probe should restart it).
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.sink.fatal_error() {
+        None => (
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":"ok"}"#,
+        )
+            .into_response(),
+        Some(reason) => {
+            let body = sonic_rs::json!({"status": "failed", "reason": reason}).to_string();
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
+        }
+    }
 }
 
 /// The body of `/readyz`.
@@ -447,9 +487,12 @@ struct Readiness<'a> {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let sink = state.sink.clone();
-    let kafka = tokio::task::spawn_blocking(move || sink.check_reachable(Duration::from_secs(2)))
-        .await
-        .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
+    let kafka = match state.sink.fatal_error() {
+        Some(reason) => Err(reason),
+        None => tokio::task::spawn_blocking(move || sink.check_reachable(Duration::from_secs(2)))
+            .await
+            .unwrap_or_else(|e| Err(format!("readiness check failed: {e}"))),
+    };
     let geoip = state.geoip.database_type();
     let (status, body) = match &kafka {
         Ok(()) => (
@@ -484,6 +527,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metering.render(),
     )
         .into_response()
+}
+
+/// A bug must cost one request a 500, not its connection (or the process).
+fn panic_reply(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    Reply::error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error; the gateway's log has the details",
+    )
+    .into_response()
 }
 
 async fn method_not_allowed() -> Response {
@@ -557,5 +610,27 @@ fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>) -> Gauges {
         _tx_errors: tx_errors,
         _tx_retries: tx_retries,
         _dropped_spans: dropped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_address_is_the_last_one_the_proxy_appended() {
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        let name = HeaderName::from_static("x-forwarded-for");
+        let mut headers = HeaderMap::new();
+        headers.insert(&name, HeaderValue::from_static("1.2.3.4, 81.2.69.142"));
+        assert_eq!(
+            client_ip(&headers, peer, Some(&name)),
+            "81.2.69.142".parse::<IpAddr>().unwrap()
+        );
+        // Not configured: the peer, whatever the header says.
+        assert_eq!(client_ip(&headers, peer, None), peer);
+        // Garbage in the header: the peer.
+        headers.insert(&name, HeaderValue::from_static("1.2.3.4, nonsense"));
+        assert_eq!(client_ip(&headers, peer, Some(&name)), peer);
     }
 }

@@ -123,7 +123,9 @@ async fn collect(body: Body, max_bytes: usize) -> Result<Bytes, Reply> {
 /// Decompresses gzip data, stopping as soon as the output passes `max_bytes`.
 /// Runs on a blocking thread: inflating megabytes would stall the runtime.
 async fn gunzip(compressed: Bytes, max_bytes: usize) -> Result<Bytes, Reply> {
-    let small = compressed.len() < 64 * 1024;
+    // Small inputs inflate inline; past a few KiB the output may be
+    // megabytes, which must not stall a runtime thread.
+    let small = compressed.len() < 4 * 1024;
     let inflate = move || {
         let mut plain = Vec::with_capacity((compressed.len() * 4).min(max_bytes));
         let mut decoder =
@@ -332,6 +334,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&got[..], DOC);
+    }
+
+    #[tokio::test]
+    async fn a_part_marked_gzip_is_inflated_even_when_it_is_not_gzip() {
+        // Marked by its Content-Encoding header: corrupt gzip, not "bad JSON".
+        let boundary = "B";
+        let body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"batch\"\r\nContent-Encoding: gzip\r\n\r\n{{\"meta\":1}}\r\n--{boundary}--\r\n"
+        );
+        let ct = format!("multipart/form-data; boundary={boundary}");
+        let reply = read_document(request(&ct, None, body.into_bytes()), 1000)
+            .await
+            .unwrap_err();
+        assert!(
+            reply.body.data.contains("gzip data is corrupt"),
+            "{}",
+            reply.body.data
+        );
+        let (ct, body) = multipart(&[("batch", Some("application/gzip"), DOC)]);
+        let reply = read_document(request(&ct, None, body), 1000)
+            .await
+            .unwrap_err();
+        assert!(
+            reply.body.data.contains("gzip data is corrupt"),
+            "{}",
+            reply.body.data
+        );
     }
 
     #[tokio::test]

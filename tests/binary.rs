@@ -124,22 +124,46 @@ async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_and_exits_cleanly() {
+async fn sigterm_lets_an_upload_in_flight_finish_then_exits_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     let broker = shared_broker();
     let (category, topic) = support::fresh_topic("drain").await;
     let mut gateway = Gateway::start(&broker.address(), &[]);
-    let document = json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "1"}]});
-    let response = reqwest::Client::new()
-        .post(gateway.url("/api/v1/upload"))
-        .json(&document)
-        .send()
+    let body =
+        json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "in-flight"}]})
+            .to_string();
+    let (first, rest) = body.split_at(body.len() / 2);
+
+    // Half a body on the wire, then SIGTERM, then the other half.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", gateway.port))
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-
+    let head = format!(
+        "POST /api/v1/upload HTTP/1.1\r\nHost: venus\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     unsafe {
         libc::kill(gateway.child.id() as i32, libc::SIGTERM);
     }
+    gateway.wait_for_line(
+        |l| l["message"] == "shutdown requested: draining in-flight uploads",
+        Duration::from_secs(5),
+    );
+    // Draining: new connections are refused, the one in flight goes on.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", gateway.port)).is_err());
+    stream.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer))
+        .await
+        .expect("the in-flight upload was answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(status) = gateway.child.try_wait().unwrap() {
@@ -150,7 +174,8 @@ async fn sigterm_drains_and_exits_cleanly() {
     };
     assert!(status.success(), "{status}");
     gateway.wait_for_line(|l| l["message"] == "stopped", Duration::from_secs(2));
-    assert_eq!(broker.read(&topic, 1, Duration::from_secs(3)).len(), 1);
+    let messages = broker.read(&topic, 1, Duration::from_secs(3));
+    assert_eq!(messages.len(), 1);
 }
 
 fn start_failure(env: &[(&str, String)]) -> (i32, String) {

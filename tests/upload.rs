@@ -359,6 +359,20 @@ async fn malformed_requests_get_a_clear_json_error() {
     )
     .await;
 
+    // Nesting deep enough to overflow a recursive parser: a 400, and the
+    // gateway lives on to answer the next request.
+    let deep = format!(
+        r#"{{"meta":{{"app_id":"a","category":"c"}},"data":[{}{}]}}"#,
+        "[".repeat(300),
+        "]".repeat(300)
+    );
+    check(
+        app.upload_json(&deep).await,
+        400,
+        "more than 32 levels deep",
+    )
+    .await;
+
     // Invalid UTF-8 inside an event: a clear 400, not a dropped connection.
     let mut bytes =
         br#"{"meta":{"app_id":"a","category":"c"},"data":[{"id":"x","note":"?"}]}"#.to_vec();
@@ -531,6 +545,11 @@ async fn clients_that_stall_are_cut_off_by_the_header_and_body_timeouts() {
         ],
     ))
     .await;
+    // A connection that says nothing at all.
+    let started = Instant::now();
+    stalled_request(&app, "", Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+
     // Headers that never end.
     let started = Instant::now();
     stalled_request(

@@ -17,11 +17,6 @@ impl Chain {
         }
     }
 
-    /// The handlers' names, in order.
-    pub fn names(&self) -> Vec<&'static str> {
-        self.handlers.iter().map(|h| h.name()).collect()
-    }
-
     /// Runs the chain until a handler responds or the last one is done.
     pub async fn run(&self, ctx: &mut UploadContext) -> Reply {
         for handler in &self.handlers {

@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::geoip::{GeoIp, Location, Lookup};
 use crate::metrics::Metrics;
 use crate::pipeline::context::{Enrichment, EventStatus, SentIp};
+use crate::pipeline::split_and_validate::trimmed;
 use crate::pipeline::{Handler, Outcome, UploadContext};
 use crate::wire::PartCode;
 
@@ -69,7 +70,8 @@ impl IpEnrich {
                     Ok(ip) => ip.to_canonical(),
                     Err(_) => {
                         self.metrics.geoip_lookup("invalid");
-                        let reason = format!("ip {text:?} is not an IPv4 or IPv6 address");
+                        let reason =
+                            format!("ip {:?} is not an IPv4 or IPv6 address", trimmed(text));
                         if invalid == 0 {
                             first_invalid = reason.clone();
                         }

@@ -102,13 +102,20 @@ impl SplitAndValidate {
         }
         // JSON text is UTF-8; checking it whole first also keeps the lazy
         // parser from ever handing out a `&str` over invalid bytes.
-        if let Err(error) = std::str::from_utf8(document) {
-            return Err(Malformed(format!(
+        let text = std::str::from_utf8(document).map_err(|error| {
+            Malformed(format!(
                 "the batch is not valid UTF-8 (at byte {})",
                 error.valid_up_to()
+            ))
+        })?;
+        // The parser skips nested values recursively without a depth limit:
+        // a body of deeply nested brackets would overflow the stack.
+        if nesting_exceeds(document, MAX_NESTING) {
+            return Err(Malformed(format!(
+                "the batch nests arrays and objects more than {MAX_NESTING} levels deep"
             )));
         }
-        let parsed: Document = sonic_rs::from_slice(document)
+        let parsed: Document = sonic_rs::from_str(text)
             .map_err(|e| Malformed(format!("the batch is not valid JSON: {}", first_line(&e))))?;
 
         let meta = parsed
@@ -119,18 +126,27 @@ impl SplitAndValidate {
         let data = parsed
             .data
             .ok_or_else(|| Malformed("data is required".into()))?;
-        let items: Vec<LazyValue> = data
+        // Keep at most `max_events` items; only count the rest, so a huge
+        // array of tiny values costs no memory beyond the body.
+        let mut items: Vec<LazyValue> = Vec::new();
+        let mut count = 0usize;
+        for item in data
             .into_array_iter()
             .ok_or_else(|| Malformed("data must be an array of events".into()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| Malformed(format!("data is not valid JSON: {}", first_line(&e))))?;
-        if items.is_empty() {
+        {
+            let item =
+                item.map_err(|e| Malformed(format!("data is not valid JSON: {}", first_line(&e))))?;
+            count += 1;
+            if count <= self.max_events {
+                items.push(item);
+            }
+        }
+        if count == 0 {
             return Err(Malformed("data must hold at least one event".into()));
         }
-        if items.len() > self.max_events {
+        if count > self.max_events {
             return Err(Malformed(format!(
-                "data holds {} events; at most {} are allowed per batch",
-                items.len(),
+                "data holds {count} events; at most {} are allowed per batch",
                 self.max_events
             )));
         }
@@ -165,7 +181,7 @@ impl SplitAndValidate {
             let event = &mut events[index];
             if event.is_pending() {
                 let id = event.id.as_deref().unwrap_or_default();
-                let reason = format!("id {id:?} appears more than once in the batch");
+                let reason = format!("id {:?} appears more than once in the batch", trimmed(id));
                 event.fail(PartCode::Validation, reason);
             }
         }
@@ -182,8 +198,16 @@ impl SplitAndValidate {
         for entry in meta.clone().into_object_iter().into_iter().flatten() {
             let (key, _) = entry
                 .map_err(|e| Malformed(format!("meta is not valid JSON: {}", first_line(&e))))?;
+            if keys.len() == MAX_META_FIELDS {
+                return Err(Malformed(format!(
+                    "meta has more than {MAX_META_FIELDS} fields"
+                )));
+            }
             if !keys.insert(key.clone()) {
-                return Err(Malformed(format!("meta.{key} appears more than once")));
+                return Err(Malformed(format!(
+                    "meta.{} appears more than once",
+                    trimmed(&key)
+                )));
             }
         }
         let app_id = required_string(meta, "app_id")?;
@@ -193,7 +217,7 @@ impl SplitAndValidate {
         if !self.categories.is_empty() && !self.categories.contains(category.as_str()) {
             return Err(Malformed(format!(
                 "meta.category {:?} is not one of the categories this gateway accepts",
-                category.as_str()
+                trimmed(category.as_str())
             )));
         }
         Ok(Batch {
@@ -237,15 +261,20 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
             _ => continue,
         };
         if slot.is_some() {
-            return Err(format!("field {key:?} appears more than once"));
+            return Err(format!("field {:?} appears more than once", key.as_ref()));
         }
         *slot = Some(value);
     }
 
     let id = id.ok_or_else(|| "id is required".to_owned())?;
     let id_text = id.as_str().ok_or_else(|| not_a_string("id", &id))?;
-    event.id = Some(id_text.to_owned());
-    EventId::parse(id_text).map_err(|e| e.to_string())?;
+    match EventId::parse(id_text) {
+        Ok(valid) => event.id = Some(valid.into_string()),
+        Err(error) => {
+            event.id = Some(id_text.to_owned());
+            return Err(error.to_string());
+        }
+    }
 
     match ip {
         Some(ip) if ip.get_type() != JsonType::Null => {
@@ -259,11 +288,63 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
         if timestamp.get_type() != JsonType::Null && timestamp.as_u64().is_none() {
             return Err(format!(
                 "timestamp must be a non-negative integer (milliseconds since the epoch), not {}",
-                timestamp.as_raw_str()
+                trimmed(timestamp.as_raw_str())
             ));
         }
     }
     Ok(())
+}
+
+/// Deepest nesting of arrays and objects a batch may have, counting the
+/// document itself, `data` and the event: an event's own values may nest 29
+/// levels. sonic-rs recurses once per level when it skips a value, with no
+/// limit of its own, so this bound is what keeps a request from overflowing
+/// a thread's stack (and aborting the process).
+pub const MAX_NESTING: usize = 32;
+
+/// Most fields `meta` may have.
+pub const MAX_META_FIELDS: usize = 256;
+
+/// Whether `json` nests arrays and objects deeper than `limit`. Brackets
+/// inside strings do not count. One pass, no allocation.
+fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Client text quoted in a message: at most 64 characters, so that a huge
+/// value cannot blow up responses, logs and spans.
+pub fn trimmed(text: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((end, _)) => std::borrow::Cow::Owned(format!("{}…", &text[..end])),
+    }
 }
 
 /// Why `value` of `field` is not usable as a string.
@@ -426,6 +507,58 @@ mod tests {
             "{}",
             reply.body.data
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_before_the_parser_recurses() {
+        let deep = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c"}},"data":[{}{}]}}"#,
+            "[".repeat(200_000),
+            "]".repeat(200_000)
+        );
+        assert!(rejected(&deep).contains("more than 32 levels"));
+        // Brackets inside strings are text, not nesting.
+        let doc = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c"}},"data":[{{"id":"s","text":"{}\"]"}}]}}"#,
+            "[".repeat(500)
+        );
+        let (ctx, outcome) = run(&doc);
+        assert!(outcome.responder.is_none(), "{:?}", outcome.error);
+        assert!(ctx.events[0].is_pending());
+        // As deep as allowed is fine.
+        let nested = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c"}},"data":[{{"id":"n","x":{}1{}}}]}}"#,
+            "[".repeat(MAX_NESTING - 3),
+            "]".repeat(MAX_NESTING - 3)
+        );
+        assert!(run(&nested).0.events[0].is_pending());
+    }
+
+    #[test]
+    fn a_huge_data_array_is_counted_not_kept() {
+        let doc = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c"}},"data":[{}0]}}"#,
+            "0,".repeat(100_000)
+        );
+        assert!(rejected(&doc).contains("100001 events; at most 3"));
+    }
+
+    #[test]
+    fn meta_may_not_have_too_many_fields() {
+        let fields: Vec<String> = (0..300).map(|i| format!(r#""f{i}":1"#)).collect();
+        let doc = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c",{}}},"data":[{{"id":"1"}}]}}"#,
+            fields.join(",")
+        );
+        assert!(rejected(&doc).contains("more than 256 fields"));
+    }
+
+    #[test]
+    fn client_values_quoted_in_reasons_are_trimmed() {
+        let big = "9".repeat(10_000);
+        let (_, reason) = event_failure(&format!(r#"{{"id":"a","timestamp":"{big}"}}"#));
+        assert!(reason.len() < 200, "{}", reason.len());
+        assert!(reason.ends_with('…'));
     }
 
     #[test]

@@ -123,7 +123,15 @@ fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
 impl WriteKafka {
     async fn run(&self, ctx: &mut UploadContext) -> Outcome {
         let Some(batch) = ctx.batch.clone() else {
-            return Outcome::server_error("no valid batch to write");
+            // Unreachable through the chain (split_and_validate responds
+            // first), but never answer 200 for events not written.
+            let reply = crate::wire::Reply::error(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error: no validated batch to write",
+            );
+            let mut outcome = Outcome::server_error("no validated batch to write");
+            outcome.responder = Some(reply);
+            return outcome;
         };
         let topic = self.sink.topic_for(&batch.category);
         let mut headers = OwnedHeaders::new();
@@ -237,40 +245,35 @@ impl WriteKafka {
                 .produce_duration(started.elapsed().as_secs_f64());
         }
 
-        let failed: Vec<&str> = ctx
-            .events
-            .iter()
-            .filter_map(|e| match &e.status {
-                EventStatus::Failed {
-                    code: PartCode::KafkaDelivery | PartCode::Serialization,
-                    reason,
-                } => Some(reason.as_str()),
-                _ => None,
-            })
-            .collect();
-        let kafka_failed = ctx
-            .events
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e.status,
-                    EventStatus::Failed {
-                        code: PartCode::KafkaDelivery,
-                        ..
-                    }
-                )
-            })
-            .count();
-        self.metrics.delivery_errors(kafka_failed as u64);
+        let mut too_large = 0usize;
+        let mut not_acknowledged = 0usize;
+        let mut first_reason = "";
+        for event in &ctx.events {
+            if let EventStatus::Failed { code, reason } = &event.status {
+                match code {
+                    PartCode::Serialization => too_large += 1,
+                    PartCode::KafkaDelivery => not_acknowledged += 1,
+                    _ => continue,
+                }
+                if first_reason.is_empty() {
+                    first_reason = reason;
+                }
+            }
+        }
+        self.metrics.delivery_errors(not_acknowledged as u64);
 
-        let outcome = if failed.is_empty() {
-            Outcome::proceed()
+        let message = format!(
+            "{} events not written to Kafka; first: {first_reason}",
+            too_large + not_acknowledged
+        );
+        // Kafka trouble is the gateway's to report; an event too large for a
+        // message is the client's.
+        let outcome = if not_acknowledged > 0 {
+            Outcome::server_error(message)
+        } else if too_large > 0 {
+            Outcome::error(message)
         } else {
-            Outcome::server_error(format!(
-                "{} events not written to Kafka; first: {}",
-                failed.len(),
-                failed[0]
-            ))
+            Outcome::proceed()
         };
         outcome
             .with_attribute(KeyValue::new("messaging.system", "kafka"))
