@@ -308,29 +308,44 @@ pub const MAX_META_FIELDS: usize = 256;
 /// Whether `json` nests arrays and objects deeper than `limit`. Brackets
 /// inside strings do not count. One pass, no allocation.
 fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
+    // Byte classes: 0 nothing to do, 1 quote, 2 backslash, 3 opens, 4 closes.
+    const CLASS: [u8; 256] = {
+        let mut class = [0u8; 256];
+        class[b'"' as usize] = 1;
+        class[b'\\' as usize] = 2;
+        class[b'[' as usize] = 3;
+        class[b'{' as usize] = 3;
+        class[b']' as usize] = 4;
+        class[b'}' as usize] = 4;
+        class
+    };
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
     for &byte in json {
+        let class = CLASS[byte as usize];
+        if class == 0 {
+            escaped = false;
+            continue;
+        }
         if in_string {
-            if escaped {
-                escaped = false;
-            } else if byte == b'\\' {
-                escaped = true;
-            } else if byte == b'"' {
-                in_string = false;
+            match class {
+                _ if escaped => escaped = false,
+                1 => in_string = false,
+                2 => escaped = true,
+                _ => {}
             }
             continue;
         }
-        match byte {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
+        match class {
+            1 => in_string = true,
+            3 => {
                 depth += 1;
                 if depth > limit {
                     return true;
                 }
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
+            4 => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
@@ -532,6 +547,18 @@ mod tests {
             "]".repeat(MAX_NESTING - 3)
         );
         assert!(run(&nested).0.events[0].is_pending());
+    }
+
+    #[test]
+    fn the_nesting_scan_skips_strings_and_their_escapes() {
+        assert!(!nesting_exceeds(br#"{"a":"\\"}"#, 1));
+        assert!(!nesting_exceeds(br#"{"a":"[[\"[[{{"}"#, 1));
+        assert!(nesting_exceeds(br#"{"a":"\\",  "b":[1]}"#, 1));
+        assert!(nesting_exceeds(b"[[[", 2));
+        assert!(!nesting_exceeds(b"[[]]", 2));
+        // Unterminated strings and a trailing backslash end the scan quietly.
+        assert!(!nesting_exceeds(b"[\"abc", 1));
+        assert!(!nesting_exceeds(b"[\"abc\\", 1));
     }
 
     #[test]
