@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Settings;
 use crate::geoip::GeoIp;
-use crate::kafka::KafkaSink;
+use crate::kafka::{KafkaSink, ProducerStatistics};
 use crate::metrics::{Metrics, UploadType};
 use crate::pipeline::ip_enrich::IpEnrich;
 use crate::pipeline::split_and_validate::SplitAndValidate;
@@ -555,6 +555,26 @@ async fn not_found() -> Response {
     .into_response()
 }
 
+/// A counter that reads one of librdkafka's statistics totals.
+fn statistics_counter(
+    meter: &opentelemetry::metrics::Meter,
+    sink: &Arc<KafkaSink>,
+    name: &'static str,
+    description: &'static str,
+    pick: fn(&ProducerStatistics) -> &AtomicU64,
+) -> opentelemetry::metrics::ObservableCounter<u64> {
+    let sink = Arc::downgrade(sink);
+    meter
+        .u64_observable_counter(name)
+        .with_description(description)
+        .with_callback(move |observer| {
+            if let Some(sink) = sink.upgrade() {
+                observer.observe(pick(sink.statistics()).load(Ordering::Relaxed), &[]);
+            }
+        })
+        .build()
+}
+
 /// Instruments read at collection time.
 struct Gauges {
     _queue: opentelemetry::metrics::ObservableGauge<i64>,
@@ -578,28 +598,20 @@ fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>) -> Gauges {
             }
         })
         .build();
-    let errors_sink = Arc::downgrade(sink);
-    let tx_errors = meter
-        .u64_observable_counter("venus.kafka.broker.tx_errors")
-        .with_description("Broker requests that failed to transmit (librdkafka statistics)")
-        .with_callback(move |observer| {
-            if let Some(sink) = errors_sink.upgrade() {
-                let value = sink.statistics().tx_errors.load(Ordering::Relaxed);
-                observer.observe(value, &[]);
-            }
-        })
-        .build();
-    let retries_sink = Arc::downgrade(sink);
-    let tx_retries = meter
-        .u64_observable_counter("venus.kafka.broker.tx_retries")
-        .with_description("Broker requests that were retried (librdkafka statistics)")
-        .with_callback(move |observer| {
-            if let Some(sink) = retries_sink.upgrade() {
-                let value = sink.statistics().tx_retries.load(Ordering::Relaxed);
-                observer.observe(value, &[]);
-            }
-        })
-        .build();
+    let tx_errors = statistics_counter(
+        &meter,
+        sink,
+        "venus.kafka.broker.tx_errors",
+        "Broker requests that failed to transmit (librdkafka statistics)",
+        |statistics| &statistics.tx_errors,
+    );
+    let tx_retries = statistics_counter(
+        &meter,
+        sink,
+        "venus.kafka.broker.tx_retries",
+        "Broker requests that were retried (librdkafka statistics)",
+        |statistics| &statistics.tx_retries,
+    );
     let dropped = meter
         .u64_observable_counter("venus.telemetry.dropped_spans")
         .with_description("Spans lost because their export to the collector failed")
