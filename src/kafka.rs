@@ -112,7 +112,9 @@ impl KafkaSink {
     }
 
     /// Asks a broker for cluster metadata; `Ok` means Kafka is reachable.
-    /// Blocks up to `timeout`: call it from a blocking thread.
+    /// (Asking about one named topic would be lighter, but a broker that
+    /// creates topics on first mention would create it.) Blocks up to
+    /// `timeout`: call it from a blocking thread.
     pub fn check_reachable(&self, timeout: Duration) -> Result<(), String> {
         self.producer
             .client()

@@ -65,6 +65,7 @@ struct AppState {
     max_body_bytes: usize,
     body_timeout: Duration,
     client_ip_header: Option<HeaderName>,
+    readiness: Arc<ReadinessCache>,
     /// Keeps the observable instruments (and their callbacks) alive.
     _gauges: Arc<Gauges>,
 }
@@ -121,6 +122,7 @@ impl Application {
             max_body_bytes: settings.server.max_body_bytes,
             body_timeout: Duration::from_millis(settings.server.body_timeout_ms),
             client_ip_header,
+            readiness: Arc::new(ReadinessCache::default()),
             _gauges: gauges,
         };
         let router = router(state.clone(), settings.server.max_body_bytes);
@@ -485,14 +487,34 @@ struct Readiness<'a> {
     reason: Option<&'a String>,
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+/// How long a Kafka readiness answer is reused: probes in a burst share one
+/// metadata request (and one blocking thread) instead of one each.
+const READINESS_TTL: Duration = Duration::from_secs(1);
+
+/// The last Kafka readiness answer and when it was taken.
+type ReadinessCache = tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>;
+
+async fn kafka_readiness(state: &AppState) -> Result<(), String> {
+    if let Some(reason) = state.sink.fatal_error() {
+        return Err(reason);
+    }
+    // Held across the check: concurrent probes wait for the one in flight.
+    let mut cached = state.readiness.lock().await;
+    if let Some((taken, answer)) = cached.as_ref() {
+        if taken.elapsed() < READINESS_TTL {
+            return answer.clone();
+        }
+    }
     let sink = state.sink.clone();
-    let kafka = match state.sink.fatal_error() {
-        Some(reason) => Err(reason),
-        None => tokio::task::spawn_blocking(move || sink.check_reachable(Duration::from_secs(2)))
-            .await
-            .unwrap_or_else(|e| Err(format!("readiness check failed: {e}"))),
-    };
+    let answer = tokio::task::spawn_blocking(move || sink.check_reachable(Duration::from_secs(2)))
+        .await
+        .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
+    *cached = Some((Instant::now(), answer.clone()));
+    answer
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let kafka = kafka_readiness(&state).await;
     let geoip = state.geoip.database_type();
     let (status, body) = match &kafka {
         Ok(()) => (

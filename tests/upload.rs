@@ -463,6 +463,9 @@ async fn with_the_broker_stopped_uploads_get_503_with_retry_after_within_the_del
         assert!(Instant::now() < warm_until, "the broker never acknowledged");
     }
 
+    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "ready while the broker runs");
+
     broker.stop();
     let started = Instant::now();
     let response = app.upload_json(&document).await;
@@ -479,6 +482,7 @@ async fn with_the_broker_stopped_uploads_get_503_with_retry_after_within_the_del
         assert_eq!(part["code"], 1004, "{part}");
     }
 
+    // The cached "ready" (one second) has expired by now.
     let response = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(response.status(), 503);
     let ready: Value = response.json().await.unwrap();
