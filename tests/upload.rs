@@ -554,6 +554,17 @@ async fn clients_that_stall_are_cut_off_by_the_header_and_body_timeouts() {
     stalled_request(&app, "", Duration::from_secs(5)).await;
     assert!(started.elapsed() < Duration::from_secs(3));
 
+    // A keep-alive connection left idle after a request.
+    let started = Instant::now();
+    let answer = stalled_request(
+        &app,
+        "GET /healthz HTTP/1.1\r\nHost: venus\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
     // Headers that never end.
     let started = Instant::now();
     stalled_request(
