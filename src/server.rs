@@ -420,25 +420,23 @@ async fn upload(
         peer.ip(),
         state.client_ip_header.as_ref(),
     );
-    let document = match tokio::time::timeout(
+    let read = tokio::time::timeout(
         state.body_timeout,
         read_document(request, state.max_body_bytes),
     )
     .await
-    {
-        Ok(Ok(document)) => document,
-        Ok(Err(reply)) => {
-            state.metrics.record_upload(None, &reply);
-            return reply.into_response();
-        }
-        Err(_) => {
-            let reply = Reply::error(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the body did not arrive within {} ms",
-                    state.body_timeout.as_millis()
-                ),
-            );
+    .unwrap_or_else(|_| {
+        Err(Reply::error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} ms",
+                state.body_timeout.as_millis()
+            ),
+        ))
+    });
+    let document = match read {
+        Ok(document) => document,
+        Err(reply) => {
             state.metrics.record_upload(None, &reply);
             return reply.into_response();
         }

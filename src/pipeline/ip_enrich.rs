@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::geoip::{GeoIp, Location, Lookup};
 use crate::metrics::Metrics;
-use crate::pipeline::context::{Enrichment, EventStatus, SentIp};
+use crate::pipeline::context::{Enrichment, SentIp};
 use crate::pipeline::split_and_validate::trimmed;
 use crate::pipeline::{Handler, Outcome, UploadContext};
 use crate::wire::PartCode;
@@ -106,8 +106,7 @@ impl IpEnrich {
             return Outcome::proceed();
         }
         let message = format!("{invalid} events have an invalid ip; {first_invalid}");
-        let none_left = !ctx.events.iter().any(|e| e.status == EventStatus::Pending);
-        if none_left {
+        if ctx.pending() == 0 {
             Outcome::fail(message, ctx.reply())
         } else {
             Outcome::error(message)

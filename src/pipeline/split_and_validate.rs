@@ -126,9 +126,9 @@ impl SplitAndValidate {
         let data = parsed
             .data
             .ok_or_else(|| Malformed("data is required".into()))?;
-        // Keep at most `max_events` items; only count the rest, so a huge
+        // Check at most `max_events` events; only count the rest, so a huge
         // array of tiny values costs no memory beyond the body.
-        let mut items: Vec<LazyValue> = Vec::new();
+        let mut events = Vec::new();
         let mut count = 0usize;
         for item in data
             .into_array_iter()
@@ -138,7 +138,7 @@ impl SplitAndValidate {
                 item.map_err(|e| Malformed(format!("data is not valid JSON: {}", first_line(&e))))?;
             count += 1;
             if count <= self.max_events {
-                items.push(item);
+                events.push(event_of(document, &item));
             }
         }
         if count == 0 {
@@ -149,21 +149,6 @@ impl SplitAndValidate {
                 "data holds {count} events; at most {} are allowed per batch",
                 self.max_events
             )));
-        }
-
-        let mut events = Vec::with_capacity(items.len());
-        for item in &items {
-            let mut event = Event {
-                raw: share(document, item.as_raw_str()),
-                id: None,
-                ip: SentIp::Absent,
-                enrichment: None,
-                status: EventStatus::Pending,
-            };
-            if let Err(reason) = check_event(item, &mut event) {
-                event.fail(PartCode::Validation, reason);
-            }
-            events.push(event);
         }
         // Uniqueness is a property of the batch: a repeated id fails every
         // occurrence after the first.
@@ -192,28 +177,37 @@ impl SplitAndValidate {
         if meta.get_type() != JsonType::Object {
             return Err(Malformed("meta must be a JSON object".into()));
         }
-        // `meta` goes to Kafka as sent: a repeated key would let a consumer
-        // read another app id or category than the one checked here.
+        // One pass over `meta`: it goes to Kafka as sent, so a repeated key
+        // would let a consumer read another app id or category than the one
+        // checked here; and the two fields the gateway needs are picked up.
         let mut keys = HashSet::new();
+        let mut app_id = None;
+        let mut category = None;
         for entry in meta.clone().into_object_iter().into_iter().flatten() {
-            let (key, _) = entry
+            let (key, value) = entry
                 .map_err(|e| Malformed(format!("meta is not valid JSON: {}", first_line(&e))))?;
             if keys.len() == MAX_META_FIELDS {
                 return Err(Malformed(format!(
                     "meta has more than {MAX_META_FIELDS} fields"
                 )));
             }
-            if !keys.insert(key.clone()) {
+            if keys.contains(&key) {
                 return Err(Malformed(format!(
                     "meta.{} appears more than once",
                     trimmed(&key)
                 )));
             }
+            match key.as_ref() {
+                "app_id" => app_id = Some(value),
+                "category" => category = Some(value),
+                _ => {}
+            }
+            keys.insert(key);
         }
-        let app_id = required_string(meta, "app_id")?;
-        let app_id = AppId::parse(&app_id).map_err(|e| Malformed(e.to_string()))?;
-        let category = required_string(meta, "category")?;
-        let category = Category::parse(&category).map_err(|e| Malformed(e.to_string()))?;
+        let app_id =
+            AppId::parse(&meta_string("app_id", app_id)?).map_err(|e| Malformed(e.to_string()))?;
+        let category = Category::parse(&meta_string("category", category)?)
+            .map_err(|e| Malformed(e.to_string()))?;
         if !self.categories.is_empty() && !self.categories.contains(category.as_str()) {
             return Err(Malformed(format!(
                 "meta.category {:?} is not one of the categories this gateway accepts",
@@ -228,14 +222,29 @@ impl SplitAndValidate {
     }
 }
 
-fn required_string(meta: &LazyValue, field: &str) -> Result<String, Malformed> {
-    let value = meta
-        .get(field)
-        .ok_or_else(|| Malformed(format!("meta.{field} is required")))?;
+/// The text of a required string field of `meta`.
+fn meta_string(field: &str, value: Option<LazyValue>) -> Result<String, Malformed> {
+    let value = value.ok_or_else(|| Malformed(format!("meta.{field} is required")))?;
     value
         .as_str()
         .map(str::to_owned)
         .ok_or_else(|| Malformed(not_a_string(&format!("meta.{field}"), &value)))
+}
+
+/// One element of `data` as an event slot: pending, or failed with the rule
+/// it broke.
+fn event_of(document: &Bytes, item: &LazyValue) -> Event {
+    let mut event = Event {
+        raw: share(document, item.as_raw_str()),
+        id: None,
+        ip: SentIp::Absent,
+        enrichment: None,
+        status: EventStatus::Pending,
+    };
+    if let Err(reason) = check_event(item, &mut event) {
+        event.fail(PartCode::Validation, reason);
+    }
+    event
 }
 
 fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
@@ -253,7 +262,8 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
         .into_object_iter()
         .ok_or_else(|| "an event must be a JSON object".to_owned())?;
     for field in fields {
-        let (key, value) = field.map_err(|e| format!("the event is not valid JSON: {e}"))?;
+        let (key, value) =
+            field.map_err(|e| format!("the event is not valid JSON: {}", first_line(&e)))?;
         let slot = match key.as_ref() {
             "id" => &mut id,
             "ip" => &mut ip,

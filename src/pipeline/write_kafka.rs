@@ -101,13 +101,6 @@ pub fn write_message_value(
     out.push(b'}');
 }
 
-/// The Kafka message value of one event.
-pub fn message_value(batch: &Batch, enrichment: &Enrichment, event: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(event.len() + batch.meta.len() + 200);
-    write_message_value(&mut out, batch, enrichment, event);
-    out
-}
-
 /// The key of a batch's messages when it does not depend on the event.
 fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
     let MessageKey::MetaField(field) = key else {
@@ -122,16 +115,16 @@ fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
 
 impl WriteKafka {
     async fn run(&self, ctx: &mut UploadContext) -> Outcome {
-        let Some(batch) = ctx.batch.clone() else {
+        let Some(batch) = ctx.batch.as_ref() else {
             // Unreachable through the chain (split_and_validate responds
             // first), but never answer 200 for events not written.
-            let reply = crate::wire::Reply::error(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error: no validated batch to write",
-            );
-            let mut outcome = Outcome::server_error("no validated batch to write");
-            outcome.responder = Some(reply);
-            return outcome;
+            return Outcome {
+                responder: Some(crate::wire::Reply::error(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error: no validated batch to write",
+                )),
+                ..Outcome::server_error("no validated batch to write")
+            };
         };
         let topic = self.sink.topic_for(&batch.category);
         let mut headers = OwnedHeaders::new();
@@ -150,7 +143,7 @@ impl WriteKafka {
                 key: "content-type",
                 value: Some("application/json".as_bytes()),
             });
-        let key_of_batch = batch_key(self.sink.key(), &batch);
+        let key_of_batch = batch_key(self.sink.key(), batch);
         let max_bytes = self.sink.max_message_bytes();
 
         let started = Instant::now();
@@ -165,7 +158,7 @@ impl WriteKafka {
                 event.fail(PartCode::Serialization, "event was not enriched");
                 continue;
             };
-            write_message_value(&mut value, &batch, enrichment, &event.raw);
+            write_message_value(&mut value, batch, enrichment, &event.raw);
             if value.len() > max_bytes {
                 let reason = format!(
                     "event is {} bytes as a Kafka message; at most {max_bytes} are allowed",
@@ -174,13 +167,16 @@ impl WriteKafka {
                 event.fail(PartCode::Serialization, reason);
                 continue;
             }
-            let backend_key;
+            let mut backend_key = uuid::Uuid::encode_buffer();
             let key: Option<&[u8]> = match self.sink.key() {
                 MessageKey::None => None,
-                MessageKey::BackendId => {
-                    backend_key = enrichment.backend_id.hyphenated().to_string();
-                    Some(backend_key.as_bytes())
-                }
+                MessageKey::BackendId => Some(
+                    enrichment
+                        .backend_id
+                        .hyphenated()
+                        .encode_lower(&mut backend_key)
+                        .as_bytes(),
+                ),
                 MessageKey::MetaField(_) => key_of_batch.as_deref(),
             };
             let mut record = FutureRecord::to(&topic)
