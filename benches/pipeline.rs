@@ -15,7 +15,7 @@ use futures::executor::block_on;
 use venus::geoip::{test_support, GeoIp};
 use venus::metrics::Metrics;
 use venus::pipeline::ip_enrich::IpEnrich;
-use venus::pipeline::split_and_validate::SplitAndValidate;
+use venus::pipeline::split_and_validate::{BatchLimits, SplitAndValidate};
 use venus::pipeline::write_kafka::write_message_value;
 use venus::pipeline::{Handler, UploadContext, UploadRequest};
 
@@ -51,7 +51,13 @@ fn context(document: &Bytes) -> UploadContext {
 
 fn pipeline(c: &mut Criterion) {
     let document = batch();
-    let split = SplitAndValidate::new(1000, &[]);
+    let split = SplitAndValidate::new(
+        BatchLimits {
+            max_events: 1000,
+            max_meta_bytes: 16 * 1024,
+        },
+        &[],
+    );
     let geoip = Arc::new(GeoIp::from_bytes(test_support::city_database()).unwrap());
     let enrich = IpEnrich::new(geoip, Metrics::noop());
 

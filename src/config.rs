@@ -56,10 +56,24 @@ pub struct ServerSettings {
     /// Most events one batch may carry.
     #[serde(default = "defaults::max_events_per_batch")]
     pub max_events_per_batch: usize,
-    /// Uploads processed at once; beyond this the gateway answers 503 at
-    /// once instead of queueing, which keeps memory bounded.
+    /// Most bytes of a batch's `meta`, which is copied into every event's
+    /// Kafka message (400 beyond).
+    #[serde(default = "defaults::max_meta_bytes")]
+    pub max_meta_bytes: usize,
+    /// Uploads processed at once once their body has arrived (parsing and
+    /// waiting for Kafka); beyond this the gateway answers 503 at once
+    /// instead of queueing. A body still arriving holds no such slot, so slow
+    /// clients cannot take them from fast ones.
     #[serde(default = "defaults::max_in_flight_requests")]
     pub max_in_flight_requests: usize,
+    /// Memory budget for request bodies, in bytes: what has arrived on the
+    /// wire plus the inflated document, held until the upload is answered.
+    /// An upload that would pass it is answered 503 at once. With the
+    /// producer's queue (256 MiB) and `max_connections` x
+    /// (`max_header_bytes` + 8 KiB) of connection buffers, this bounds the
+    /// gateway's memory.
+    #[serde(default = "defaults::max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
     /// Open connections at most; more are closed as soon as accepted, so
     /// file descriptors and buffers stay bounded.
     #[serde(default = "defaults::max_connections")]
@@ -67,16 +81,41 @@ pub struct ServerSettings {
     /// How long a client has to send its whole body.
     #[serde(default = "defaults::body_timeout_ms")]
     pub body_timeout_ms: u64,
-    /// How long a client has to send a request's headers (HTTP/1); the
-    /// connection is closed after that.
+    /// Slowest average body rate accepted, in bytes per second, once
+    /// `body_rate_grace_ms` has passed (408 below it); 0 turns the check off.
+    /// Frees the connection of a client that trickles its body.
+    #[serde(default = "defaults::min_body_rate_bytes_per_sec")]
+    pub min_body_rate_bytes_per_sec: u64,
+    /// How long a body may arrive at any rate before the minimum applies.
+    #[serde(default = "defaults::body_rate_grace_ms")]
+    pub body_rate_grace_ms: u64,
+    /// How long a client has to send a request's headers (HTTP/1), from the
+    /// first byte of the request; the connection is closed after that.
     #[serde(default = "defaults::header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
+    /// How long a keep-alive connection may sit idle between requests before
+    /// the gateway closes it. Longer than load balancers keep idle upstream
+    /// connections (AWS ALB 60 s, nginx 60 s), so that the balancer, not the
+    /// gateway, closes first and never sends a request into a closing socket.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Largest request head (request line plus headers); 431 beyond.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: usize,
     /// Header holding the original client address when the gateway runs
     /// behind a proxy (e.g. `X-Forwarded-For`; its last address, the one the
     /// proxy appended, is used). Empty means the TCP peer address.
     #[serde(default)]
     pub client_ip_header: String,
-    /// How long a shutdown waits for in-flight uploads and Kafka deliveries.
+    /// On SIGTERM, how long `/readyz` answers 503 while the gateway still
+    /// serves, before the listener closes: time for a load balancer to take
+    /// it out of rotation (set it above the balancer's probe interval).
+    #[serde(default)]
+    pub shutdown_delay_ms: u64,
+    /// After the listener closed, how long in-flight uploads and Kafka
+    /// deliveries may take. Shortly before it runs out every upload still in
+    /// flight is answered (503, events not acknowledged by then 1004), so no
+    /// client is left without a reply.
     #[serde(default = "defaults::shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
 }
@@ -136,10 +175,88 @@ pub struct KafkaSettings {
     /// events are answered with code 1003 instead of being sent.
     #[serde(default = "defaults::max_message_bytes")]
     pub max_message_bytes: usize,
-    /// Any other librdkafka producer setting, passed through as is (these
-    /// win over the keys above).
+    /// Any other librdkafka producer setting, passed through (these win
+    /// over the keys above). An `_` in a key is read as `.` (no settable
+    /// librdkafka key but `log_level` and `enabled_events` has one), so
+    /// `VENUS__KAFKA__PRODUCER__SASL_PASSWORD=...` sets `sasl.password`. The
+    /// keys venus's guarantees rest on ([`FORBIDDEN_PRODUCER_KEYS`]) cannot
+    /// be set.
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
+    /// Producer settings whose value is read from a file at start-up, for
+    /// secrets mounted as files: `sasl.password: /run/secrets/kafka`, or
+    /// `VENUS__KAFKA__PRODUCER_FILES__SASL_PASSWORD=/run/secrets/kafka`. Keys
+    /// are spelled as in `producer`; a trailing newline of the file is
+    /// dropped. After loading, the values are merged into `producer`.
+    #[serde(default)]
+    pub producer_files: BTreeMap<String, PathBuf>,
+}
+
+/// Producer keys that carry venus's promises ("0 means acknowledged by all
+/// in-sync replicas within the delivery timeout", no implicit topics), so
+/// they cannot be overridden through `kafka.producer`.
+pub const FORBIDDEN_PRODUCER_KEYS: &[&str] = &[
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "allow.auto.create.topics",
+    "transactional.id",
+    "enable.gapless.guarantee",
+];
+
+/// librdkafka keys that really have an underscore.
+const UNDERSCORE_PRODUCER_KEYS: &[&str] = &["log_level", "enabled_events"];
+
+/// A `kafka.producer` key as librdkafka spells it.
+fn librdkafka_key(key: &str) -> String {
+    let key = key.trim().to_ascii_lowercase();
+    if UNDERSCORE_PRODUCER_KEYS.contains(&key.as_str()) {
+        key
+    } else {
+        key.replace('_', ".")
+    }
+}
+
+/// `kafka.producer` and `kafka.producer_files` as one map of librdkafka
+/// settings, or the key that cannot be used.
+fn producer_overrides(
+    values: &BTreeMap<String, String>,
+    files: &BTreeMap<String, PathBuf>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut resolved = BTreeMap::new();
+    let from_files = files.iter().map(|(key, path)| {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            invalid(
+                "kafka.producer_files",
+                format!("{key}: cannot read {}: {e}", path.display()),
+            )
+        })?;
+        // Secret files usually end with a newline that is no part of the
+        // secret.
+        Ok::<_, ConfigError>((key, text.trim_end_matches(['\r', '\n']).to_owned()))
+    });
+    let inline = values.iter().map(|(key, value)| Ok((key, value.clone())));
+    for entry in inline.chain(from_files) {
+        let (key, value) = entry?;
+        let key = librdkafka_key(key);
+        if FORBIDDEN_PRODUCER_KEYS.contains(&key.as_str()) {
+            return Err(invalid(
+                "kafka.producer",
+                format!(
+                    "{key} cannot be overridden: venus sets it to keep its delivery guarantees"
+                ),
+            ));
+        }
+        if resolved.insert(key.clone(), value).is_some() {
+            return Err(invalid(
+                "kafka.producer",
+                format!("{key} is set twice (in producer and producer_files, or in two spellings)"),
+            ));
+        }
+    }
+    Ok(resolved)
 }
 
 impl KafkaSettings {
@@ -236,6 +353,24 @@ mod defaults {
     }
     pub fn max_in_flight_requests() -> usize {
         1024
+    }
+    pub fn max_meta_bytes() -> usize {
+        16 * 1024
+    }
+    pub fn max_in_flight_bytes() -> usize {
+        256 * 1024 * 1024
+    }
+    pub fn min_body_rate_bytes_per_sec() -> u64 {
+        1024
+    }
+    pub fn body_rate_grace_ms() -> u64 {
+        5_000
+    }
+    pub fn idle_timeout_ms() -> u64 {
+        75_000
+    }
+    pub fn max_header_bytes() -> usize {
+        64 * 1024
     }
     pub fn max_connections() -> usize {
         4096
@@ -340,6 +475,11 @@ impl Settings {
                 self.server.max_in_flight_requests,
             ),
             ("server.max_connections", self.server.max_connections),
+            ("server.max_meta_bytes", self.server.max_meta_bytes),
+            (
+                "server.max_in_flight_bytes",
+                self.server.max_in_flight_bytes,
+            ),
             ("kafka.max_message_bytes", self.kafka.max_message_bytes),
         ] {
             if value == 0 {
@@ -348,6 +488,18 @@ impl Settings {
         }
         if self.server.body_timeout_ms == 0 {
             return Err(invalid("server.body_timeout_ms", "must be greater than 0"));
+        }
+        if self.server.max_in_flight_bytes < self.server.max_body_bytes {
+            return Err(invalid(
+                "server.max_in_flight_bytes",
+                "must be at least server.max_body_bytes, or no large upload could ever be taken",
+            ));
+        }
+        if self.server.max_header_bytes < 1024 {
+            return Err(invalid("server.max_header_bytes", "must be at least 1024"));
+        }
+        if self.server.idle_timeout_ms == 0 {
+            return Err(invalid("server.idle_timeout_ms", "must be greater than 0"));
         }
         if self.server.header_read_timeout_ms == 0 {
             return Err(invalid(
@@ -387,6 +539,8 @@ impl Settings {
             ));
         }
         self.kafka.key = Some(MessageKey::parse(&self.kafka.key_spec)?);
+        self.kafka.producer = producer_overrides(&self.kafka.producer, &self.kafka.producer_files)?;
+        self.kafka.producer_files.clear();
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return Err(invalid(
                 "telemetry.sampling_ratio",
@@ -550,5 +704,77 @@ geoip:
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/venus.yaml"), "{err}");
+    }
+
+    #[test]
+    fn producer_secrets_come_from_the_environment() {
+        let secret = file("s3cret\n");
+        let f = file(MINIMAL);
+        let settings = Settings::load_with_env(
+            f.path(),
+            env(&[
+                ("VENUS__KAFKA__PRODUCER__SASL_PASSWORD", "hunter2"),
+                ("VENUS__KAFKA__PRODUCER__SECURITY_PROTOCOL", "SASL_SSL"),
+                ("VENUS__KAFKA__PRODUCER__LOG_LEVEL", "3"),
+                (
+                    "VENUS__KAFKA__PRODUCER_FILES__SASL_USERNAME",
+                    secret.path().to_str().unwrap(),
+                ),
+            ]),
+        )
+        .unwrap();
+        let producer = &settings.kafka.producer;
+        assert_eq!(
+            producer.get("sasl.password").map(String::as_str),
+            Some("hunter2")
+        );
+        assert_eq!(
+            producer.get("security.protocol").map(String::as_str),
+            Some("SASL_SSL")
+        );
+        assert_eq!(producer.get("log_level").map(String::as_str), Some("3"));
+        assert_eq!(
+            producer.get("sasl.username").map(String::as_str),
+            Some("s3cret")
+        );
+        assert!(settings.kafka.producer_files.is_empty());
+    }
+
+    #[test]
+    fn the_keys_behind_the_guarantees_cannot_be_overridden() {
+        for key in [
+            "ACKS",
+            "ENABLE_IDEMPOTENCE",
+            "MESSAGE_TIMEOUT_MS",
+            "DELIVERY_TIMEOUT_MS",
+            "ALLOW_AUTO_CREATE_TOPICS",
+        ] {
+            let err = load_error(&[(&format!("VENUS__KAFKA__PRODUCER__{key}"), "1")]);
+            let dotted = key.to_ascii_lowercase().replace('_', ".");
+            assert!(err.contains("kafka.producer"), "{err}");
+            assert!(err.contains(&dotted), "{key}: {err}");
+        }
+        // The same from the file.
+        let f = file(&MINIMAL.replace(
+            "kafka:\n",
+            "kafka:\n  producer:\n    request.required.acks: \"1\"\n",
+        ));
+        let err = Settings::load_with_env(f.path(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("request.required.acks cannot be overridden"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_secret_file_names_its_key() {
+        let err = load_error(&[(
+            "VENUS__KAFKA__PRODUCER_FILES__SASL_PASSWORD",
+            "/nonexistent/s",
+        )]);
+        assert!(err.contains("kafka.producer_files"), "{err}");
+        assert!(err.contains("/nonexistent/s"), "{err}");
     }
 }

@@ -152,6 +152,10 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
             librdkafka_message_timeout_ms(settings.delivery_timeout_ms).to_string(),
         )
         .set("statistics.interval.ms", "5000")
+        // Topics are the operator's to create (or `kafka.create_topics`'s):
+        // otherwise every category a client makes up would create one on a
+        // broker that auto-creates. librdkafka's producer default is true.
+        .set("allow.auto.create.topics", "false")
         // Bound the producer's memory (librdkafka's default is 1 GiB); past
         // it events fail with 1004 at once instead of queueing.
         .set("queue.buffering.max.kbytes", "262144")
@@ -161,6 +165,8 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
             "message.max.bytes",
             (settings.max_message_bytes + 64 * 1024).to_string(),
         );
+    // Keys spelled as librdkafka wants them, none of the forbidden ones:
+    // checked when the configuration was loaded.
     for (key, value) in &settings.producer {
         config.set(key, value);
     }
@@ -224,6 +230,7 @@ mod tests {
             linger_ms: 7,
             max_message_bytes: 1000,
             producer: [("linger.ms".to_string(), "50".to_string())].into(),
+            producer_files: Default::default(),
         };
         let config = producer_config(&settings);
         assert_eq!(config.get("acks"), Some("all"));
@@ -231,5 +238,6 @@ mod tests {
         assert_eq!(config.get("compression.type"), Some("zstd"));
         assert_eq!(config.get("message.timeout.ms"), Some("617"));
         assert_eq!(config.get("linger.ms"), Some("50"));
+        assert_eq!(config.get("allow.auto.create.topics"), Some("false"));
     }
 }

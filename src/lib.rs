@@ -2,17 +2,25 @@
 //! every event to Kafka, traced end to end.
 //!
 //! Where a byte of a request goes:
-//! * `server`: routes, request id, server span, load shedding, drain;
+//! * `server`: routes, request id, server span, the accept loop, shutdown;
+//! * `connection`: one connection's idle and request-head timers;
+//! * `admission`: the memory budget in bytes, body rate, processing slots;
+//! * `drain`: the phases of a shutdown that handlers listen to;
 //! * `upload_body`: multipart / JSON / gzip into the batch document;
+//! * `json_scan`: nesting depth and string escapes, checked before parsing;
 //! * `pipeline`: the handler chain, `split_and_validate` -> `ip_enrich` ->
 //!   `write_kafka`, each behind the `TraceWrapper`;
 //! * `wire`: the response body and codes;
 //! * `domain`: the validated client values;
 //! * `kafka`, `geoip`, `telemetry`, `metrics`, `config`: one concern each.
 
+pub mod admission;
 pub mod config;
+pub mod connection;
 pub mod domain;
+pub mod drain;
 pub mod geoip;
+pub mod json_scan;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;

@@ -113,6 +113,7 @@ struct Instruments {
     active_requests: UpDownCounter<i64>,
     geoip_lookups: Counter<u64>,
     delivery_errors: Counter<u64>,
+    panics: Counter<u64>,
     categories: CategoryLabels,
 }
 
@@ -176,6 +177,10 @@ impl Metrics {
                 .u64_counter("venus.kafka.delivery.errors")
                 .with_description("Events Kafka did not acknowledge")
                 .build(),
+            panics: meter
+                .u64_counter("venus.panics")
+                .with_description("Requests whose handler panicked (answered 500; a bug)")
+                .build(),
             categories: CategoryLabels {
                 allowed: categories.iter().cloned().collect(),
                 seen: RwLock::new(HashSet::new()),
@@ -226,6 +231,10 @@ impl Metrics {
         if count > 0 {
             self.inner.delivery_errors.add(count, &[]);
         }
+    }
+
+    pub fn panic(&self) {
+        self.inner.panics.add(1, &[]);
     }
 
     /// Counts a finished upload by its reply: the `type`s it falls under and

@@ -9,10 +9,12 @@
 //!   database is loaded, else 503 with the reason;
 //! * `GET /metrics`: Prometheus text.
 //!
-//! Shutdown follows mini-redis: a signal stops the accept loop, every
-//! connection is told to finish (requests in flight run to completion, Kafka
-//! acknowledgements included), then the producer is flushed, all within
-//! `server.shutdown_grace_ms`.
+//! Shutdown follows mini-redis, in the phases of [`crate::drain`]: on the
+//! signal `/readyz` turns 503 for `server.shutdown_delay_ms`, then the accept
+//! loop stops and every connection is told to finish (requests in flight run
+//! to completion, Kafka acknowledgements included); shortly before
+//! `server.shutdown_grace_ms` runs out, whatever is still in flight is
+//! answered at once; then the producer is flushed.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -26,24 +28,27 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
+use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder as HttpBuilder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceExt};
-use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tracing::{field, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::admission::{Account, MemoryBudget, MeteredBody};
 use crate::config::Settings;
+use crate::connection::{self, Activity, Timeouts, WatchedIo};
+use crate::drain::{Drain, DrainControl, Phase};
 use crate::geoip::GeoIp;
 use crate::kafka::{KafkaSink, ProducerStatistics};
 use crate::metrics::{Metrics, UploadType};
 use crate::pipeline::ip_enrich::IpEnrich;
-use crate::pipeline::split_and_validate::SplitAndValidate;
+use crate::pipeline::split_and_validate::{BatchLimits, SplitAndValidate};
 use crate::pipeline::write_kafka::WriteKafka;
 use crate::pipeline::{Chain, UploadContext, UploadRequest};
 use crate::telemetry::{self, Metering};
@@ -62,10 +67,14 @@ struct AppState {
     metrics: Metrics,
     metering: Arc<Metering>,
     in_flight: Arc<Semaphore>,
+    budget: MemoryBudget,
     max_body_bytes: usize,
     body_timeout: Duration,
+    min_body_rate: u64,
+    body_rate_grace: Duration,
     client_ip_header: Option<HeaderName>,
     readiness: Arc<ReadinessCache>,
+    drain: Drain,
     /// Keeps the observable instruments (and their callbacks) alive.
     _gauges: Arc<Gauges>,
 }
@@ -79,9 +88,18 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    drain_control: DrainControl,
+    shutdown_delay: Duration,
     shutdown_grace: Duration,
-    header_read_timeout: Duration,
+    connections: ConnectionLimits,
+}
+
+/// What every connection is held to.
+#[derive(Clone, Copy)]
+struct ConnectionLimits {
     max_connections: usize,
+    timeouts: Timeouts,
+    max_header_bytes: usize,
 }
 
 impl Application {
@@ -96,15 +114,22 @@ impl Application {
             &settings.categories,
             settings.telemetry.max_metric_categories,
         );
-        let gauges = Arc::new(register_gauges(&metering, &sink));
+        let budget = MemoryBudget::new(settings.server.max_in_flight_bytes);
+        let gauges = Arc::new(register_gauges(&metering, &sink, &budget));
 
+        let (drain_control, drain) = DrainControl::new();
+        let limits = BatchLimits {
+            max_events: settings.server.max_events_per_batch,
+            max_meta_bytes: settings.server.max_meta_bytes,
+        };
         let chain = Chain::new(vec![
-            Box::new(SplitAndValidate::new(
-                settings.server.max_events_per_batch,
-                &settings.categories,
-            )),
+            Box::new(SplitAndValidate::new(limits, &settings.categories)),
             Box::new(IpEnrich::new(geoip.clone(), metrics.clone())),
-            Box::new(WriteKafka::new(sink.clone(), metrics.clone())),
+            Box::new(WriteKafka::new(
+                sink.clone(),
+                metrics.clone(),
+                drain.clone(),
+            )),
         ]);
         let client_ip_header = match settings.server.client_ip_header.trim() {
             "" => None,
@@ -119,10 +144,14 @@ impl Application {
             metrics,
             metering,
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight_requests)),
+            budget,
             max_body_bytes: settings.server.max_body_bytes,
             body_timeout: Duration::from_millis(settings.server.body_timeout_ms),
+            min_body_rate: settings.server.min_body_rate_bytes_per_sec,
+            body_rate_grace: Duration::from_millis(settings.server.body_rate_grace_ms),
             client_ip_header,
             readiness: Arc::new(ReadinessCache::default()),
+            drain,
             _gauges: gauges,
         };
         let router = router(state.clone(), settings.server.max_body_bytes);
@@ -131,9 +160,17 @@ impl Application {
             listener,
             router,
             state,
+            drain_control,
+            shutdown_delay: Duration::from_millis(settings.server.shutdown_delay_ms),
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
-            header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
-            max_connections: settings.server.max_connections,
+            connections: ConnectionLimits {
+                max_connections: settings.server.max_connections,
+                timeouts: Timeouts {
+                    idle: Duration::from_millis(settings.server.idle_timeout_ms),
+                    head: Duration::from_millis(settings.server.header_read_timeout_ms),
+                },
+                max_header_bytes: settings.server.max_header_bytes,
+            },
         })
     }
 
@@ -143,36 +180,49 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `shutdown` completes, then drains: in-flight requests
-    /// finish, queued Kafka messages are flushed.
+    /// Serves until `shutdown` completes, then drains (see the module doc):
+    /// readiness first, then connections, then the producer.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let Self {
             listener,
             router,
             state,
+            drain_control,
+            shutdown_delay,
             shutdown_grace,
-            header_read_timeout,
-            max_connections,
+            connections: limits,
         } = self;
         let connections = GracefulShutdown::new();
-        accept_until(
-            listener,
-            router,
-            header_read_timeout,
-            max_connections,
-            &connections,
-            shutdown,
-        )
-        .await;
+        let stop_accepting = async {
+            shutdown.await;
+            drain_control.enter(Phase::Draining);
+            tracing::info!(
+                delay_ms = shutdown_delay.as_millis() as u64,
+                "shutdown requested: /readyz answers 503 until the listener closes"
+            );
+            tokio::time::sleep(shutdown_delay).await;
+        };
+        accept_until(listener, router, limits, &connections, stop_accepting).await;
 
-        // One deadline for the whole drain: connections, then the producer.
-        tracing::info!("shutdown requested: draining in-flight uploads");
+        // One deadline for the whole drain. Shortly before it, whatever is
+        // still in flight is answered, so that no client loses its reply.
+        tracing::info!("listener closed: draining in-flight uploads");
         let deadline = tokio::time::Instant::now() + shutdown_grace;
-        if tokio::time::timeout_at(deadline, connections.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("in-flight uploads did not finish within the shutdown grace");
+        let answer_margin = (shutdown_grace / 4).min(Duration::from_secs(1));
+        let finished = connections.shutdown();
+        tokio::pin!(finished);
+        let answered = tokio::select! {
+            _ = &mut finished => true,
+            _ = tokio::time::sleep_until(deadline - answer_margin) => false,
+        };
+        if !answered {
+            tracing::warn!(
+                "uploads still in flight as the shutdown grace ends: answering them now"
+            );
+            drain_control.enter(Phase::AnswerNow);
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                tracing::warn!("connections still open at the end of the shutdown grace");
+            }
         }
         let sink = state.sink.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -185,26 +235,25 @@ impl Application {
 }
 
 /// Accepts connections until `shutdown` completes, serving each on its own
-/// task. hyper's HTTP/1 header timeout needs a timer, which `axum::serve`
-/// does not give it: without one a client that never finishes its request
-/// headers holds a connection for ever.
+/// task with the timers of [`connection`].
 async fn accept_until(
     listener: TcpListener,
     router: Router,
-    header_read_timeout: Duration,
-    max_connections: usize,
+    limits: ConnectionLimits,
     connections: &GracefulShutdown,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut make_service = router.into_make_service_with_connect_info::<SocketAddr>();
-    // HTTP/1 only: SDKs upload over HTTP/1.1, and with only one protocol the
-    // header timer runs from the first byte (detecting the version first
-    // would wait on a silent client for ever).
-    let mut http = HttpBuilder::new(TokioExecutor::new()).http1_only();
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    let open = Arc::new(Semaphore::new(max_connections));
+    // HTTP/1 only: SDKs upload over HTTP/1.1. hyper's own header timer is
+    // off: it would also cut idle keep-alive connections (see `connection`).
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_header_size(limits.max_header_bytes)
+        // The read buffer holds at most a head; body bytes go on to the
+        // handler (and the memory budget) as they come.
+        .max_buf_size(limits.max_header_bytes + 8 * 1024);
+    let open = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -228,18 +277,25 @@ async fn accept_until(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
         let Ok(service) = make_service.call(peer).await;
+        let started = activity.clone();
+        let answered = activity.clone();
         let service = TowerToHyperService::new(
-            service.map_request(|request: Request<Incoming>| request.map(axum::body::Body::new)),
+            service
+                .map_request(move |request: Request<Incoming>| {
+                    started.request_started();
+                    request.map(axum::body::Body::new)
+                })
+                .map_response(move |response| {
+                    answered.response_ready();
+                    response
+                }),
         );
-        let connection = http
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = connections.watch(connection);
+        let io = TokioIo::new(WatchedIo::new(stream, activity.clone()));
+        let connection = connections.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
-            }
+            connection::serve(connection, activity, limits.timeouts).await;
             drop(permit);
         });
     }
@@ -274,9 +330,14 @@ fn router(state: AppState, max_body_bytes: usize) -> Router {
     // Multipart framing adds a little around the batch part; the document
     // itself is held to `max_body_bytes` by `upload_body`.
     let wire_limit = max_body_bytes.saturating_add(64 * 1024);
-    let upload = Router::new().route(UPLOAD_ROUTE, post(upload)).route_layer(
-        middleware::from_fn_with_state(state.clone(), http_server_span),
-    );
+    // A panic becomes a 500 inside the server span, so that it is in the
+    // span, the request metrics and a log line with the request id.
+    let upload = upload_routes()
+        .route_layer(CatchPanicLayer::custom(PanicReply(state.metrics.clone())))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            http_server_span,
+        ));
     Router::new()
         .merge(upload)
         .route("/healthz", get(healthz))
@@ -285,9 +346,23 @@ fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(wire_limit))
-        .layer(CatchPanicLayer::custom(panic_reply))
+        .layer(CatchPanicLayer::custom(PanicReply(state.metrics.clone())))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+fn upload_routes() -> Router<AppState> {
+    let routes = Router::new().route(UPLOAD_ROUTE, post(upload));
+    // A route that panics, for the tests of what a caught panic leaves
+    // behind; built only into test binaries.
+    #[cfg(feature = "test-support")]
+    let routes = routes.route("/api/v1/test-panic", post(test_panic));
+    routes
+}
+
+#[cfg(feature = "test-support")]
+async fn test_panic() -> StatusCode {
+    panic!("test-support panic route")
 }
 
 /// Takes `X-Request-ID` (when it is sane) or makes one, and echoes it.
@@ -405,41 +480,30 @@ async fn upload(
     request: Request,
 ) -> Response {
     state.metrics.upload(UploadType::All);
-    // Shed load instead of queueing: a bounded number of bodies in memory.
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        state.metrics.upload(UploadType::Overloaded);
-        // A 503 reply carries Retry-After.
-        return Reply::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the gateway is at its limit of uploads in flight; retry later",
-        )
-        .into_response();
-    };
     let client_ip = client_ip(
         request.headers(),
         peer.ip(),
         state.client_ip_header.as_ref(),
     );
-    let read = tokio::time::timeout(
-        state.body_timeout,
-        read_document(request, state.max_body_bytes),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(Reply::error(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the body did not arrive within {} ms",
-                state.body_timeout.as_millis()
-            ),
-        ))
-    });
-    let document = match read {
+    // Bytes are charged to the memory budget as they arrive; the charge is
+    // held (with `account`) until the reply is built.
+    let account = state.budget.account();
+    let request = request.map(|body| MeteredBody::wrap(body, account.clone()));
+    let document = match receive(&state, &account, request).await {
         Ok(document) => document,
         Err(reply) => {
             state.metrics.record_upload(None, &reply);
             return reply.into_response();
         }
+    };
+    // The document is a second copy of the body (inflated, or collected in
+    // one piece); only now does the upload take a processing slot, so a slow
+    // body never holds one.
+    if !account.charge(document.len()) {
+        return overloaded(&state, "memory budget for uploads").into_response();
+    }
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        return overloaded(&state, "limit of uploads in flight").into_response();
     };
     let mut ctx = UploadContext::new(UploadRequest {
         request_id,
@@ -450,6 +514,74 @@ async fn upload(
     let category = ctx.batch.as_ref().map(|b| b.category.as_str());
     state.metrics.record_upload(category, &reply);
     reply.into_response()
+}
+
+/// The 503 of load shedding (it carries Retry-After), counted apart.
+fn overloaded(state: &AppState, what: &str) -> Reply {
+    state.metrics.upload(UploadType::Overloaded);
+    Reply::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the gateway is at its {what}; retry later"),
+    )
+}
+
+/// Reads the body into the batch document, within the body timeout, at the
+/// minimum rate, within the memory budget, and no longer than the drain
+/// allows.
+async fn receive(state: &AppState, account: &Account, request: Request) -> Result<Bytes, Reply> {
+    let started = tokio::time::Instant::now();
+    let deadline = started + state.body_timeout;
+    let read = read_document(request, state.max_body_bytes);
+    tokio::pin!(read);
+    let answer_now = state.drain.answer_now();
+    tokio::pin!(answer_now);
+    // One timer: the first rate check, then every second, never past the
+    // deadline.
+    let check = tokio::time::sleep_until(deadline.min(started + state.body_rate_grace));
+    tokio::pin!(check);
+    loop {
+        tokio::select! {
+            read = &mut read => {
+                return read.map_err(|reply| {
+                    if account.exhausted() {
+                        overloaded(state, "memory budget for uploads")
+                    } else {
+                        reply
+                    }
+                });
+            }
+            _ = &mut answer_now => {
+                return Err(Reply::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the gateway is shutting down and the body had not arrived; retry",
+                ));
+            }
+            _ = &mut check => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(Reply::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the body did not arrive within {} ms",
+                            state.body_timeout.as_millis()
+                        ),
+                    ));
+                }
+                let elapsed = now - started;
+                let rate = account.received() as f64 / elapsed.as_secs_f64();
+                if state.min_body_rate > 0 && rate < state.min_body_rate as f64 {
+                    return Err(Reply::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the body arrived at {rate:.0} bytes/s, slower than the minimum of {} bytes/s",
+                            state.min_body_rate
+                        ),
+                    ));
+                }
+                check.as_mut().reset(deadline.min(now + Duration::from_secs(1)));
+            }
+        }
+    }
 }
 
 /// 200 while the process can do its job; 503 once the producer hit a fatal
@@ -512,7 +644,11 @@ async fn kafka_readiness(state: &AppState) -> Result<(), String> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let kafka = kafka_readiness(&state).await;
+    let kafka = if state.drain.phase() == Phase::Serving {
+        kafka_readiness(&state).await
+    } else {
+        Err("the gateway is shutting down".to_owned())
+    };
     let geoip = state.geoip.database_type();
     let (status, body) = match &kafka {
         Ok(()) => (
@@ -549,14 +685,32 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// A bug must cost one request a 500, not its connection (or the process).
-fn panic_reply(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    tracing::error!("a request handler panicked");
-    Reply::error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal error; the gateway's log has the details",
-    )
-    .into_response()
+/// A bug must cost one request a 500, not its connection (or the process),
+/// and must not go unnoticed: it is counted and logged (inside the server
+/// span, so the log line carries the request id and trace id).
+#[derive(Clone)]
+struct PanicReply(Metrics);
+
+impl ResponseForPanic for PanicReply {
+    type ResponseBody = axum::body::Body;
+
+    fn response_for_panic(
+        &mut self,
+        panic: Box<dyn std::any::Any + Send + 'static>,
+    ) -> axum::http::Response<Self::ResponseBody> {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        self.0.panic();
+        tracing::error!(panic = %message, "a request handler panicked");
+        Reply::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; the gateway's log has the details",
+        )
+        .into_response()
+    }
 }
 
 async fn method_not_allowed() -> Response {
@@ -601,11 +755,12 @@ struct Gauges {
     _tx_errors: opentelemetry::metrics::ObservableCounter<u64>,
     _tx_retries: opentelemetry::metrics::ObservableCounter<u64>,
     _dropped_spans: opentelemetry::metrics::ObservableCounter<u64>,
+    _budget: opentelemetry::metrics::ObservableGauge<u64>,
 }
 
 /// The producer's queue depth, librdkafka's transmission errors and
 /// retries, and the spans lost on export.
-fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>) -> Gauges {
+fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>, budget: &MemoryBudget) -> Gauges {
     use opentelemetry::metrics::MeterProvider;
     let meter = metering.provider.meter("venus");
     let queue_sink = Arc::downgrade(sink);
@@ -637,7 +792,15 @@ fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>) -> Gauges {
         .with_description("Spans lost because their export to the collector failed")
         .with_callback(|observer| observer.observe(telemetry::dropped_spans(), &[]))
         .build();
+    let budget = budget.clone();
+    let budget = meter
+        .u64_observable_gauge("venus.upload.memory")
+        .with_unit("By")
+        .with_description("Bytes of the request-body memory budget held by uploads in flight")
+        .with_callback(move |observer| observer.observe(budget.in_use() as u64, &[]))
+        .build();
     Gauges {
+        _budget: budget,
         _queue: gauge,
         _tx_errors: tx_errors,
         _tx_retries: tx_retries,

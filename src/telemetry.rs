@@ -56,11 +56,27 @@ fn propagator() -> &'static TextMapCompositePropagator {
     })
 }
 
+/// Largest incoming `tracestate` and `baggage` carried on. Both are copied
+/// into the headers of every event's Kafka message, so a caller could
+/// otherwise multiply a few KB of headers by a thousand events. The bounds
+/// are W3C's: a `tracestate` of up to 512 characters must be propagated (it
+/// may be dropped beyond), `baggage` is limited to 8192 bytes.
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+pub const MAX_BAGGAGE_BYTES: usize = 8192;
+
 struct HeaderExtractor<'a>(&'a HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        let limit = match key {
+            "tracestate" => MAX_TRACESTATE_BYTES,
+            "baggage" => MAX_BAGGAGE_BYTES,
+            _ => usize::MAX,
+        };
+        self.0
+            .get(key)
+            .filter(|v| v.len() <= limit)
+            .and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -217,10 +233,21 @@ pub fn tracer_provider(settings: &TelemetrySettings) -> anyhow::Result<SdkTracer
     Ok(builder.build())
 }
 
-/// Owns the tracer provider; [`TracingGuard::shutdown`] flushes what is queued.
+/// Owns the tracer provider and the log writer; [`TracingGuard::shutdown`]
+/// flushes what is queued of both.
 pub struct TracingGuard {
     provider: SdkTracerProvider,
+    _logs: LogGuard,
 }
+
+/// Keeps the log writer's thread alive; dropping it writes out what is
+/// buffered.
+pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+
+/// Log lines buffered for the writer thread; beyond this, lines are dropped
+/// rather than making a request wait on a slow stdout (a full pipe to a
+/// stalled log collector would otherwise block tokio's workers).
+const LOG_BUFFER_LINES: usize = 64 * 1024;
 
 impl TracingGuard {
     pub fn shutdown(self) {
@@ -233,16 +260,25 @@ impl TracingGuard {
 /// spans whatever the log level.
 pub fn init_tracing(settings: &TelemetrySettings) -> anyhow::Result<TracingGuard> {
     let provider = tracer_provider(settings)?;
-    install_subscriber(settings, &provider)?;
-    Ok(TracingGuard { provider })
+    let logs = install_subscriber(settings, &provider)?;
+    Ok(TracingGuard {
+        provider,
+        _logs: logs,
+    })
 }
 
 /// Installs the subscriber around an existing provider (tests bring their
-/// own, with an in-memory exporter).
+/// own, with an in-memory exporter). Log lines are written to stdout by a
+/// thread of their own, never by the task that logs.
 pub fn install_subscriber(
     settings: &TelemetrySettings,
     provider: &SdkTracerProvider,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<LogGuard> {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("venus-log")
+        .finish(std::io::stdout());
     let tracer = provider.tracer("venus");
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
@@ -250,19 +286,67 @@ pub fn install_subscriber(
     let filter = EnvFilter::try_new(&settings.log_level)?;
     let logs = match settings.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .with_filter(filter)
             .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_filter(filter).boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
     };
     tracing_subscriber::registry()
         .with(otel)
         .with(logs)
         .try_init()?;
-    Ok(())
+    Ok(LogGuard(guard))
+}
+
+/// At most one line a second for a warning that can repeat per request
+/// (Kafka trouble fails every upload at once): the first of each second is
+/// logged with how many were held back since, the rest are not. Lock-free.
+pub struct RateLimitedLog {
+    /// The second (since the process started) of the last line let through.
+    last_second: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimitedLog {
+    pub const fn new() -> Self {
+        Self {
+            last_second: AtomicU64::new(u64::MAX),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        let second = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs();
+        let last = self.last_second.load(Ordering::Relaxed);
+        if last != second
+            && self
+                .last_second
+                .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Per-application metrics plumbing: the SDK provider and the Prometheus
@@ -308,5 +392,22 @@ impl Metering {
         encoder
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limited_log_lets_one_line_through_a_second() {
+        let log = RateLimitedLog::new();
+        assert_eq!(log.allow(), Some(0));
+        for _ in 0..99 {
+            assert_eq!(log.allow(), None);
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(log.allow(), Some(99), "the held-back lines are counted");
+        assert_eq!(log.allow(), None);
     }
 }

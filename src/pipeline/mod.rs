@@ -34,6 +34,26 @@ pub use chain::Chain;
 pub use context::{Event, EventStatus, UploadContext, UploadRequest};
 pub use trace_wrapper::TraceWrapper;
 
+/// Documents from this size on are parsed and serialized with the worker
+/// thread handed over to blocking work (about 1 ms of CPU and more).
+pub const LARGE_DOCUMENT_BYTES: usize = 256 * 1024;
+
+/// Runs CPU-heavy `work` for a document of `bytes`: inline when it is small;
+/// when it is large, after telling tokio that this worker blocks
+/// (`block_in_place`), so that the worker's other tasks (health probes,
+/// small uploads) move to another thread instead of waiting behind a
+/// 10 MiB document.
+pub fn cpu_heavy<R>(bytes: usize, work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let can_hand_over = Handle::try_current()
+        .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if bytes >= LARGE_DOCUMENT_BYTES && can_hand_over {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
+}
+
 /// What went wrong in a handler, for the span, the log and the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]

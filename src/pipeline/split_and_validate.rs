@@ -17,20 +17,32 @@ use serde::Deserialize;
 use sonic_rs::{JsonType, JsonValueTrait, LazyValue};
 
 use crate::domain::{AppId, Category, EventId};
+use crate::json_scan::{self, Strings};
 use crate::pipeline::context::{Batch, Event, EventStatus, SentIp};
-use crate::pipeline::{Handler, Outcome, UploadContext};
+use crate::pipeline::{cpu_heavy, Handler, Outcome, UploadContext};
 use crate::wire::{PartCode, Reply};
 
+/// How large a batch may be, from `server.*` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most events in `data`.
+    pub max_events: usize,
+    /// Most bytes of `meta` as sent. `meta` is copied into every event's
+    /// Kafka message, so without a bound a small body could ask the producer
+    /// for `events x meta` bytes.
+    pub max_meta_bytes: usize,
+}
+
 pub struct SplitAndValidate {
-    max_events: usize,
+    limits: BatchLimits,
     /// Allowed categories; empty allows any valid category.
     categories: HashSet<String>,
 }
 
 impl SplitAndValidate {
-    pub fn new(max_events: usize, categories: &[String]) -> Self {
+    pub fn new(limits: BatchLimits, categories: &[String]) -> Self {
         Self {
-            max_events,
+            limits,
             categories: categories.iter().cloned().collect(),
         }
     }
@@ -42,7 +54,7 @@ impl Handler for SplitAndValidate {
     }
 
     fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome> {
-        Box::pin(async move { self.run(ctx) })
+        Box::pin(async move { cpu_heavy(ctx.request.document.len(), || self.run(ctx)) })
     }
 }
 
@@ -109,12 +121,10 @@ impl SplitAndValidate {
             ))
         })?;
         // The parser skips nested values recursively without a depth limit:
-        // a body of deeply nested brackets would overflow the stack.
-        if nesting_exceeds(document, MAX_NESTING) {
-            return Err(Malformed(format!(
-                "the batch nests arrays and objects more than {MAX_NESTING} levels deep"
-            )));
-        }
+        // a body of deeply nested brackets would overflow the stack. The scan
+        // also refuses every escape on which parsers could disagree.
+        let strings =
+            json_scan::scan(document, MAX_NESTING).map_err(|e| Malformed(e.to_string()))?;
         let parsed: Document = sonic_rs::from_str(text)
             .map_err(|e| Malformed(format!("the batch is not valid JSON: {}", first_line(&e))))?;
 
@@ -122,6 +132,9 @@ impl SplitAndValidate {
             .meta
             .ok_or_else(|| Malformed("meta is required".into()))?;
         let batch = self.batch(document, &meta)?;
+        if strings == Strings::LoneSurrogate && json_scan::has_lone_surrogate(&batch.meta) {
+            return Err(Malformed(format!("meta {LONE_SURROGATE}")));
+        }
 
         let data = parsed
             .data
@@ -137,17 +150,17 @@ impl SplitAndValidate {
             let item =
                 item.map_err(|e| Malformed(format!("data is not valid JSON: {}", first_line(&e))))?;
             count += 1;
-            if count <= self.max_events {
-                events.push(event_of(document, &item));
+            if count <= self.limits.max_events {
+                events.push(event_of(document, &item, strings));
             }
         }
         if count == 0 {
             return Err(Malformed("data must hold at least one event".into()));
         }
-        if count > self.max_events {
+        if count > self.limits.max_events {
             return Err(Malformed(format!(
                 "data holds {count} events; at most {} are allowed per batch",
-                self.max_events
+                self.limits.max_events
             )));
         }
         // Uniqueness is a property of the batch: a repeated id fails every
@@ -176,6 +189,13 @@ impl SplitAndValidate {
     fn batch(&self, document: &Bytes, meta: &LazyValue) -> Result<Batch, Malformed> {
         if meta.get_type() != JsonType::Object {
             return Err(Malformed("meta must be a JSON object".into()));
+        }
+        let meta_bytes = meta.as_raw_str().len();
+        if meta_bytes > self.limits.max_meta_bytes {
+            return Err(Malformed(format!(
+                "meta is {meta_bytes} bytes; at most {} are allowed (it is copied into every event's message)",
+                self.limits.max_meta_bytes
+            )));
         }
         // One pass over `meta`: it goes to Kafka as sent, so a repeated key
         // would let a consumer read another app id or category than the one
@@ -233,7 +253,7 @@ fn meta_string(field: &str, value: Option<LazyValue>) -> Result<String, Malforme
 
 /// One element of `data` as an event slot: pending, or failed with the rule
 /// it broke.
-fn event_of(document: &Bytes, item: &LazyValue) -> Event {
+fn event_of(document: &Bytes, item: &LazyValue, strings: Strings) -> Event {
     let mut event = Event {
         raw: share(document, item.as_raw_str()),
         id: None,
@@ -243,9 +263,15 @@ fn event_of(document: &Bytes, item: &LazyValue) -> Event {
     };
     if let Err(reason) = check_event(item, &mut event) {
         event.fail(PartCode::Validation, reason);
+    } else if strings == Strings::LoneSurrogate && json_scan::has_lone_surrogate(&event.raw) {
+        event.fail(PartCode::Validation, format!("the event {LONE_SURROGATE}"));
     }
     event
 }
+
+/// Why a part with an unpaired surrogate escape is refused.
+const LONE_SURROGATE: &str = "has an unpaired UTF-16 surrogate escape (like \\ud800 alone), \
+     which is not text and which standard JSON parsers reject";
 
 fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
     if item.get_type() != JsonType::Object {
@@ -315,53 +341,6 @@ pub const MAX_NESTING: usize = 32;
 /// Most fields `meta` may have.
 pub const MAX_META_FIELDS: usize = 256;
 
-/// Whether `json` nests arrays and objects deeper than `limit`. Brackets
-/// inside strings do not count. One pass, no allocation.
-fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
-    // Byte classes: 0 nothing to do, 1 quote, 2 backslash, 3 opens, 4 closes.
-    const CLASS: [u8; 256] = {
-        let mut class = [0u8; 256];
-        class[b'"' as usize] = 1;
-        class[b'\\' as usize] = 2;
-        class[b'[' as usize] = 3;
-        class[b'{' as usize] = 3;
-        class[b']' as usize] = 4;
-        class[b'}' as usize] = 4;
-        class
-    };
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &byte in json {
-        let class = CLASS[byte as usize];
-        if class == 0 {
-            escaped = false;
-            continue;
-        }
-        if in_string {
-            match class {
-                _ if escaped => escaped = false,
-                1 => in_string = false,
-                2 => escaped = true,
-                _ => {}
-            }
-            continue;
-        }
-        match class {
-            1 => in_string = true,
-            3 => {
-                depth += 1;
-                if depth > limit {
-                    return true;
-                }
-            }
-            4 => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
-}
-
 /// Client text quoted in a message: at most 64 characters, so that a huge
 /// value cannot blow up responses, logs and spans.
 pub fn trimmed(text: &str) -> std::borrow::Cow<'_, str> {
@@ -420,6 +399,13 @@ mod tests {
     use super::*;
     use crate::pipeline::UploadRequest;
 
+    fn limits(max_events: usize) -> BatchLimits {
+        BatchLimits {
+            max_events,
+            max_meta_bytes: 1024,
+        }
+    }
+
     fn run_with(handler: &SplitAndValidate, document: &str) -> (UploadContext, Outcome) {
         let mut ctx = UploadContext::new(UploadRequest {
             request_id: "r".into(),
@@ -431,7 +417,7 @@ mod tests {
     }
 
     fn run(document: &str) -> (UploadContext, Outcome) {
-        run_with(&SplitAndValidate::new(3, &[]), document)
+        run_with(&SplitAndValidate::new(limits(3), &[]), document)
     }
 
     /// The 400 message of a malformed request.
@@ -518,7 +504,7 @@ mod tests {
             br#"{"meta":{"app_id":"a","category":"c"},"data":[{"id":"x","note":""}]}"#.to_vec();
         let at = doc.len() - 4;
         doc.insert(at, 0xc3);
-        let handler = SplitAndValidate::new(3, &[]);
+        let handler = SplitAndValidate::new(limits(3), &[]);
         let mut ctx = UploadContext::new(UploadRequest {
             request_id: "r".into(),
             client_ip: "127.0.0.1".parse().unwrap(),
@@ -560,15 +546,68 @@ mod tests {
     }
 
     #[test]
-    fn the_nesting_scan_skips_strings_and_their_escapes() {
-        assert!(!nesting_exceeds(br#"{"a":"\\"}"#, 1));
-        assert!(!nesting_exceeds(br#"{"a":"[[\"[[{{"}"#, 1));
-        assert!(nesting_exceeds(br#"{"a":"\\",  "b":[1]}"#, 1));
-        assert!(nesting_exceeds(b"[[[", 2));
-        assert!(!nesting_exceeds(b"[[]]", 2));
-        // Unterminated strings and a trailing backslash end the scan quietly.
-        assert!(!nesting_exceeds(b"[\"abc", 1));
-        assert!(!nesting_exceeds(b"[\"abc\\", 1));
+    fn the_490_byte_crash_is_a_400_naming_the_escape() {
+        // sonic-rs reads `\u"abc` as one escape; the old nesting scan read
+        // it as two bytes, so the brackets after it escaped the depth check
+        // and the parser's recursion overflowed the stack.
+        let doc = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c"}},"data":[{{"id":"x"}}],"s":"\u"abc","y":{}}}"#,
+            "[".repeat(200_000)
+        );
+        let message = rejected(&doc);
+        assert!(message.contains("invalid escape"), "{message}");
+        assert!(message.contains(r#""\\u\"abc""#), "{message}");
+    }
+
+    #[test]
+    fn an_invalid_escape_anywhere_makes_the_batch_invalid_json() {
+        // In meta, in an event's field, in an event's key: where strings end
+        // is then open to interpretation, so no part of the batch is used.
+        for doc in [
+            r#"{"meta":{"app_id":"a","category":"c","x":"\uZZZZ"},"data":[{"id":"1"}]}"#,
+            r#"{"meta":{"app_id":"a","category":"c"},"data":[{"id":"1"},{"id":"2","x":"\uZZZZ"}]}"#,
+            r#"{"meta":{"app_id":"a","category":"c"},"data":[{"id":"1","\q":1}]}"#,
+        ] {
+            let message = rejected(doc);
+            assert!(message.contains("invalid escape"), "{doc}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_lone_surrogate_fails_its_event_only() {
+        let doc = r#"{"meta":{"app_id":"a","category":"c"},"data":[{"id":"1","t":"\ud800 x"},{"id":"2","t":"\ud83d\ude00"}]}"#;
+        let (ctx, outcome) = run(doc);
+        assert!(outcome.responder.is_none());
+        match &ctx.events[0].status {
+            EventStatus::Failed { code, reason } => {
+                assert_eq!(*code, PartCode::Validation);
+                assert!(reason.contains("unpaired UTF-16 surrogate"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(ctx.events[1].is_pending(), "a proper pair is fine");
+    }
+
+    #[test]
+    fn a_lone_surrogate_in_meta_is_a_400() {
+        let message =
+            rejected(r#"{"meta":{"app_id":"a","category":"c","x":"\udc00"},"data":[{"id":"1"}]}"#);
+        assert!(message.contains("meta has an unpaired"), "{message}");
+    }
+
+    #[test]
+    fn meta_has_a_byte_limit() {
+        let doc = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c","pad":"{}"}},"data":[{{"id":"1"}}]}}"#,
+            "x".repeat(1024)
+        );
+        let message = rejected(&doc);
+        assert!(message.contains("at most 1024 are allowed"), "{message}");
+        let doc = format!(
+            r#"{{"meta":{{"app_id":"a","category":"c","pad":"{}"}},"data":[{{"id":"1"}}]}}"#,
+            "x".repeat(900)
+        );
+        assert!(run(&doc).1.responder.is_none());
     }
 
     #[test]
@@ -587,7 +626,19 @@ mod tests {
             r#"{{"meta":{{"app_id":"a","category":"c",{}}},"data":[{{"id":"1"}}]}}"#,
             fields.join(",")
         );
-        assert!(rejected(&doc).contains("more than 256 fields"));
+        let handler = SplitAndValidate::new(
+            BatchLimits {
+                max_events: 3,
+                max_meta_bytes: 16 * 1024,
+            },
+            &[],
+        );
+        let reply = run_with(&handler, &doc).1.responder.unwrap();
+        assert!(
+            reply.body.data.contains("more than 256 fields"),
+            "{}",
+            reply.body.data
+        );
     }
 
     #[test]
@@ -652,7 +703,7 @@ mod tests {
 
     #[test]
     fn the_category_allow_list_applies_when_set() {
-        let handler = SplitAndValidate::new(10, &["click".to_string()]);
+        let handler = SplitAndValidate::new(limits(10), &["click".to_string()]);
         let (_, outcome) = run_with(
             &handler,
             r#"{"meta":{"app_id":"a","category":"click"},"data":[{"id":"1"}]}"#,

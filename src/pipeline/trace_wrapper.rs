@@ -15,6 +15,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::pipeline::{ErrorOrigin, Handler, Outcome, UploadContext};
 use crate::telemetry;
+use crate::telemetry::RateLimitedLog;
 
 pub struct TraceWrapper<H> {
     inner: H,
@@ -78,7 +79,21 @@ impl<H: Handler> TraceWrapper<H> {
                     tracing::debug!(parent: &span, handler = name, error = %error, "handler reported an error")
                 }
                 ErrorOrigin::Server => {
-                    tracing::warn!(parent: &span, handler = name, error = %error, "handler reported an error")
+                    // Kafka trouble fails every upload at once: one line a
+                    // second says so, the rest go to debug.
+                    static SERVER_ERRORS: RateLimitedLog = RateLimitedLog::new();
+                    match SERVER_ERRORS.allow() {
+                        Some(held_back) => tracing::warn!(
+                            parent: &span,
+                            handler = name,
+                            error = %error,
+                            similar_lines_held_back = held_back,
+                            "handler reported an error"
+                        ),
+                        None => {
+                            tracing::debug!(parent: &span, handler = name, error = %error, "handler reported an error")
+                        }
+                    }
                 }
             }
         }

@@ -16,25 +16,32 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use opentelemetry::KeyValue;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
 use crate::config::MessageKey;
+use crate::drain::Drain;
 use crate::kafka::KafkaSink;
 use crate::metrics::Metrics;
 use crate::pipeline::context::{Batch, Enrichment, EventStatus};
-use crate::pipeline::{Handler, Outcome, SpanKind, UploadContext};
+use crate::pipeline::{cpu_heavy, Handler, Outcome, SpanKind, UploadContext};
 use crate::telemetry;
 use crate::wire::PartCode;
 
 pub struct WriteKafka {
     sink: Arc<KafkaSink>,
     metrics: Metrics,
+    /// Ends the wait for acknowledgements when the shutdown grace runs out.
+    drain: Drain,
 }
 
 impl WriteKafka {
-    pub fn new(sink: Arc<KafkaSink>, metrics: Metrics) -> Self {
-        Self { sink, metrics }
+    pub fn new(sink: Arc<KafkaSink>, metrics: Metrics, drain: Drain) -> Self {
+        Self {
+            sink,
+            metrics,
+            drain,
+        }
     }
 }
 
@@ -145,59 +152,73 @@ impl WriteKafka {
             });
         let key_of_batch = batch_key(self.sink.key(), batch);
         let max_bytes = self.sink.max_message_bytes();
+        // What every message of the batch carries besides its value: counted
+        // in its size, so a caller's headers cannot inflate what the
+        // producer is asked to hold.
+        let header_bytes: usize = headers
+            .iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum();
 
         let started = Instant::now();
-        let mut deliveries = FuturesUnordered::new();
-        let mut sent = 0usize;
-        let mut value = Vec::with_capacity(4096);
-        for (index, event) in ctx.events.iter_mut().enumerate() {
-            if !event.is_pending() {
-                continue;
-            }
-            let Some(enrichment) = event.enrichment.as_ref() else {
-                event.fail(PartCode::Serialization, "event was not enriched");
-                continue;
-            };
-            write_message_value(&mut value, batch, enrichment, &event.raw);
-            if value.len() > max_bytes {
-                let reason = format!(
-                    "event is {} bytes as a Kafka message; at most {max_bytes} are allowed",
-                    value.len()
-                );
-                event.fail(PartCode::Serialization, reason);
-                continue;
-            }
-            let mut backend_key = uuid::Uuid::encode_buffer();
-            let key: Option<&[u8]> = match self.sink.key() {
-                MessageKey::None => None,
-                MessageKey::BackendId => Some(
-                    enrichment
-                        .backend_id
-                        .hyphenated()
-                        .encode_lower(&mut backend_key)
-                        .as_bytes(),
-                ),
-                MessageKey::MetaField(_) => key_of_batch.as_deref(),
-            };
-            let mut record = FutureRecord::to(&topic)
-                .payload(&value)
-                .headers(headers.clone());
-            if let Some(key) = key {
-                record = record.key(key);
-            }
-            match self.sink.producer().send_result(record) {
-                Ok(delivery) => {
-                    sent += 1;
-                    deliveries.push(async move { (index, delivery.await) });
+        // Serializing and handing over a large batch is milliseconds of CPU:
+        // done off the async workers' queue (see `cpu_heavy`).
+        let events = &mut ctx.events;
+        let (mut deliveries, sent) = cpu_heavy(ctx.request.document.len(), || {
+            let deliveries = FuturesUnordered::new();
+            let mut sent = 0usize;
+            let mut value = Vec::with_capacity(4096);
+            for (index, event) in events.iter_mut().enumerate() {
+                if !event.is_pending() {
+                    continue;
                 }
-                Err((error, _)) => {
-                    event.fail(
-                        PartCode::KafkaDelivery,
-                        format!("Kafka producer did not take the event: {error}"),
+                let Some(enrichment) = event.enrichment.as_ref() else {
+                    event.fail(PartCode::Serialization, "event was not enriched");
+                    continue;
+                };
+                write_message_value(&mut value, batch, enrichment, &event.raw);
+                let mut backend_key = uuid::Uuid::encode_buffer();
+                let key: Option<&[u8]> = match self.sink.key() {
+                    MessageKey::None => None,
+                    MessageKey::BackendId => Some(
+                        enrichment
+                            .backend_id
+                            .hyphenated()
+                            .encode_lower(&mut backend_key)
+                            .as_bytes(),
+                    ),
+                    MessageKey::MetaField(_) => key_of_batch.as_deref(),
+                };
+                let size = value.len() + header_bytes + key.map_or(0, <[u8]>::len);
+                if size > max_bytes {
+                    let reason = format!(
+                        "event is {size} bytes as a Kafka message (value, key and headers); \
+                         at most {max_bytes} are allowed"
                     );
+                    event.fail(PartCode::Serialization, reason);
+                    continue;
+                }
+                let mut record = FutureRecord::to(&topic)
+                    .payload(&value)
+                    .headers(headers.clone());
+                if let Some(key) = key {
+                    record = record.key(key);
+                }
+                match self.sink.producer().send_result(record) {
+                    Ok(delivery) => {
+                        sent += 1;
+                        deliveries.push(async move { (index, delivery.await) });
+                    }
+                    Err((error, _)) => {
+                        event.fail(
+                            PartCode::KafkaDelivery,
+                            format!("Kafka producer did not take the event: {error}"),
+                        );
+                    }
                 }
             }
-        }
+            (deliveries, sent)
+        });
 
         // The response never waits past the delivery timeout; librdkafka's
         // own message timeout is shorter, so it normally fails a message
@@ -207,6 +228,12 @@ impl WriteKafka {
             tokio::time::Instant::from_std(started) + self.sink.delivery_timeout(),
         );
         tokio::pin!(deadline);
+        // A shutdown whose grace runs out ends the wait too: the client gets
+        // its reply (1004 for what is not acknowledged yet) before the
+        // connection goes.
+        let answer_now = self.drain.answer_now();
+        tokio::pin!(answer_now);
+        let mut cut_short = false;
         loop {
             let (index, result) = tokio::select! {
                 next = deliveries.next() => match next {
@@ -214,6 +241,10 @@ impl WriteKafka {
                     None => break,
                 },
                 _ = &mut deadline => break,
+                _ = &mut answer_now => {
+                    cut_short = true;
+                    break;
+                }
             };
             let event = &mut ctx.events[index];
             match result {
@@ -230,11 +261,14 @@ impl WriteKafka {
         }
         // Whatever is still pending had no answer before the deadline.
         let timeout_ms = self.sink.delivery_timeout().as_millis();
+        let unanswered = if cut_short {
+            "the gateway shut down before Kafka acknowledged the event (it may still arrive)"
+                .to_owned()
+        } else {
+            format!("no acknowledgement from Kafka within {timeout_ms} ms")
+        };
         for event in ctx.events.iter_mut().filter(|e| e.is_pending()) {
-            event.fail(
-                PartCode::KafkaDelivery,
-                format!("no acknowledgement from Kafka within {timeout_ms} ms"),
-            );
+            event.fail(PartCode::KafkaDelivery, unanswered.clone());
         }
         if sent > 0 {
             self.metrics

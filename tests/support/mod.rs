@@ -267,7 +267,8 @@ pub fn init_tracing_exporting_to(endpoint: &str) -> &'static SdkTracerProvider {
             ..Default::default()
         };
         let provider = venus::telemetry::tracer_provider(&telemetry).unwrap();
-        venus::telemetry::install_subscriber(&telemetry, &provider).unwrap();
+        // The log writer lives as long as the test process.
+        std::mem::forget(venus::telemetry::install_subscriber(&telemetry, &provider).unwrap());
         provider
     })
 }
