@@ -150,7 +150,7 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_cleanly() {
         libc::kill(gateway.child.id() as i32, libc::SIGTERM);
     }
     gateway.wait_for_line(
-        |l| l["message"] == "shutdown requested: draining in-flight uploads",
+        |l| l["message"] == "listener closed: draining in-flight uploads",
         Duration::from_secs(5),
     );
     // Draining: new connections are refused, the one in flight goes on.
@@ -178,6 +178,230 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_cleanly() {
     assert_eq!(messages.len(), 1);
 }
 
+fn sigterm(child: &Child) {
+    // SAFETY: kill(2) on a pid we own.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+fn wait_for_exit(child: &mut Child, patience: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "venus did not exit in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads an HTTP/1 answer until the server closes, within `patience`.
+async fn answer_of(stream: &mut tokio::net::TcpStream, patience: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(patience, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer before the gateway exits")
+        .expect("an answer, not a reset");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_a_slow_body_and_a_kafka_wait_before_the_grace_runs_out() {
+    use tokio::io::AsyncWriteExt;
+
+    // A broker of its own: it is paused.
+    let broker = support::Broker::start();
+    let category = support::unique_category("grace");
+    broker.create_topic(&support::topic_of(&category)).await;
+    let mut gateway = Gateway::start(
+        &broker.address(),
+        &[
+            ("VENUS__SERVER__SHUTDOWN_GRACE_MS", "3000".into()),
+            ("VENUS__SERVER__BODY_TIMEOUT_MS", "60000".into()),
+            ("VENUS__SERVER__MIN_BODY_RATE_BYTES_PER_SEC", "0".into()),
+            ("VENUS__KAFKA__DELIVERY_TIMEOUT_MS", "30000".into()),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let body =
+        |id: &str| json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": id}]});
+    let warm = client
+        .post(gateway.url("/api/v1/upload"))
+        .json(&body("warm"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 200);
+
+    // A Kafka wait: the broker stops answering.
+    broker.pause();
+    let waiting = tokio::spawn({
+        let request = client
+            .post(gateway.url("/api/v1/upload"))
+            .json(&body("waiting"));
+        async move { request.send().await }
+    });
+    // A slow body: half of it sent.
+    let text = body("slow").to_string();
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", gateway.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /api/v1/upload HTTP/1.1\r\nHost: venus\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        text.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&text.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let signalled = Instant::now();
+    sigterm(&gateway.child);
+    let answer = answer_of(&mut slow, Duration::from_secs(6)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("shutting down"), "{answer}");
+    let waited = tokio::time::timeout(Duration::from_secs(6), waiting)
+        .await
+        .expect("the Kafka wait was answered")
+        .unwrap()
+        .expect("an answer, not a reset");
+    assert_eq!(waited.status(), 503);
+    let reply: serde_json::Value = waited.json().await.unwrap();
+    assert_eq!(reply["parts"][0]["code"], 1004, "{reply}");
+    assert!(
+        reply["parts"][0]["data"]
+            .as_str()
+            .unwrap()
+            .contains("shut down before Kafka acknowledged"),
+        "{reply}"
+    );
+    let status = wait_for_exit(&mut gateway.child, Duration::from_secs(6));
+    assert!(status.success(), "{status}");
+    assert!(
+        signalled.elapsed() < Duration::from_millis(3000 + 1500),
+        "within the grace: {:?}",
+        signalled.elapsed()
+    );
+    broker.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_readiness_fails_first_while_uploads_are_still_served() {
+    let broker = shared_broker();
+    let (category, _) = support::fresh_topic("delay").await;
+    let mut gateway = Gateway::start(
+        &broker.address(),
+        &[("VENUS__SERVER__SHUTDOWN_DELAY_MS", "2000".into())],
+    );
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(gateway.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    sigterm(&gateway.child);
+    gateway.wait_for_line(
+        |l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("shutdown requested")
+        },
+        Duration::from_secs(5),
+    );
+    let ready = client.get(gateway.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["reason"], "the gateway is shutting down");
+    // Still serving during the delay.
+    let upload = client
+        .post(gateway.url("/api/v1/upload"))
+        .json(&json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "late"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    let status = wait_for_exit(&mut gateway.child, Duration::from_secs(10));
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_panic_is_counted_and_logged_with_its_request_id() {
+    let broker = shared_broker();
+    let gateway = Gateway::start(&broker.address(), &[]);
+    let client = reqwest::Client::new();
+    let response = client
+        .post(gateway.url("/api/v1/test-panic"))
+        .header("x-request-id", "panic-request-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    let reply: serde_json::Value = response.json().await.unwrap();
+    assert!(reply["data"].as_str().unwrap().contains("internal error"));
+    let line = gateway.wait_for_line(
+        |l| l["message"] == "a request handler panicked",
+        Duration::from_secs(5),
+    );
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["panic"], "test-support panic route");
+    assert_eq!(line["span"]["request_id"], "panic-request-1", "{line}");
+    let metrics = client
+        .get(gateway.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("venus_panics_total") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("http_server_request_duration_seconds_count")
+                && l.contains("http_response_status_code=\"500\"")
+        ),
+        "the panic is in the request metrics: {metrics}"
+    );
+    // The process goes on.
+    let health = client.get(gateway.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sasl_password_from_the_environment_is_a_librdkafka_setting() {
+    // It used to be read as `sasl_password`, which librdkafka refused.
+    let broker = shared_broker();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "from-a-file\n").unwrap();
+    let gateway = Gateway::start(
+        &broker.address(),
+        &[
+            (
+                "VENUS__KAFKA__PRODUCER__SECURITY_PROTOCOL",
+                "SASL_PLAINTEXT".into(),
+            ),
+            ("VENUS__KAFKA__PRODUCER__SASL_MECHANISM", "PLAIN".into()),
+            ("VENUS__KAFKA__PRODUCER__SASL_USERNAME", "venus".into()),
+            (
+                "VENUS__KAFKA__PRODUCER_FILES__SASL_PASSWORD",
+                secret.path().display().to_string(),
+            ),
+        ],
+    );
+    let health = reqwest::get(gateway.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200, "started with the SASL settings");
+}
+
 fn start_failure(env: &[(&str, String)]) -> (i32, String) {
     let output = command(env).output().expect("run venus");
     (
@@ -195,6 +419,26 @@ fn an_invalid_configuration_stops_start_up_naming_the_key() {
     let (code, stderr) = start_failure(&[("VENUS__KAFKA__COMPRESSION", "brotli".into())]);
     assert_eq!(code, 2);
     assert!(stderr.contains("kafka.compression"), "{stderr}");
+
+    // The settings behind the delivery promise cannot be loosened.
+    for (key, dotted) in [
+        ("VENUS__KAFKA__PRODUCER__ACKS", "acks"),
+        (
+            "VENUS__KAFKA__PRODUCER__ENABLE_IDEMPOTENCE",
+            "enable.idempotence",
+        ),
+        (
+            "VENUS__KAFKA__PRODUCER__MESSAGE_TIMEOUT_MS",
+            "message.timeout.ms",
+        ),
+    ] {
+        let (code, stderr) = start_failure(&[(key, "1".into())]);
+        assert_eq!(code, 2, "{key}");
+        assert!(
+            stderr.contains(&format!("{dotted} cannot be overridden")),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

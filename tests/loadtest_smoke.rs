@@ -41,6 +41,12 @@ async fn under_load_every_accepted_event_is_in_kafka_exactly_once() {
     assert_eq!(verify.checked, report.events_accepted);
     assert_eq!(verify.missing, 0, "{report}");
     assert_eq!(verify.duplicates, 0, "{report}");
+    assert_eq!(verify.duplicate_event_ids, 0, "{report}");
+    // Nothing was answered 1004, so nothing can have been delivered anyway.
+    assert_eq!(verify.failed_but_delivered, 0, "{report}");
+    assert_eq!(verify.unreadable, 0, "{report}");
+    // Every message read is one this run accepted.
+    assert_eq!(verify.messages_read, verify.found, "{report}");
     app.stop().await;
 }
 

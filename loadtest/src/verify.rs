@@ -43,6 +43,12 @@ pub struct VerifyReport {
     pub missing: u64,
     /// Extra copies of accepted events (an event found 3 times counts 2).
     pub duplicates: u64,
+    /// Messages of this run whose event id (`data.id`) an earlier message of
+    /// the same topic had: the same event written twice under two
+    /// backend_ids (a retry inside the gateway would show here, not in
+    /// `duplicates`).
+    #[serde(default)]
+    pub duplicate_event_ids: u64,
     /// Events answered 1004 (not delivered) that are in Kafka anyway.
     pub failed_but_delivered: u64,
     /// Messages read in all.
@@ -73,8 +79,13 @@ impl fmt::Display for VerifyReport {
         )?;
         writeln!(
             f,
-            "  {:<18}found {}   missing {}   duplicates {}   failed-but-delivered {}",
-            "", self.found, self.missing, self.duplicates, self.failed_but_delivered
+            "  {:<18}found {}   missing {}   duplicates {} (by event id {})   failed-but-delivered {}",
+            "",
+            self.found,
+            self.missing,
+            self.duplicates,
+            self.duplicate_event_ids,
+            self.failed_but_delivered
         )?;
         writeln!(
             f,
@@ -184,6 +195,21 @@ pub(crate) fn backend_id_of(value: &[u8]) -> Option<u128> {
         .map(|u| u.as_u128())
 }
 
+/// The event id (`data.id`) in a message value, when it is a string.
+pub(crate) fn event_id_of(value: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Data {
+        id: String,
+    }
+    #[derive(Deserialize)]
+    struct Value {
+        data: Data,
+    }
+    serde_json::from_slice::<Value>(value)
+        .ok()
+        .map(|v| v.data.id)
+}
+
 /// Reads the topics back and matches what it finds. Blocking: run it on a
 /// blocking thread.
 pub(crate) fn verify(
@@ -235,6 +261,8 @@ pub(crate) fn verify(
     }
 
     let mut found = 0u64;
+    // (topic, data.id) of this run's messages seen so far.
+    let mut event_ids: HashSet<(String, String)> = HashSet::new();
     let mut last_message = Instant::now();
     let mut last_progress = Instant::now();
     let stopped_by = loop {
@@ -267,6 +295,13 @@ pub(crate) fn verify(
             report.unreadable += 1;
             continue;
         };
+        if expected.contains_key(&id) || failed.contains(&id) {
+            if let Some(event_id) = message.payload().and_then(event_id_of) {
+                if !event_ids.insert((message.topic().to_owned(), event_id)) {
+                    report.duplicate_event_ids += 1;
+                }
+            }
+        }
         match expected.get_mut(&id) {
             Some(seen) => {
                 *seen += 1;
@@ -314,5 +349,15 @@ mod tests {
         assert_eq!(backend_id_of(reordered.as_bytes()), Some(id.as_u128()));
         assert_eq!(backend_id_of(b"{\"backend_id\":\"nope\"}"), None);
         assert_eq!(backend_id_of(b"not json"), None);
+    }
+
+    #[test]
+    fn the_event_id_is_data_id() {
+        assert_eq!(
+            event_id_of(br#"{"backend_id":"x","data":{"id":"7-1-3","n":1}}"#).as_deref(),
+            Some("7-1-3")
+        );
+        assert_eq!(event_id_of(br#"{"data":{"id":5}}"#), None);
+        assert_eq!(event_id_of(b"nope"), None);
     }
 }

@@ -127,6 +127,22 @@ impl Broker {
         let _ = self.child.wait();
     }
 
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+        }
+    }
+
     /// Creates `topic` (tansu does not create topics on first produce).
     pub async fn create_topic(&self, topic: &str) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
