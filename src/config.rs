@@ -175,6 +175,22 @@ pub struct KafkaSettings {
     /// events are answered with code 1003 instead of being sent.
     #[serde(default = "defaults::max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Deliveries failing without a success for this long, while a metadata
+    /// request succeeds, make venus replace its producer (a fenced or fatal
+    /// producer is replaced at once). See `kafka::healer`.
+    #[serde(default = "defaults::rebuild_after_failing_ms")]
+    pub rebuild_after_failing_ms: u64,
+    /// Create the topics of `categories` that do not exist yet, at start-up
+    /// (needs `categories`; venus never causes a topic to be created
+    /// otherwise).
+    #[serde(default)]
+    pub create_topics: bool,
+    /// Partitions of a topic venus creates; -1: the broker's default.
+    #[serde(default = "defaults::broker_default")]
+    pub topic_partitions: i32,
+    /// Replication factor of a topic venus creates; -1: the broker's default.
+    #[serde(default = "defaults::broker_default")]
+    pub topic_replication: i32,
     /// Any other librdkafka producer setting, passed through (these win
     /// over the keys above). An `_` in a key is read as `.` (no settable
     /// librdkafka key but `log_level` and `enabled_events` has one), so
@@ -399,6 +415,12 @@ mod defaults {
     pub fn max_message_bytes() -> usize {
         1_000_000
     }
+    pub fn rebuild_after_failing_ms() -> u64 {
+        5_000
+    }
+    pub fn broker_default() -> i32 {
+        -1
+    }
     pub fn environment() -> String {
         "development".into()
     }
@@ -504,6 +526,29 @@ impl Settings {
         if self.server.header_read_timeout_ms == 0 {
             return Err(invalid(
                 "server.header_read_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.kafka.create_topics && self.categories.is_empty() {
+            return Err(invalid(
+                "kafka.create_topics",
+                "needs `categories`: venus creates the topics of the allowed categories only",
+            ));
+        }
+        for (key, value) in [
+            ("kafka.topic_partitions", self.kafka.topic_partitions),
+            ("kafka.topic_replication", self.kafka.topic_replication),
+        ] {
+            if value == 0 || value < -1 {
+                return Err(invalid(
+                    key,
+                    "must be -1 (the broker's default) or at least 1",
+                ));
+            }
+        }
+        if self.kafka.rebuild_after_failing_ms == 0 {
+            return Err(invalid(
+                "kafka.rebuild_after_failing_ms",
                 "must be greater than 0",
             ));
         }

@@ -34,6 +34,16 @@ pub enum UploadType {
 }
 
 impl UploadType {
+    pub const ALL: [UploadType; 7] = [
+        Self::All,
+        Self::WrongMeta,
+        Self::WrongData,
+        Self::Success,
+        Self::Partial,
+        Self::KafkaError,
+        Self::Overloaded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::All => "all_upload",
@@ -56,6 +66,8 @@ pub enum EventResult {
 }
 
 impl EventResult {
+    const ALL: [EventResult; 3] = [Self::Accepted, Self::Invalid, Self::Failed];
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
@@ -114,6 +126,8 @@ struct Instruments {
     geoip_lookups: Counter<u64>,
     delivery_errors: Counter<u64>,
     panics: Counter<u64>,
+    producer_restarts: Counter<u64>,
+    missing_topic: Counter<u64>,
     categories: CategoryLabels,
 }
 
@@ -181,15 +195,66 @@ impl Metrics {
                 .u64_counter("venus.panics")
                 .with_description("Requests whose handler panicked (answered 500; a bug)")
                 .build(),
+            producer_restarts: meter
+                .u64_counter("venus.kafka.producer.restarts")
+                .with_description(
+                    "Kafka producers replaced because they could no longer deliver, by reason",
+                )
+                .build(),
+            missing_topic: meter
+                .u64_counter("venus.kafka.missing_topic")
+                .with_description(
+                    "Uploads refused at once because their Kafka topic does not exist",
+                )
+                .build(),
             categories: CategoryLabels {
                 allowed: categories.iter().cloned().collect(),
                 seen: RwLock::new(HashSet::new()),
                 cap,
             },
         };
-        Self {
+        let metrics = Self {
             inner: Arc::new(inner),
+        };
+        metrics.start_at_zero();
+        metrics
+    }
+
+    /// Records 0 on every counter for every label value known up front: a
+    /// counter that has not counted yet would otherwise be absent from
+    /// `/metrics`, so dashboards say "No data" and `rate()` has no series
+    /// until the first error of its kind.
+    fn start_at_zero(&self) {
+        let inner = &self.inner;
+        for kind in UploadType::ALL {
+            inner
+                .uploads
+                .add(0, &[KeyValue::new("type", kind.as_str())]);
         }
+        for category in &inner.categories.allowed {
+            for result in EventResult::ALL {
+                inner.events.add(
+                    0,
+                    &[
+                        KeyValue::new("category", category.clone()),
+                        KeyValue::new("result", result.as_str()),
+                    ],
+                );
+            }
+        }
+        for result in ["hit", "miss", "invalid"] {
+            inner
+                .geoip_lookups
+                .add(0, &[KeyValue::new("result", result)]);
+        }
+        for reason in crate::kafka::RestartReason::ALL {
+            inner
+                .producer_restarts
+                .add(0, &[KeyValue::new("reason", reason.as_str())]);
+        }
+        inner.delivery_errors.add(0, &[]);
+        inner.panics.add(0, &[]);
+        inner.missing_topic.add(0, &[]);
     }
 
     pub fn upload(&self, kind: UploadType) {
@@ -231,6 +296,16 @@ impl Metrics {
         if count > 0 {
             self.inner.delivery_errors.add(count, &[]);
         }
+    }
+
+    pub fn producer_restart(&self, reason: crate::kafka::RestartReason) {
+        self.inner
+            .producer_restarts
+            .add(1, &[KeyValue::new("reason", reason.as_str())]);
+    }
+
+    pub fn missing_topic(&self) {
+        self.inner.missing_topic.add(1, &[]);
     }
 
     pub fn panic(&self) {

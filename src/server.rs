@@ -4,9 +4,10 @@
 //! Routes:
 //! * `POST /api/v1/upload`: read the body (`upload_body`), run the pipeline
 //!   chain, answer with a part per event;
-//! * `GET /healthz`: 200 while the process runs;
-//! * `GET /readyz`: 200 when Kafka answers a metadata request and the GeoIP
-//!   database is loaded, else 503 with the reason;
+//! * `GET /healthz`: 200 while the process serves (liveness);
+//! * `GET /readyz`: 200 when the gateway can deliver (recent deliveries did
+//!   not keep failing, Kafka answers a metadata request) and is not shutting
+//!   down, else 503 with the reason;
 //! * `GET /metrics`: Prometheus text.
 //!
 //! Shutdown follows mini-redis, in the phases of [`crate::drain`]: on the
@@ -107,13 +108,17 @@ impl Application {
     /// Kafka need not be up: readiness says so until it is.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let geoip = Arc::new(GeoIp::open(&settings.geoip.database)?);
-        let sink = Arc::new(KafkaSink::new(&settings.kafka)?);
         let metering = Arc::new(Metering::new(&settings.telemetry)?);
         let metrics = Metrics::new(
             &metering.provider,
             &settings.categories,
             settings.telemetry.max_metric_categories,
         );
+        let sink = Arc::new(KafkaSink::new(&settings.kafka, metrics.clone())?);
+        sink.start_healer();
+        if settings.kafka.create_topics {
+            create_topics(&settings).await;
+        }
         let budget = MemoryBudget::new(settings.server.max_in_flight_bytes);
         let gauges = Arc::new(register_gauges(&metering, &sink, &budget));
 
@@ -584,26 +589,56 @@ async fn receive(state: &AppState, account: &Account, request: Request) -> Resul
     }
 }
 
-/// 200 while the process can do its job; 503 once the producer hit a fatal
-/// error (an idempotent producer can, and then fails every message until
-/// the process restarts: a liveness probe should restart it).
-async fn healthz(State(state): State<AppState>) -> Response {
-    match state.sink.fatal_error() {
-        None => (
-            [(header::CONTENT_TYPE, "application/json")],
-            r#"{"status":"ok"}"#,
-        )
-            .into_response(),
-        Some(reason) => {
-            let body = sonic_rs::json!({"status": "failed", "reason": reason}).to_string();
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::CONTENT_TYPE, "application/json")],
-                body,
+/// Creates the topics of the allowed categories (`kafka.create_topics`).
+/// Kafka may not be up yet: then it is tried again in the background, and
+/// uploads to a missing topic fail fast meanwhile (1004 naming the topic).
+async fn create_topics(settings: &Settings) {
+    let kafka = settings.kafka.clone();
+    let topics: Vec<String> = settings
+        .categories
+        .iter()
+        .filter_map(|c| crate::domain::Category::parse(c).ok())
+        .map(|c| crate::kafka::render_topic(&kafka.topic_template, &c))
+        .collect();
+    let attempt = move || {
+        let (kafka, topics) = (kafka.clone(), topics.clone());
+        async move {
+            crate::kafka::topics::create(
+                &kafka.brokers,
+                &topics,
+                kafka.topic_partitions,
+                kafka.topic_replication,
+                Duration::from_secs(10),
             )
-                .into_response()
+            .await
         }
-    }
+    };
+    let Err(error) = attempt().await else {
+        return;
+    };
+    tracing::warn!(%error, "cannot create the Kafka topics now; trying again in the background");
+    tokio::spawn(async move {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(wait).await;
+            match attempt().await {
+                Ok(()) => return tracing::info!("created the Kafka topics"),
+                Err(error) => tracing::warn!(%error, "cannot create the Kafka topics"),
+            }
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
+    });
+}
+
+/// 200 while the process serves HTTP: a liveness probe. Kafka trouble is
+/// readiness's business (and the producer heals itself), so restarting the
+/// process for it would only lose what is in flight.
+async fn healthz() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
 }
 
 /// The body of `/readyz`.
@@ -624,10 +659,8 @@ const READINESS_TTL: Duration = Duration::from_secs(1);
 /// The last Kafka readiness answer and when it was taken.
 type ReadinessCache = tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>;
 
-async fn kafka_readiness(state: &AppState) -> Result<(), String> {
-    if let Some(reason) = state.sink.fatal_error() {
-        return Err(reason);
-    }
+/// Whether a metadata request answers (cached for [`READINESS_TTL`]).
+async fn kafka_reachable(state: &AppState) -> Result<(), String> {
     // Held across the check: concurrent probes wait for the one in flight.
     let mut cached = state.readiness.lock().await;
     if let Some((taken, answer)) = cached.as_ref() {
@@ -644,10 +677,16 @@ async fn kafka_readiness(state: &AppState) -> Result<(), String> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let kafka = if state.drain.phase() == Phase::Serving {
-        kafka_readiness(&state).await
+    // Ready when serving, when recent deliveries do not say the producer
+    // cannot deliver, and when a metadata request answers.
+    let kafka = if state.drain.phase() != Phase::Serving {
+        Err(("draining", "the gateway is shutting down".to_owned()))
+    } else if let Some(reason) = state.sink.delivery_problem() {
+        Err(("not delivering", reason))
     } else {
-        Err("the gateway is shutting down".to_owned())
+        kafka_reachable(&state)
+            .await
+            .map_err(|reason| ("unreachable", reason))
     };
     let geoip = state.geoip.database_type();
     let (status, body) = match &kafka {
@@ -660,11 +699,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 reason: None,
             },
         ),
-        Err(reason) => (
+        Err((kafka, reason)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Readiness {
                 status: "not ready",
-                kafka: "unreachable",
+                kafka,
                 geoip,
                 reason: Some(reason),
             },

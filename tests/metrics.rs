@@ -56,7 +56,8 @@ async fn metrics_text(app: &TestApp) -> String {
 async fn scripted_uploads() -> (TestApp, String) {
     let broker = shared_broker();
     let (category, _) = support::fresh_topic("metrics").await;
-    // No topic for this one: tansu does not create it, delivery times out.
+    // No topic for this one: tansu does not create it; the gateway finds out
+    // and fails the upload at once, without producing.
     let missing = unique_category("missing");
     let app = TestApp::spawn(support::settings(
         &broker.address(),
@@ -135,10 +136,12 @@ async fn metrics_count_uploads_by_type_and_events_by_result() {
         ),
         1.0
     );
+    // Valid and partial were produced; the missing topic's upload was not.
     assert_eq!(
         value(&text, "venus_kafka_produce_duration_seconds_count", &[]),
-        3.0
+        2.0
     );
+    assert_eq!(value(&text, "venus_kafka_missing_topic_total", &[]), 1.0);
     assert_eq!(value(&text, "http_server_active_requests", &[]), 0.0);
     assert!(text.contains("venus_kafka_producer_queue_messages"));
     assert!(text.contains("venus_kafka_broker_tx_errors_total"));
@@ -263,6 +266,8 @@ async fn a_real_prometheus_scrapes_the_gateway() {
     let expected: BTreeMap<String, f64> = [
         ("all_upload", 5.0),
         ("kafka_error", 1.0),
+        // Exported at 0 from start-up, like every counter.
+        ("overloaded", 0.0),
         ("partial_upload", 1.0),
         ("success_upload", 1.0),
         ("wrong_data", 2.0),
@@ -391,6 +396,44 @@ async fn every_metric_the_dashboard_queries_is_exported_by_the_gateway() {
         assert!(
             exported.contains(name.as_str()),
             "the dashboard uses {name}, which /metrics lacks"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn right_after_start_up_every_counter_the_dashboard_queries_is_there_at_0() {
+    let path = repo().join("compose/grafana/dashboards/venus-uploads.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let counters: Vec<String> = dashboard_metric_names(&dashboard)
+        .into_iter()
+        .filter(|name| name.ends_with("_total"))
+        .collect();
+    assert!(counters.len() >= 6, "{counters:?}");
+    // With an allow-list the category labels are known up front too.
+    let app = TestApp::spawn(support::settings(
+        &shared_broker().address(),
+        &[("VENUS__CATEGORIES", "page_view,click")],
+    ))
+    .await;
+    let text = metrics_text(&app).await;
+    for name in &counters {
+        let found = samples(&text, name);
+        assert!(!found.is_empty(), "{name} is missing right after start-up");
+        assert!(
+            found.values().all(|v| *v == 0.0),
+            "{name} is not 0: {found:?}"
+        );
+    }
+    for (labels, what) in [
+        (r#"type="kafka_error""#, "venus_uploads_total"),
+        (r#"reason="fenced""#, "venus_kafka_producer_restarts_total"),
+        (r#"category="click",result="failed""#, "venus_events_total"),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(what) && l.contains(labels)),
+            "{what}{{{labels}}} is missing: {text}"
         );
     }
     app.stop().await;

@@ -21,12 +21,14 @@ use rdkafka::producer::FutureRecord;
 
 use crate::config::MessageKey;
 use crate::drain::Drain;
+use crate::kafka::topics::TopicState;
 use crate::kafka::KafkaSink;
 use crate::metrics::Metrics;
 use crate::pipeline::context::{Batch, Enrichment, EventStatus};
 use crate::pipeline::{cpu_heavy, Handler, Outcome, SpanKind, UploadContext};
 use crate::telemetry;
 use crate::wire::PartCode;
+use rdkafka::types::RDKafkaErrorCode;
 
 pub struct WriteKafka {
     sink: Arc<KafkaSink>,
@@ -121,6 +123,26 @@ fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
 }
 
 impl WriteKafka {
+    /// Fails the batch at once with a reason naming the topic: producing
+    /// would only wait the delivery timeout for the same answer.
+    fn missing_topic(&self, ctx: &mut UploadContext, topic: String) -> Outcome {
+        let reason = format!(
+            "Kafka topic {topic} does not exist; the operator must create it \
+             (or set kafka.create_topics with this category in categories)"
+        );
+        let mut failed = 0u64;
+        for event in ctx.events.iter_mut().filter(|e| e.is_pending()) {
+            event.fail(PartCode::KafkaDelivery, reason.clone());
+            failed += 1;
+        }
+        self.metrics.missing_topic();
+        self.metrics.delivery_errors(failed);
+        Outcome::server_error(format!("{failed} events not written to Kafka: {reason}"))
+            .with_attribute(KeyValue::new("messaging.system", "kafka"))
+            .with_attribute(KeyValue::new("messaging.destination.name", topic))
+            .with_attribute(KeyValue::new("messaging.operation.type", "send"))
+    }
+
     async fn run(&self, ctx: &mut UploadContext) -> Outcome {
         let Some(batch) = ctx.batch.as_ref() else {
             // Unreachable through the chain (split_and_validate responds
@@ -134,6 +156,12 @@ impl WriteKafka {
             };
         };
         let topic = self.sink.topic_for(&batch.category);
+        // One producer for the whole batch, even if the healer replaces it
+        // meanwhile: its acknowledgements come from the one that sent.
+        let producer = self.sink.producer();
+        if self.sink.topics().check(&producer, &topic).await == TopicState::Missing {
+            return self.missing_topic(ctx, topic);
+        }
         let mut headers = OwnedHeaders::new();
         for (name, value) in telemetry::propagation_headers(&ctx.request.request_id) {
             headers = headers.insert(Header {
@@ -204,7 +232,7 @@ impl WriteKafka {
                 if let Some(key) = key {
                     record = record.key(key);
                 }
-                match self.sink.producer().send_result(record) {
+                match producer.producer.send_result(record) {
                     Ok(delivery) => {
                         sent += 1;
                         deliveries.push(async move { (index, delivery.await) });
@@ -234,6 +262,8 @@ impl WriteKafka {
         let answer_now = self.drain.answer_now();
         tokio::pin!(answer_now);
         let mut cut_short = false;
+        let mut acknowledged = 0usize;
+        let mut first_error: Option<rdkafka::error::KafkaError> = None;
         loop {
             let (index, result) = tokio::select! {
                 next = deliveries.next() => match next {
@@ -248,16 +278,37 @@ impl WriteKafka {
             };
             let event = &mut ctx.events[index];
             match result {
-                Ok(Ok(_delivery)) => event.status = EventStatus::Accepted,
-                Ok(Err((error, _message))) => event.fail(
-                    PartCode::KafkaDelivery,
-                    format!("Kafka did not acknowledge the event: {error}"),
-                ),
+                Ok(Ok(_delivery)) => {
+                    acknowledged += 1;
+                    event.status = EventStatus::Accepted;
+                }
+                Ok(Err((error, _message))) => {
+                    event.fail(
+                        PartCode::KafkaDelivery,
+                        format!("Kafka did not acknowledge the event: {error}"),
+                    );
+                    first_error.get_or_insert(error);
+                }
                 Err(_canceled) => event.fail(
                     PartCode::KafkaDelivery,
                     "the Kafka producer shut down before acknowledging the event",
                 ),
             }
+        }
+        if matches!(
+            first_error.as_ref().and_then(|e| e.rdkafka_error_code()),
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+        ) {
+            self.sink.topics().forget(&topic);
+        }
+        // What the healer and readiness judge the producer by. A batch cut
+        // short by the shutdown says nothing about the producer.
+        let timed_out = ctx.events.iter().any(|e| e.is_pending());
+        if !cut_short {
+            let timeout =
+                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+            let error = first_error.as_ref().or(timed_out.then_some(&timeout));
+            self.sink.report(producer.generation, acknowledged, error);
         }
         // Whatever is still pending had no answer before the deadline.
         let timeout_ms = self.sink.delivery_timeout().as_millis();

@@ -3,6 +3,7 @@
 //! database, and a reader for what reached a topic.
 #![allow(dead_code)]
 
+pub mod gateway;
 pub mod otlp;
 
 use std::collections::HashMap;
@@ -177,10 +178,26 @@ impl Broker {
             .set("session.timeout.ms", "6000")
             .create()
             .expect("consumer");
+        // Every partition of the topic (venus may create it with several).
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("topic metadata");
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
         let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(topic, 0, Offset::Beginning)
-            .unwrap();
+        for partition in if partitions.is_empty() {
+            vec![0]
+        } else {
+            partitions
+        } {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .unwrap();
+        }
         consumer.assign(&assignment).expect("assign");
         let mut messages = Vec::new();
         let mut last = Instant::now();

@@ -1,28 +1,27 @@
-//! The Kafka producer and what the gateway asks of it.
+//! One librdkafka producer: how it is configured and what it reports.
 //!
-//! One `FutureProducer` is shared by all requests. It is configured for
-//! durability first (`acks=all`, idempotence on); its message timeout is a
-//! little shorter than the delivery timeout, so librdkafka itself gives up on
-//! a message before the request that carries it answers.
+//! It is configured for durability first (`acks=all`, idempotence on); its
+//! message timeout is a little shorter than the delivery timeout, so
+//! librdkafka itself gives up on a message before the request that carries
+//! it answers. [`super::KafkaSink`] may replace a producer with a new one
+//! (see `healer`); each has a generation number so that late outcomes of a
+//! replaced producer are not mistaken for the new one's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 
-use crate::config::{KafkaSettings, MessageKey};
+use crate::config::KafkaSettings;
 use crate::domain::Category;
 
-#[derive(Debug, thiserror::Error)]
-#[error("cannot create the Kafka producer: {0}")]
-pub struct KafkaSetupError(#[from] rdkafka::error::KafkaError);
-
 /// Totals from librdkafka's statistics callback (every
-/// `statistics.interval.ms`), summed over brokers.
+/// `statistics.interval.ms`), summed over brokers, over every producer this
+/// process had: a replaced producer's last totals are carried over, so the
+/// counters never go backwards.
 #[derive(Debug, Default)]
 pub struct ProducerStatistics {
     /// Requests to brokers that failed to transmit.
@@ -34,7 +33,11 @@ pub struct ProducerStatistics {
 /// The producer's context: keeps librdkafka's statistics for the metrics
 /// and leaves logging as rdkafka does it (into `tracing` via `log`).
 pub struct StatisticsContext {
-    statistics: Arc<ProducerStatistics>,
+    /// The process-wide totals.
+    totals: Arc<ProducerStatistics>,
+    /// This producer's own last totals, added to `totals` as they grow.
+    own_errors: AtomicU64,
+    own_retries: AtomicU64,
 }
 
 impl ClientContext for StatisticsContext {
@@ -44,97 +47,40 @@ impl ClientContext for StatisticsContext {
             .values()
             .fold((0, 0), |(e, r), b| (e + b.txerrs, r + b.txretries));
         // Totals over the brokers librdkafka knows now: one that leaves takes
-        // its share along. Keep the highest seen, so the counters never go
+        // its share along. Only growth is added, so the counters never go
         // backwards (Prometheus would read that as a reset).
-        self.statistics
+        let before = self.own_errors.fetch_max(errors, Ordering::Relaxed);
+        self.totals
             .tx_errors
-            .fetch_max(errors, Ordering::Relaxed);
-        self.statistics
+            .fetch_add(errors.saturating_sub(before), Ordering::Relaxed);
+        let before = self.own_retries.fetch_max(retries, Ordering::Relaxed);
+        self.totals
             .tx_retries
-            .fetch_max(retries, Ordering::Relaxed);
+            .fetch_add(retries.saturating_sub(before), Ordering::Relaxed);
     }
 }
 
-/// The producer plus the settings that shape each message.
-pub struct KafkaSink {
-    producer: FutureProducer<StatisticsContext>,
-    statistics: Arc<ProducerStatistics>,
-    topic_template: String,
-    key: MessageKey,
-    delivery_timeout: Duration,
-    max_message_bytes: usize,
+/// A producer and its generation (0 for the first of the process).
+pub struct ProducerHandle {
+    pub producer: FutureProducer<StatisticsContext>,
+    pub generation: u64,
 }
 
-impl KafkaSink {
-    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaSetupError> {
-        let statistics = Arc::new(ProducerStatistics::default());
+impl ProducerHandle {
+    pub fn build(
+        settings: &KafkaSettings,
+        generation: u64,
+        totals: Arc<ProducerStatistics>,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
         let producer = producer_config(settings).create_with_context(StatisticsContext {
-            statistics: statistics.clone(),
+            totals,
+            own_errors: AtomicU64::new(0),
+            own_retries: AtomicU64::new(0),
         })?;
         Ok(Self {
             producer,
-            statistics,
-            topic_template: settings.topic_template.clone(),
-            key: settings.key(),
-            delivery_timeout: settings.delivery_timeout(),
-            max_message_bytes: settings.max_message_bytes,
+            generation,
         })
-    }
-
-    pub fn producer(&self) -> &FutureProducer<StatisticsContext> {
-        &self.producer
-    }
-
-    pub fn statistics(&self) -> &ProducerStatistics {
-        &self.statistics
-    }
-
-    pub fn key(&self) -> &MessageKey {
-        &self.key
-    }
-
-    pub fn delivery_timeout(&self) -> Duration {
-        self.delivery_timeout
-    }
-
-    pub fn max_message_bytes(&self) -> usize {
-        self.max_message_bytes
-    }
-
-    /// The topic of a batch of `category`.
-    pub fn topic_for(&self, category: &Category) -> String {
-        render_topic(&self.topic_template, category)
-    }
-
-    /// Messages handed to the producer and not yet acknowledged or failed.
-    pub fn queue_depth(&self) -> i64 {
-        i64::from(self.producer.in_flight_count())
-    }
-
-    /// Asks a broker for cluster metadata; `Ok` means Kafka is reachable.
-    /// (Asking about one named topic would be lighter, but a broker that
-    /// creates topics on first mention would create it.) Blocks up to
-    /// `timeout`: call it from a blocking thread.
-    pub fn check_reachable(&self, timeout: Duration) -> Result<(), String> {
-        self.producer
-            .client()
-            .fetch_metadata(None, timeout)
-            .map(|_| ())
-            .map_err(|e| format!("Kafka metadata not reachable: {e}"))
-    }
-
-    /// The producer's fatal error, if it had one: from then on it fails every
-    /// message, and only a restart helps.
-    pub fn fatal_error(&self) -> Option<String> {
-        self.producer
-            .client()
-            .fatal_error()
-            .map(|(code, reason)| format!("Kafka producer failed for good: {code}: {reason}"))
-    }
-
-    /// Waits for every queued message to be acknowledged or to fail.
-    pub fn flush(&self, timeout: Duration) -> Result<(), String> {
-        self.producer.flush(timeout).map_err(|e| e.to_string())
     }
 }
 
@@ -231,6 +177,10 @@ mod tests {
             max_message_bytes: 1000,
             producer: [("linger.ms".to_string(), "50".to_string())].into(),
             producer_files: Default::default(),
+            rebuild_after_failing_ms: 5000,
+            create_topics: false,
+            topic_partitions: -1,
+            topic_replication: -1,
         };
         let config = producer_config(&settings);
         assert_eq!(config.get("acks"), Some("all"));
