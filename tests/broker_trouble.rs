@@ -84,11 +84,14 @@ fn load(
     (uploads, tasks)
 }
 
-/// `/readyz` statuses every 200 ms until `stop`, with when they were taken.
+/// `/readyz` answers: when each was taken and its status.
+type Readiness = Arc<Mutex<Vec<(Instant, u16)>>>;
+
+/// `/readyz` statuses every 200 ms until `stop`.
 fn watch_readiness(
     gateway: &Gateway,
     stop: Arc<AtomicBool>,
-) -> (Arc<Mutex<Vec<(Instant, u16)>>>, tokio::task::JoinHandle<()>) {
+) -> (Readiness, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let url = gateway.url("/readyz");
     let task = tokio::spawn({
