@@ -1,0 +1,36 @@
+//! The batch parser (`split_and_validate`) on arbitrary bytes: it must never
+//! panic or overflow its stack, never answer 5xx, and every event it accepts
+//! must be a JSON object whose strings hold no invalid escape.
+#![no_main]
+
+use bytes::Bytes;
+use futures::executor::block_on;
+use libfuzzer_sys::fuzz_target;
+use venus::pipeline::split_and_validate::{BatchLimits, SplitAndValidate};
+use venus::pipeline::{EventStatus, Handler, UploadContext, UploadRequest};
+
+fuzz_target!(|data: &[u8]| {
+    let handler = SplitAndValidate::new(
+        BatchLimits {
+            max_events: 100,
+            max_meta_bytes: 16 * 1024,
+        },
+        &[],
+    );
+    let mut ctx = UploadContext::new(UploadRequest {
+        request_id: "fuzz".into(),
+        client_ip: "127.0.0.1".parse().unwrap(),
+        document: Bytes::copy_from_slice(data),
+    });
+    let outcome = block_on(handler.handle(&mut ctx));
+    if let Some(reply) = outcome.responder {
+        assert!(reply.status.as_u16() < 500, "{}", reply.status);
+    }
+    for event in &ctx.events {
+        if matches!(event.status, EventStatus::Pending) {
+            assert!(event.raw.starts_with(b"{"));
+            assert!(venus::json_scan::scan(&event.raw, usize::MAX).is_ok());
+            assert!(!venus::json_scan::has_lone_surrogate(&event.raw));
+        }
+    }
+});
