@@ -405,3 +405,37 @@ async fn oversized_request_heads_get_431_and_32_kib_of_headers_work() {
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_count_in_the_size_of_a_message() {
+    let (category, topic) = support::fresh_topic("sized").await;
+    let app = app_with(&[("VENUS__KAFKA__MAX_MESSAGE_BYTES", "3000")]).await;
+    // An event whose message value is about 2,500 bytes: it fits alone, but
+    // not with 1,000 bytes of the caller's baggage in the headers.
+    let event = json!({"id": "big", "pad": "p".repeat(2100)});
+    let body = json!({"meta": {"app_id": "a", "category": category}, "data": [event]}).to_string();
+    let baggage = format!("note={}", "b".repeat(1000));
+    for (with_baggage, code) in [(false, 0), (true, 1003)] {
+        let mut request = app
+            .client
+            .post(app.url("/api/v1/upload"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if with_baggage {
+            request = request.header("baggage", &baggage);
+        }
+        let (_, reply) = reply(request.send().await.unwrap()).await;
+        assert_eq!(reply["parts"][0]["code"], code, "{reply}");
+        if code == 1003 {
+            let reason = reply["parts"][0]["data"].as_str().unwrap();
+            assert!(reason.contains("(value, key and headers)"), "{reason}");
+        }
+    }
+    assert_eq!(
+        shared_broker()
+            .read(&topic, 2, Duration::from_secs(3))
+            .len(),
+        1
+    );
+    app.stop().await;
+}
