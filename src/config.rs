@@ -102,9 +102,15 @@ pub struct ServerSettings {
     /// Largest request head (request line plus headers); 431 beyond.
     #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: usize,
-    /// Header holding the original client address when the gateway runs
-    /// behind a proxy (e.g. `X-Forwarded-For`; its last address, the one the
-    /// proxy appended, is used). Empty means the TCP peer address.
+    /// Proxies (CIDRs or addresses) whose forwarding headers are believed:
+    /// from them the client address is found by walking `Forwarded` /
+    /// `X-Forwarded-For` from the right past trusted hops (see `client_ip`).
+    /// Empty: only the TCP peer counts and forwarding headers are ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// A header a trusted CDN sets to the client's address (e.g.
+    /// `CF-Connecting-IP`, `True-Client-IP`); honoured only from trusted
+    /// proxies, before the walk. Empty: none.
     #[serde(default)]
     pub client_ip_header: String,
     /// On SIGTERM, how long `/readyz` answers 503 while the gateway still
@@ -288,8 +294,39 @@ impl KafkaSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GeoIpSettings {
-    /// Path of a GeoIP2/GeoLite2-City `.mmdb` file.
-    pub database: PathBuf,
+    /// The city database: one `.mmdb` file, or an IPv4 and an IPv6 file (a
+    /// list, or comma-separated from the environment). GeoIP2/GeoLite2-City
+    /// and the flat ip-location-db / DB-IP layout are both read; which one a
+    /// file has is found from its records.
+    #[serde(deserialize_with = "one_or_many_paths")]
+    pub database: Vec<PathBuf>,
+    /// How often the files are looked at, in milliseconds; a changed file is
+    /// loaded and, if it answers a probe lookup, replaces the old data. 0
+    /// turns the look off (SIGHUP still reloads).
+    #[serde(default = "defaults::geoip_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+/// A path, a list of paths, or comma-separated paths in one string.
+fn one_or_many_paths<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Paths {
+        One(String),
+        Many(Vec<String>),
+    }
+    let listed = match Paths::deserialize(deserializer)? {
+        Paths::One(text) => text.split(',').map(str::to_owned).collect(),
+        Paths::Many(list) => list,
+    };
+    Ok(listed
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -421,6 +458,9 @@ mod defaults {
     pub fn broker_default() -> i32 {
         -1
     }
+    pub fn geoip_reload_interval_ms() -> u64 {
+        60_000
+    }
     pub fn environment() -> String {
         "development".into()
     }
@@ -471,6 +511,7 @@ impl Settings {
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("categories")
+            .with_list_parse_key("server.trusted_proxies")
             .try_parsing(true)
             .source(env.map(|map| map.into_iter().collect()));
         let settings: Settings = config::Config::builder()
@@ -528,6 +569,20 @@ impl Settings {
                 "server.header_read_timeout_ms",
                 "must be greater than 0",
             ));
+        }
+        crate::client_ip::ClientIpResolver::new(
+            &self.server.trusted_proxies,
+            &self.server.client_ip_header,
+        )
+        .map_err(|e| invalid("server.trusted_proxies / server.client_ip_header", e))?;
+        match self.geoip.database.len() {
+            1 | 2 => {}
+            n => {
+                return Err(invalid(
+                    "geoip.database",
+                    format!("names {n} files; give one, or an IPv4 and an IPv6 file"),
+                ))
+            }
         }
         if self.kafka.create_topics && self.categories.is_empty() {
             return Err(invalid(
@@ -686,7 +741,10 @@ geoip:
         .unwrap();
         assert_eq!(settings.server.listen, "0.0.0.0:9999");
         assert_eq!(settings.kafka.brokers, "a:1,b:2");
-        assert_eq!(settings.geoip.database, PathBuf::from("/data/city.mmdb"));
+        assert_eq!(
+            settings.geoip.database,
+            vec![PathBuf::from("/data/city.mmdb")]
+        );
         assert_eq!(settings.server.max_events_per_batch, 50);
         assert_eq!(settings.kafka.key(), MessageKey::MetaField("app_id".into()));
         assert_eq!(settings.categories, vec!["page_view", "click"]);
@@ -821,5 +879,30 @@ geoip:
         )]);
         assert!(err.contains("kafka.producer_files"), "{err}");
         assert!(err.contains("/nonexistent/s"), "{err}");
+    }
+
+    #[test]
+    fn the_geoip_database_may_be_two_files() {
+        let f = file(&MINIMAL.replace(
+            "  database: \"geoip/GeoLite2-City.mmdb\"",
+            "  database: [\"a/v4.mmdb\", \"a/v6.mmdb\"]",
+        ));
+        let settings = Settings::load_with_env(f.path(), env(&[])).unwrap();
+        assert_eq!(
+            settings.geoip.database,
+            vec![PathBuf::from("a/v4.mmdb"), PathBuf::from("a/v6.mmdb")]
+        );
+        let f = file(MINIMAL);
+        let settings = Settings::load_with_env(
+            f.path(),
+            env(&[("VENUS__GEOIP__DATABASE", "/d/v4.mmdb, /d/v6.mmdb")]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.geoip.database,
+            vec![PathBuf::from("/d/v4.mmdb"), PathBuf::from("/d/v6.mmdb")]
+        );
+        let err = load_error(&[("VENUS__GEOIP__DATABASE", "a,b,c")]);
+        assert!(err.contains("geoip.database"), "{err}");
     }
 }

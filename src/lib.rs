@@ -4,6 +4,7 @@
 //! Where a byte of a request goes:
 //! * `server`: routes, request id, server span, the accept loop, shutdown;
 //! * `connection`: one connection's idle and request-head timers;
+//! * `client_ip`: the client's address behind trusted proxies;
 //! * `admission`: the memory budget in bytes, body rate, processing slots;
 //! * `drain`: the phases of a shutdown that handlers listen to;
 //! * `upload_body`: multipart / JSON / gzip into the batch document;
@@ -15,6 +16,7 @@
 //! * `kafka`, `geoip`, `telemetry`, `metrics`, `config`: one concern each.
 
 pub mod admission;
+pub mod client_ip;
 pub mod config;
 pub mod connection;
 pub mod domain;

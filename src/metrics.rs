@@ -128,6 +128,7 @@ struct Instruments {
     panics: Counter<u64>,
     producer_restarts: Counter<u64>,
     missing_topic: Counter<u64>,
+    geoip_reloads: Counter<u64>,
     categories: CategoryLabels,
 }
 
@@ -207,6 +208,10 @@ impl Metrics {
                     "Uploads refused at once because their Kafka topic does not exist",
                 )
                 .build(),
+            geoip_reloads: meter
+                .u64_counter("venus.geoip.reloads")
+                .with_description("GeoIP reload attempts by result: loaded, rejected (the old data keeps serving)")
+                .build(),
             categories: CategoryLabels {
                 allowed: categories.iter().cloned().collect(),
                 seen: RwLock::new(HashSet::new()),
@@ -255,6 +260,11 @@ impl Metrics {
         inner.delivery_errors.add(0, &[]);
         inner.panics.add(0, &[]);
         inner.missing_topic.add(0, &[]);
+        for result in ["loaded", "rejected"] {
+            inner
+                .geoip_reloads
+                .add(0, &[KeyValue::new("result", result)]);
+        }
     }
 
     pub fn upload(&self, kind: UploadType) {
@@ -302,6 +312,12 @@ impl Metrics {
         self.inner
             .producer_restarts
             .add(1, &[KeyValue::new("reason", reason.as_str())]);
+    }
+
+    pub fn geoip_reload(&self, result: &'static str) {
+        self.inner
+            .geoip_reloads
+            .add(1, &[KeyValue::new("result", result)]);
     }
 
     pub fn missing_topic(&self) {

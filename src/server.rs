@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -42,6 +42,7 @@ use tracing::{field, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::admission::{Account, MemoryBudget, MeteredBody};
+use crate::client_ip::ClientIpResolver;
 use crate::config::Settings;
 use crate::connection::{self, Activity, Timeouts, WatchedIo};
 use crate::drain::{Drain, DrainControl, Phase};
@@ -73,7 +74,7 @@ struct AppState {
     body_timeout: Duration,
     min_body_rate: u64,
     body_rate_grace: Duration,
-    client_ip_header: Option<HeaderName>,
+    client_ip: Arc<ClientIpResolver>,
     readiness: Arc<ReadinessCache>,
     drain: Drain,
     /// Keeps the observable instruments (and their callbacks) alive.
@@ -114,13 +115,18 @@ impl Application {
             &settings.categories,
             settings.telemetry.max_metric_categories,
         );
+        crate::geoip::reload::spawn(
+            geoip.clone(),
+            Duration::from_millis(settings.geoip.reload_interval_ms),
+            metrics.clone(),
+        );
         let sink = Arc::new(KafkaSink::new(&settings.kafka, metrics.clone())?);
         sink.start_healer();
         if settings.kafka.create_topics {
             create_topics(&settings).await;
         }
         let budget = MemoryBudget::new(settings.server.max_in_flight_bytes);
-        let gauges = Arc::new(register_gauges(&metering, &sink, &budget));
+        let gauges = Arc::new(register_gauges(&metering, &sink, &budget, &geoip));
 
         let (drain_control, drain) = DrainControl::new();
         let limits = BatchLimits {
@@ -136,12 +142,11 @@ impl Application {
                 drain.clone(),
             )),
         ]);
-        let client_ip_header = match settings.server.client_ip_header.trim() {
-            "" => None,
-            name => Some(HeaderName::try_from(name).map_err(|e| {
-                anyhow::anyhow!("configuration key `server.client_ip_header`: {e}")
-            })?),
-        };
+        let client_ip = ClientIpResolver::new(
+            &settings.server.trusted_proxies,
+            &settings.server.client_ip_header,
+        )
+        .map_err(|e| anyhow::anyhow!("configuration key `server.trusted_proxies`: {e}"))?;
         let state = AppState {
             chain: Arc::new(chain),
             sink,
@@ -154,7 +159,7 @@ impl Application {
             body_timeout: Duration::from_millis(settings.server.body_timeout_ms),
             min_body_rate: settings.server.min_body_rate_bytes_per_sec,
             body_rate_grace: Duration::from_millis(settings.server.body_rate_grace_ms),
-            client_ip_header,
+            client_ip: Arc::new(client_ip),
             readiness: Arc::new(ReadinessCache::default()),
             drain,
             _gauges: gauges,
@@ -431,16 +436,23 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
         url.path = %request.uri().path(),
         url.scheme = "http",
         client.address = field::Empty,
-        client.port = field::Empty,
+        network.peer.address = field::Empty,
+        network.peer.port = field::Empty,
         http.request.body.size = field::Empty,
         http.response.status_code = field::Empty,
         request_id = %request_id,
         trace_id = field::Empty,
         span_id = field::Empty,
     );
+    // The client's address as resolved behind trusted proxies, and the TCP
+    // peer it came through; the upload uses the former.
+    let mut request = request;
     if let Some(peer) = peer {
-        span.record("client.address", field::display(peer.ip()));
-        span.record("client.port", i64::from(peer.port()));
+        let client = state.client_ip.resolve(request.headers(), peer.ip());
+        span.record("client.address", field::display(client));
+        span.record("network.peer.address", field::display(peer.ip()));
+        span.record("network.peer.port", i64::from(peer.port()));
+        request.extensions_mut().insert(ClientAddress(client));
     }
     if let Some(size) = body_size {
         span.record("http.request.body.size", size);
@@ -466,17 +478,9 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
     response
 }
 
-/// The client's address: the last entry of the configured header (the one
-/// the gateway's own proxy appended; earlier entries are whatever the client
-/// sent, so trusting them would let it pick its location), else the peer.
-fn client_ip(headers: &HeaderMap, peer: IpAddr, header: Option<&HeaderName>) -> IpAddr {
-    header
-        .and_then(|name| headers.get_all(name).iter().next_back())
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .and_then(|last| last.trim().parse::<IpAddr>().ok())
-        .unwrap_or(peer)
-}
+/// The client's address of a request, resolved once by the server span.
+#[derive(Clone, Copy, Debug)]
+struct ClientAddress(IpAddr);
 
 async fn upload(
     State(state): State<AppState>,
@@ -485,11 +489,10 @@ async fn upload(
     request: Request,
 ) -> Response {
     state.metrics.upload(UploadType::All);
-    let client_ip = client_ip(
-        request.headers(),
-        peer.ip(),
-        state.client_ip_header.as_ref(),
-    );
+    let client_ip = request
+        .extensions()
+        .get::<ClientAddress>()
+        .map_or(peer.ip(), |client| client.0);
     // Bytes are charged to the memory budget as they arrive; the charge is
     // held (with `account`) until the reply is built.
     let account = state.budget.account();
@@ -648,6 +651,9 @@ struct Readiness<'a> {
     kafka: &'static str,
     /// The loaded database's type, e.g. `GeoLite2-City`.
     geoip: &'a str,
+    /// Every GeoIP file in use: path, type, layout, address family, build
+    /// time; a reload shows here at once.
+    geoip_files: Vec<crate::geoip::FileInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a String>,
 }
@@ -688,7 +694,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
             .await
             .map_err(|reason| ("unreachable", reason))
     };
-    let geoip = state.geoip.database_type();
+    let database = state.geoip.current();
+    let geoip = database.database_type();
+    let geoip_files: Vec<crate::geoip::FileInfo> = database.files().cloned().collect();
     let (status, body) = match &kafka {
         Ok(()) => (
             StatusCode::OK,
@@ -696,6 +704,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 status: "ready",
                 kafka: "reachable",
                 geoip,
+                geoip_files,
                 reason: None,
             },
         ),
@@ -705,6 +714,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 status: "not ready",
                 kafka,
                 geoip,
+                geoip_files,
                 reason: Some(reason),
             },
         ),
@@ -795,11 +805,17 @@ struct Gauges {
     _tx_retries: opentelemetry::metrics::ObservableCounter<u64>,
     _dropped_spans: opentelemetry::metrics::ObservableCounter<u64>,
     _budget: opentelemetry::metrics::ObservableGauge<u64>,
+    _geoip: opentelemetry::metrics::ObservableGauge<u64>,
 }
 
 /// The producer's queue depth, librdkafka's transmission errors and
 /// retries, and the spans lost on export.
-fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>, budget: &MemoryBudget) -> Gauges {
+fn register_gauges(
+    metering: &Metering,
+    sink: &Arc<KafkaSink>,
+    budget: &MemoryBudget,
+    geoip: &Arc<GeoIp>,
+) -> Gauges {
     use opentelemetry::metrics::MeterProvider;
     let meter = metering.provider.meter("venus");
     let queue_sink = Arc::downgrade(sink);
@@ -838,33 +854,34 @@ fn register_gauges(metering: &Metering, sink: &Arc<KafkaSink>, budget: &MemoryBu
         .with_description("Bytes of the request-body memory budget held by uploads in flight")
         .with_callback(move |observer| observer.observe(budget.in_use() as u64, &[]))
         .build();
+    let geoip = Arc::downgrade(geoip);
+    let geoip = meter
+        .u64_observable_gauge("venus.geoip.database")
+        .with_description(
+            "The GeoIP files in use, one series each: the value is when the data was built (seconds since the epoch)",
+        )
+        .with_callback(move |observer| {
+            if let Some(geoip) = geoip.upgrade() {
+                for file in geoip.current().files() {
+                    observer.observe(
+                        file.build_epoch,
+                        &[
+                            opentelemetry::KeyValue::new("type", file.database_type.clone()),
+                            opentelemetry::KeyValue::new("layout", file.layout),
+                            opentelemetry::KeyValue::new("path", file.path.clone()),
+                            opentelemetry::KeyValue::new("ip_version", i64::from(file.ip_version)),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
     Gauges {
+        _geoip: geoip,
         _budget: budget,
         _queue: gauge,
         _tx_errors: tx_errors,
         _tx_retries: tx_retries,
         _dropped_spans: dropped,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_client_address_is_the_last_one_the_proxy_appended() {
-        let peer: IpAddr = "10.0.0.9".parse().unwrap();
-        let name = HeaderName::from_static("x-forwarded-for");
-        let mut headers = HeaderMap::new();
-        headers.insert(&name, HeaderValue::from_static("1.2.3.4, 81.2.69.142"));
-        assert_eq!(
-            client_ip(&headers, peer, Some(&name)),
-            "81.2.69.142".parse::<IpAddr>().unwrap()
-        );
-        // Not configured: the peer, whatever the header says.
-        assert_eq!(client_ip(&headers, peer, None), peer);
-        // Garbage in the header: the peer.
-        headers.insert(&name, HeaderValue::from_static("1.2.3.4, nonsense"));
-        assert_eq!(client_ip(&headers, peer, Some(&name)), peer);
     }
 }

@@ -60,6 +60,8 @@ impl IpEnrich {
         // Events of one batch mostly share an address or a few: look each
         // one up once.
         let mut locations: HashMap<IpAddr, Arc<Location>> = HashMap::new();
+        // One database for the whole batch, even if a reload swaps it.
+        let database = self.geoip.current();
         let mut invalid = 0usize;
         let mut first_invalid = String::new();
 
@@ -83,7 +85,7 @@ impl IpEnrich {
             };
             let location = locations
                 .entry(ip)
-                .or_insert_with(|| match self.geoip.lookup(ip) {
+                .or_insert_with(|| match database.lookup(ip) {
                     Lookup::Hit(location) => {
                         self.metrics.geoip_lookup("hit");
                         Arc::new(location)

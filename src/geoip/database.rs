@@ -1,0 +1,373 @@
+//! One loaded set of GeoIP files: how their records are laid out, which
+//! file answers for which address family, and how a file is held in memory.
+//!
+//! Two record layouts are read, told apart by the records themselves (a
+//! probe record, and the metadata), never by a flag an operator could get
+//! wrong:
+//!
+//! * GeoIP2 / GeoLite2-City: `country.iso_code`, `subdivisions[0].names.en`,
+//!   `city.names.en`;
+//! * the flat layout of the ip-location-db and DB-IP lite city databases:
+//!   `country_code`, `state1`, `city`.
+//!
+//! A set is one file (IPv6 database with IPv4 inside, as MaxMind ships) or
+//! two (an `ip_version` 4 file and an `ip_version` 6 one, as ip-location-db
+//! ships); a lookup asks the file for its address family.
+//!
+//! **Memory.** A file is memory-mapped, not read into the heap: only the
+//! pages that lookups touch become resident, and the kernel may drop them
+//! again. Mapping the operator's file itself would be unsafe: overwriting it
+//! in place (`cp new.mmdb city.mmdb`) changes or truncates pages under the
+//! reader, and a truncated mapping kills the process with SIGBUS. So the
+//! gateway maps a **private copy**: the file is copied next to itself (or to
+//! the temp dir if that directory is read-only), mapped, and the copy is
+//! unlinked at once. Nobody else can open it, and its space goes back when
+//! the database is replaced. On filesystems with reflinks the copy costs no
+//! space at all.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use maxminddb::Reader;
+use memmap2::Mmap;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use super::{GeoIpError, Location, Lookup};
+
+/// How the records of a file are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    GeoIp2,
+    Flat,
+}
+
+impl Layout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GeoIp2 => "geoip2",
+            Self::Flat => "flat",
+        }
+    }
+}
+
+/// What an operator wants to know about a loaded file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileInfo {
+    pub path: String,
+    pub database_type: String,
+    pub layout: &'static str,
+    pub ip_version: u16,
+    /// When the data was built, in seconds since the epoch.
+    pub build_epoch: u64,
+}
+
+/// The bytes of a file: a mapping of its private copy, or (tests,
+/// benchmarks) a heap buffer.
+pub enum Source {
+    Mapped(Mmap),
+    Heap(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Source {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(map) => map,
+            Self::Heap(bytes) => bytes,
+        }
+    }
+}
+
+/// A file's identity on disk, to notice that it was replaced or changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl Fingerprint {
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Self {
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+            inode: metadata.ino(),
+        })
+    }
+}
+
+struct File {
+    reader: Reader<Source>,
+    layout: Layout,
+    info: FileInfo,
+}
+
+/// One loaded, probed set of files.
+pub struct Database {
+    files: Vec<File>,
+    /// Index of the file that answers IPv4 lookups, and IPv6 ones.
+    v4: Option<usize>,
+    v6: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct CityRecord<'a> {
+    #[serde(borrow, default)]
+    country: Option<CountryRecord<'a>>,
+    #[serde(borrow, default)]
+    subdivisions: Option<Vec<NamedRecord<'a>>>,
+    #[serde(borrow, default)]
+    city: Option<NamedRecord<'a>>,
+}
+
+#[derive(Deserialize)]
+struct CountryRecord<'a> {
+    #[serde(borrow, default)]
+    iso_code: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct NamedRecord<'a> {
+    #[serde(borrow, default)]
+    names: Option<EnglishName<'a>>,
+}
+
+#[derive(Deserialize)]
+struct EnglishName<'a> {
+    #[serde(borrow, default)]
+    en: Option<&'a str>,
+}
+
+impl NamedRecord<'_> {
+    fn english(&self) -> &str {
+        self.names.as_ref().and_then(|n| n.en).unwrap_or_default()
+    }
+}
+
+/// The flat layout: `country_code`, `state1`, `city` (and fields not read).
+#[derive(Deserialize)]
+struct FlatRecord<'a> {
+    #[serde(borrow, default)]
+    country_code: Option<&'a str>,
+    #[serde(borrow, default)]
+    state1: Option<&'a str>,
+    #[serde(borrow, default)]
+    city: Option<&'a str>,
+}
+
+impl Database {
+    /// Loads and probes `paths` (one file, or an IPv4 and an IPv6 file).
+    /// Blocking: reads metadata and copies each file.
+    pub fn open(paths: &[PathBuf]) -> Result<Self, GeoIpError> {
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let shown = path.display().to_string();
+            if !path.exists() {
+                return Err(GeoIpError::Missing { path: shown });
+            }
+            let source = map_private_copy(path).map_err(|e| GeoIpError::Invalid {
+                path: shown.clone(),
+                reason: format!("cannot map a private copy: {e}"),
+            })?;
+            files.push(File::load(source, shown)?);
+        }
+        Self::assemble(files)
+    }
+
+    /// A database from bytes in memory (tests, benchmarks).
+    pub fn from_bytes(parts: Vec<Vec<u8>>) -> Result<Self, GeoIpError> {
+        let files = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, bytes)| File::load(Source::Heap(bytes), format!("<memory {i}>")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::assemble(files)
+    }
+
+    fn assemble(files: Vec<File>) -> Result<Self, GeoIpError> {
+        let of_version = |version: u16| -> Result<Option<usize>, GeoIpError> {
+            let found: Vec<usize> = (0..files.len())
+                .filter(|&i| files[i].info.ip_version == version)
+                .collect();
+            match found.as_slice() {
+                [] => Ok(None),
+                [one] => Ok(Some(*one)),
+                [_, second, ..] => Err(GeoIpError::Invalid {
+                    path: files[*second].info.path.clone(),
+                    reason: format!("a second IPv{version} database; give one per address family"),
+                }),
+            }
+        };
+        let v6 = of_version(6)?;
+        // An IPv6 database answers IPv4 lookups too unless an IPv4 one is given.
+        let v4 = of_version(4)?.or(v6);
+        if v4.is_none() {
+            return Err(GeoIpError::Invalid {
+                path: String::new(),
+                reason: "no database given".into(),
+            });
+        }
+        Ok(Self { files, v4, v6 })
+    }
+
+    /// Looks `ip` up in the file for its address family. A record that cannot
+    /// be decoded counts as a miss: a damaged record must not fail an upload.
+    pub fn lookup(&self, ip: IpAddr) -> Lookup {
+        let index = match ip {
+            IpAddr::V4(_) => self.v4,
+            IpAddr::V6(_) => self.v6,
+        };
+        let Some(file) = index.map(|i| &self.files[i]) else {
+            return Lookup::Miss;
+        };
+        file.lookup(ip)
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &FileInfo> {
+        self.files.iter().map(|f| &f.info)
+    }
+
+    /// The first file's database type (what `/readyz` has always shown).
+    pub fn database_type(&self) -> &str {
+        &self.files[0].info.database_type
+    }
+}
+
+impl File {
+    /// Reads the metadata, finds the layout from a probe record, and checks
+    /// that a lookup of that record's address answers.
+    fn load(source: Source, path: String) -> Result<Self, GeoIpError> {
+        let invalid = |reason: String| GeoIpError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        let reader = Reader::from_source(source).map_err(|e| invalid(e.to_string()))?;
+        let metadata = reader.metadata();
+        let (layout, probe) = probe(&reader).map_err(&invalid)?;
+        let info = FileInfo {
+            path: path.clone(),
+            database_type: metadata.database_type.clone(),
+            layout: layout.as_str(),
+            ip_version: metadata.ip_version,
+            build_epoch: metadata.build_epoch,
+        };
+        let file = Self {
+            reader,
+            layout,
+            info,
+        };
+        match file.lookup(probe) {
+            Lookup::Hit(_) => Ok(file),
+            Lookup::Miss => Err(invalid(format!(
+                "a probe lookup of {probe}, which the database lists, found nothing"
+            ))),
+        }
+    }
+
+    fn lookup(&self, ip: IpAddr) -> Lookup {
+        let Ok(result) = self.reader.lookup(ip) else {
+            return Lookup::Miss;
+        };
+        let location = match self.layout {
+            Layout::GeoIp2 => result
+                .decode::<CityRecord>()
+                .ok()
+                .flatten()
+                .map(|r| Location {
+                    country: r
+                        .country
+                        .and_then(|c| c.iso_code)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    region: r
+                        .subdivisions
+                        .as_ref()
+                        .and_then(|s| s.first())
+                        .map(|s| s.english().to_owned())
+                        .unwrap_or_default(),
+                    city: r
+                        .city
+                        .as_ref()
+                        .map(|c| c.english().to_owned())
+                        .unwrap_or_default(),
+                }),
+            Layout::Flat => result
+                .decode::<FlatRecord>()
+                .ok()
+                .flatten()
+                .map(|r| Location {
+                    country: r.country_code.unwrap_or_default().to_owned(),
+                    region: r.state1.unwrap_or_default().to_owned(),
+                    city: r.city.unwrap_or_default().to_owned(),
+                }),
+        };
+        location.map_or(Lookup::Miss, Lookup::Hit)
+    }
+}
+
+/// The layout of the first record with data, and an address inside it.
+fn probe(reader: &Reader<Source>) -> Result<(Layout, IpAddr), String> {
+    let first = reader
+        .networks(Default::default())
+        .map_err(|e| e.to_string())?
+        .find_map(Result::ok)
+        .ok_or("the database has no records")?;
+    let network = first.network().map_err(|e| e.to_string())?;
+    let keys: std::collections::BTreeMap<String, IgnoredAny> = first
+        .decode()
+        .map_err(|e| format!("its first record does not decode: {e}"))?
+        .ok_or("its first record is empty")?;
+    let has = |key: &str| keys.contains_key(key);
+    let layout = if has("country_code") || has("state1") {
+        Layout::Flat
+    } else if has("country") || has("city") || has("subdivisions") || has("continent") {
+        Layout::GeoIp2
+    } else {
+        return Err(format!(
+            "records have neither the GeoIP2 city layout nor the flat one (keys: {})",
+            keys.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    };
+    Ok((layout, network.ip()))
+}
+
+/// Copies `path` next to itself (or into the temp dir), maps the copy and
+/// unlinks it: a mapping no one else can change (see the module doc).
+fn map_private_copy(path: &Path) -> std::io::Result<Source> {
+    static COPIES: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        ".venus-{}-{}-{}",
+        std::process::id(),
+        COPIES.fetch_add(1, Ordering::Relaxed),
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("db")
+    );
+    let beside = path.parent().map(|dir| dir.join(&name));
+    let copy = match beside.as_ref().map(|to| (to, std::fs::copy(path, to))) {
+        Some((to, Ok(_))) => to.clone(),
+        _ => {
+            let to = std::env::temp_dir().join(&name);
+            std::fs::copy(path, &to)?;
+            to
+        }
+    };
+    // SAFETY: the mapped file is this process's private copy, unlinked right
+    // below: no other process can open, change or truncate it, so the mapping
+    // cannot change under the reader.
+    let mapped = unsafe { memmap2_open(&copy) };
+    let _ = std::fs::remove_file(&copy);
+    mapped.map(Source::Mapped)
+}
+
+/// Maps `path` read-only.
+///
+/// # Safety
+/// The caller guarantees the file is not modified while mapped.
+unsafe fn memmap2_open(path: &Path) -> std::io::Result<Mmap> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: forwarded to the caller.
+    unsafe { memmap2::MmapOptions::new().map(&file) }
+}
