@@ -101,6 +101,8 @@ async fn an_upload_is_one_trace_from_the_caller_through_every_handler_into_kafka
     assert_eq!(text(server, "http.route"), "/api/v1/upload");
     assert_eq!(int(server, "http.response.status_code"), 206);
     assert_eq!(text(server, "client.address"), "127.0.0.1");
+    assert_eq!(text(server, "network.peer.address"), "127.0.0.1");
+    assert!(int(server, "network.peer.port") > 0);
     assert!(int(server, "http.request.body.size") > 0);
 
     let split = named(&spans, "split_and_validate");
@@ -245,5 +247,33 @@ async fn metrics_are_pushed_over_otlp_when_an_endpoint_is_set() {
         assert!(Instant::now() < deadline, "metrics pushed: {names:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_span_has_the_client_and_the_peer_apart() {
+    collector();
+    let broker = shared_broker();
+    let (category, _) = support::fresh_topic("proxied_span").await;
+    let app = TestApp::spawn(support::settings(
+        &broker.address(),
+        &[("VENUS__SERVER__TRUSTED_PROXIES", "127.0.0.0/8")],
+    ))
+    .await;
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let response = app
+        .client
+        .post(app.url("/api/v1/upload"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b8-01"))
+        .header("forwarded", r#"for="[2a02:d280::7]:4711", for=127.0.0.9"#)
+        .json(&json!({"meta": {"app_id": "a", "category": category}, "data": [{"id": "1"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let spans = spans_of(trace_id, 4);
+    let server = named(&spans, "POST /api/v1/upload");
+    assert_eq!(text(server, "client.address"), "2a02:d280::7");
+    assert_eq!(text(server, "network.peer.address"), "127.0.0.1");
     app.stop().await;
 }
