@@ -113,17 +113,6 @@ fn wait_for_exit(child: &mut Child, patience: Duration) -> std::process::ExitSta
     }
 }
 
-/// Reads an HTTP/1 answer until the server closes, within `patience`.
-async fn answer_of(stream: &mut tokio::net::TcpStream, patience: Duration) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut answer = Vec::new();
-    tokio::time::timeout(patience, stream.read_to_end(&mut answer))
-        .await
-        .expect("an answer before the gateway exits")
-        .expect("an answer, not a reset");
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_a_slow_body_and_a_kafka_wait_before_the_grace_runs_out() {
     use tokio::io::AsyncWriteExt;
@@ -175,7 +164,7 @@ async fn sigterm_answers_a_slow_body_and_a_kafka_wait_before_the_grace_runs_out(
 
     let signalled = Instant::now();
     sigterm(&gateway.child);
-    let answer = answer_of(&mut slow, Duration::from_secs(6)).await;
+    let answer = support::read_to_close(&mut slow, Duration::from_secs(6)).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("shutting down"), "{answer}");
     let waited = tokio::time::timeout(Duration::from_secs(6), waiting)
@@ -268,14 +257,7 @@ async fn a_caught_panic_is_counted_and_logged_with_its_request_id() {
     assert_eq!(line["level"], "ERROR");
     assert_eq!(line["panic"], "test-support panic route");
     assert_eq!(line["span"]["request_id"], "panic-request-1", "{line}");
-    let metrics = client
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gateway.metrics().await;
     assert!(
         metrics
             .lines()

@@ -115,16 +115,11 @@ fn watch_readiness(
 }
 
 async fn restarts(gateway: &Gateway) -> f64 {
-    let text = reqwest::get(gateway.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("venus_kafka_producer_restarts_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    support::metric(
+        &gateway.metrics().await,
+        "venus_kafka_producer_restarts_total",
+        "",
+    )
 }
 
 /// Every event answered 0 is in the topic.

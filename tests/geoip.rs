@@ -149,15 +149,7 @@ async fn both_layouts_in_one_or_two_files_locate_v4_and_v6_events() {
             .map(|f| f["layout"].as_str().unwrap())
             .collect();
         assert_eq!(used, vec![layout; databases.len()], "{ready}");
-        let metrics = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = app.metrics().await;
         assert!(
             metrics
                 .lines()
@@ -283,23 +275,11 @@ async fn the_periodic_look_reloads_a_renamed_file_under_load_and_refuses_bad_one
 }
 
 async fn reloads(app: &TestApp, result: &str) -> f64 {
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("venus_geoip_reloads_total")
-                && l.contains(&format!("result=\"{result}\""))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    support::metric(
+        &app.metrics().await,
+        "venus_geoip_reloads_total",
+        &format!("result=\"{result}\""),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,15 +37,6 @@ async fn start_slow_upload(app: &TestApp, content_length: usize, body_start: &[u
     stream
 }
 
-async fn read_answer(stream: &mut TcpStream, patience: Duration) -> String {
-    let mut answer = Vec::new();
-    tokio::time::timeout(patience, stream.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_490_byte_stack_overflow_request_is_a_400_and_the_gateway_lives_on() {
     let (category, topic) = support::fresh_topic("crash").await;
@@ -172,7 +163,7 @@ async fn slow_bodies_cannot_take_the_upload_slots_of_a_normal_client() {
     assert_eq!(status, 200, "{body}");
     // The slow ones are let go after the grace, for their rate.
     for stream in &mut slow {
-        let answer = read_answer(stream, Duration::from_secs(5)).await;
+        let answer = support::read_to_close(stream, Duration::from_secs(5)).await;
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(
             answer.contains("slower than the minimum of 1024 bytes/s"),
@@ -186,15 +177,6 @@ async fn slow_bodies_cannot_take_the_upload_slots_of_a_normal_client() {
         1
     );
     app.stop().await;
-}
-
-/// The value of an unlabelled sample in Prometheus text.
-fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,12 +195,10 @@ async fn body_memory_is_a_budget_in_bytes() {
         body.resize(45_000, b'x');
         held.push(start_slow_upload(&app, 49_000, &body).await);
     }
-    let metrics_url = app.url("/metrics");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let metrics = app.client.get(&metrics_url).send().await.unwrap();
-        let used = sample(&metrics.text().await.unwrap(), "venus_upload_memory_bytes");
-        if used == Some(90_000.0) {
+        let used = support::metric(&app.metrics().await, "venus_upload_memory_bytes", "");
+        if used == 90_000.0 {
             break;
         }
         assert!(Instant::now() < deadline, "budget in use: {used:?}");
@@ -241,8 +221,7 @@ async fn body_memory_is_a_budget_in_bytes() {
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let metrics = app.client.get(&metrics_url).send().await.unwrap();
-        if sample(&metrics.text().await.unwrap(), "venus_upload_memory_bytes") == Some(0.0) {
+        if support::metric(&app.metrics().await, "venus_upload_memory_bytes", "") == 0.0 {
             break;
         }
         assert!(Instant::now() < deadline, "the budget was not given back");
@@ -401,7 +380,7 @@ async fn oversized_request_heads_get_431_and_32_kib_of_headers_work() {
     );
     // The gateway may answer and close before it has read all of it.
     let _ = stream.write_all(head.as_bytes()).await;
-    let answer = read_answer(&mut stream, Duration::from_secs(5)).await;
+    let answer = support::read_to_close(&mut stream, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     app.stop().await;
 }

@@ -74,6 +74,11 @@ impl Gateway {
         gateway
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        super::fetch_text(&reqwest::Client::new(), &self.url("/metrics")).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }

@@ -365,6 +365,11 @@ impl TestApp {
             .expect("upload")
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        fetch_text(&self.client, &self.url("/metrics")).await
+    }
+
     /// Stops the gateway and waits for its drain.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -403,4 +408,40 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
 
 pub fn value_json(message: &OwnedMessage) -> serde_json::Value {
     serde_json::from_slice(message.payload().expect("a payload")).expect("JSON value")
+}
+
+/// The body of a GET, as text.
+pub async fn fetch_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("a text body")
+}
+
+/// The sum of the samples of metric `name` (exactly that name) whose labels
+/// contain `labels` (e.g. `result="rejected"`; empty: all), in Prometheus
+/// text; 0 when there is none.
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Everything the server sends on `stream` until it closes, within
+/// `patience` (a reset or a server that keeps the connection open fails).
+pub async fn read_to_close(stream: &mut tokio::net::TcpStream, patience: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(patience, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server kept the connection open")
+        .expect("an answer, not a reset");
+    String::from_utf8_lossy(&answer).into_owned()
 }
