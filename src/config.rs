@@ -552,10 +552,19 @@ impl Settings {
         if self.server.body_timeout_ms == 0 {
             return Err(invalid("server.body_timeout_ms", "must be greater than 0"));
         }
-        if self.server.max_in_flight_bytes < self.server.max_body_bytes {
+        // A body is held as it arrived and as the decoded document, and a
+        // multipart body may be 64 KiB larger on the wire.
+        let one_upload = self
+            .server
+            .max_body_bytes
+            .saturating_mul(2)
+            .saturating_add(64 * 1024);
+        if self.server.max_in_flight_bytes < one_upload {
             return Err(invalid(
                 "server.max_in_flight_bytes",
-                "must be at least server.max_body_bytes, or no large upload could ever be taken",
+                format!(
+                    "must be at least {one_upload} (twice server.max_body_bytes plus 64 KiB), or the largest upload could never be taken"
+                ),
             ));
         }
         if self.server.max_header_bytes < 1024 {

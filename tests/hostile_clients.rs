@@ -184,13 +184,13 @@ async fn body_memory_is_a_budget_in_bytes() {
     let (category, _) = support::fresh_topic("budget").await;
     let app = app_with(&[
         ("VENUS__SERVER__MAX_BODY_BYTES", "50000"),
-        ("VENUS__SERVER__MAX_IN_FLIGHT_BYTES", "100000"),
+        ("VENUS__SERVER__MAX_IN_FLIGHT_BYTES", "170000"),
         ("VENUS__SERVER__MIN_BODY_RATE_BYTES_PER_SEC", "0"),
     ])
     .await;
-    // Two uploads hold 45,000 bytes each of their bodies.
+    // Three uploads hold 45,000 bytes each of their bodies.
     let mut held = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let mut body = b"{\"pad\":\"".to_vec();
         body.resize(45_000, b'x');
         held.push(start_slow_upload(&app, 49_000, &body).await);
@@ -198,19 +198,20 @@ async fn body_memory_is_a_budget_in_bytes() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let used = support::metric(&app.metrics().await, "venus_upload_memory_bytes", "");
-        if used == 90_000.0 {
+        if used == 135_000.0 {
             break;
         }
         assert!(Instant::now() < deadline, "budget in use: {used:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // A third that needs more than the 10,000 bytes left: 503 at once.
-    let ids: Vec<String> = (0..60)
+    // One that needs more than the 35,000 bytes left (its body twice: as
+    // received and as parsed): 503 at once.
+    let ids: Vec<String> = (0..160)
         .map(|i| format!("{i}-{}", "i".repeat(100)))
         .collect();
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let big = batch(&category, &ids);
-    assert!(big.len() > 5_000);
+    assert!(big.len() > 17_500, "{}", big.len());
     let (status, body) = reply(app.upload_json(&big).await).await;
     assert_eq!(status, 503, "{body}");
     assert!(
