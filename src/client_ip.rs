@@ -7,11 +7,17 @@
 //!
 //! 1. `server.client_ip_header` (e.g. `CF-Connecting-IP`, `True-Client-IP`),
 //!    when set and holding an address, is the client;
-//! 2. otherwise the hops of RFC 7239 `Forwarded: for=` (or, when there is no
-//!    `Forwarded`, of `X-Forwarded-For`) are walked from the right, the end
-//!    the nearest proxy wrote. Trusted addresses are proxies and are passed;
-//!    the first address that is not trusted is the client. Every entry to its
-//!    left was written by the client or by proxies nobody vouches for.
+//! 2. otherwise the hops of the one forwarding header the proxies write
+//!    (`server.forwarding_header`: `X-Forwarded-For`, or RFC 7239
+//!    `Forwarded: for=`) are walked from the right, the end the nearest proxy
+//!    wrote. Trusted addresses are proxies and are passed; the first address
+//!    that is not trusted is the client. Every entry to its left was written
+//!    by the client or by proxies nobody vouches for.
+//!
+//! Which header is walked is a setting, never "whichever is present": proxies
+//! that append to `X-Forwarded-For` pass a client's own `Forwarded` through
+//! untouched, so preferring `Forwarded` when present would let the client
+//! pick its address.
 //!
 //! The walk stops at an entry that is no address (garbage, `unknown`, an
 //! obfuscated `_identifier`): what lies left of it cannot be trusted, so the
@@ -26,6 +32,26 @@ use ipnet::IpNet;
 pub struct ClientIpResolver {
     trusted: Vec<IpNet>,
     header: Option<HeaderName>,
+    forwarding: Forwarding,
+}
+
+/// The forwarding header the trusted proxies write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    XForwardedFor,
+    Forwarded,
+}
+
+impl Forwarding {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(Self::XForwardedFor),
+            "forwarded" => Ok(Self::Forwarded),
+            other => Err(format!(
+                "forwarding header {other:?} is not x-forwarded-for or forwarded"
+            )),
+        }
+    }
 }
 
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
@@ -34,7 +60,11 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 impl ClientIpResolver {
     /// From `server.trusted_proxies` and `server.client_ip_header`; the error
     /// names what cannot be parsed.
-    pub fn new(trusted_proxies: &[String], client_ip_header: &str) -> Result<Self, String> {
+    pub fn new(
+        trusted_proxies: &[String],
+        client_ip_header: &str,
+        forwarding_header: &str,
+    ) -> Result<Self, String> {
         let trusted = trusted_proxies
             .iter()
             .map(|cidr| {
@@ -49,7 +79,11 @@ impl ClientIpResolver {
             "" => None,
             name => Some(HeaderName::try_from(name).map_err(|e| format!("{name:?}: {e}"))?),
         };
-        Ok(Self { trusted, header })
+        Ok(Self {
+            trusted,
+            header,
+            forwarding: Forwarding::parse(forwarding_header)?,
+        })
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -74,11 +108,11 @@ impl ClientIpResolver {
             }
         }
         let mut last_good = peer;
-        let forwarded = headers.contains_key(&FORWARDED);
-        let hops = if forwarded {
-            hops_of(headers, &FORWARDED, forwarded_for)
-        } else {
-            hops_of(headers, &X_FORWARDED_FOR, |entry| Some(entry.trim()))
+        let hops = match self.forwarding {
+            Forwarding::Forwarded => hops_of(headers, &FORWARDED, forwarded_for),
+            Forwarding::XForwardedFor => {
+                hops_of(headers, &X_FORWARDED_FOR, |entry| Some(entry.trim()))
+            }
         };
         for hop in hops.iter().rev() {
             let Some(ip) = hop.and_then(parse_hop).map(|ip| ip.to_canonical()) else {
@@ -169,8 +203,12 @@ mod tests {
     use axum::http::HeaderValue;
 
     fn resolver(trusted: &[&str], header: &str) -> ClientIpResolver {
+        resolver_of(trusted, header, "x-forwarded-for")
+    }
+
+    fn resolver_of(trusted: &[&str], header: &str, forwarding: &str) -> ClientIpResolver {
         let trusted: Vec<String> = trusted.iter().map(|s| s.to_string()).collect();
-        ClientIpResolver::new(&trusted, header).unwrap()
+        ClientIpResolver::new(&trusted, header, forwarding).unwrap()
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -192,14 +230,16 @@ mod tests {
 
     #[test]
     fn an_untrusted_peer_cannot_move_the_location() {
-        let r = resolver(&["10.0.0.0/8"], "CF-Connecting-IP");
         let peer = ip("203.0.113.9");
-        for (name, value) in [
-            ("x-forwarded-for", CLIENT),
-            ("forwarded", "for=81.2.69.142"),
-            ("cf-connecting-ip", CLIENT),
-        ] {
-            assert_eq!(r.resolve(&headers(&[(name, value)]), peer), peer, "{name}");
+        for forwarding in ["x-forwarded-for", "forwarded"] {
+            let r = resolver_of(&["10.0.0.0/8"], "CF-Connecting-IP", forwarding);
+            for (name, value) in [
+                ("x-forwarded-for", CLIENT),
+                ("forwarded", "for=81.2.69.142"),
+                ("cf-connecting-ip", CLIENT),
+            ] {
+                assert_eq!(r.resolve(&headers(&[(name, value)]), peer), peer, "{name}");
+            }
         }
         // No trusted proxies at all (the default): only the peer counts.
         let r = resolver(&[], "");
@@ -227,7 +267,7 @@ mod tests {
 
     #[test]
     fn forwarded_is_understood_with_quotes_brackets_and_ports() {
-        let r = resolver(&["10.0.0.0/8", "2001:db8:ffff::/48"], "");
+        let r = resolver_of(&["10.0.0.0/8", "2001:db8:ffff::/48"], "", "forwarded");
         let peer = ip("10.2.0.7");
         for (value, expected) in [
             ("for=81.2.69.142", CLIENT),
@@ -248,7 +288,8 @@ mod tests {
                 "{value}"
             );
         }
-        // Forwarded wins over X-Forwarded-For when both are there.
+        // Only the configured header is walked: a client's own
+        // X-Forwarded-For is ignored here, and the other way round below.
         let h = headers(&[
             ("forwarded", "for=81.2.69.142"),
             ("x-forwarded-for", "6.6.6.6"),
@@ -259,6 +300,7 @@ mod tests {
     #[test]
     fn the_walk_stops_at_garbage_unknown_and_obfuscated_hops() {
         let r = resolver(&["10.0.0.0/8"], "");
+        let forwarded = resolver_of(&["10.0.0.0/8"], "", "forwarded");
         let peer = ip("10.2.0.7");
         for (name, value) in [
             ("x-forwarded-for", "81.2.69.142, nonsense, 10.1.0.5"),
@@ -267,6 +309,7 @@ mod tests {
             ("forwarded", "for=81.2.69.142, proto=http, for=10.1.0.5"),
         ] {
             // The last good hop: the trusted proxy that wrote the bad entry.
+            let r = if name == "forwarded" { &forwarded } else { &r };
             assert_eq!(
                 r.resolve(&headers(&[(name, value)]), peer),
                 ip("10.1.0.5"),
@@ -307,11 +350,25 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let err = ClientIpResolver::new(&["10.0.0.0/33".into()], "")
+        let err = ClientIpResolver::new(&["10.0.0.0/33".into()], "", "x-forwarded-for")
             .err()
             .unwrap();
         assert!(err.contains("10.0.0.0/33"), "{err}");
-        assert!(ClientIpResolver::new(&["10.0.0.1".into()], "").is_ok());
-        assert!(ClientIpResolver::new(&[], "bad header").is_err());
+        assert!(ClientIpResolver::new(&["10.0.0.1".into()], "", "forwarded").is_ok());
+        assert!(ClientIpResolver::new(&[], "bad header", "forwarded").is_err());
+        assert!(ClientIpResolver::new(&[], "", "via").is_err());
+    }
+
+    #[test]
+    fn a_clients_forwarded_header_is_ignored_behind_proxies_that_write_x_forwarded_for() {
+        // nginx, ALB, HAProxy append to X-Forwarded-For and pass Forwarded on.
+        let r = resolver(&["10.0.0.0/8"], "");
+        let h = headers(&[
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "81.2.69.142, 10.1.0.5"),
+        ]);
+        assert_eq!(r.resolve(&h, ip("10.2.0.7")), ip(CLIENT));
+        let h = headers(&[("forwarded", "for=6.6.6.6")]);
+        assert_eq!(r.resolve(&h, ip("10.2.0.7")), ip("10.2.0.7"));
     }
 }

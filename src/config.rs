@@ -108,6 +108,11 @@ pub struct ServerSettings {
     /// Empty: only the TCP peer counts and forwarding headers are ignored.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The forwarding header the trusted proxies write, and the only one
+    /// walked: `x-forwarded-for` (nginx, AWS ALB, HAProxy, Envoy) or
+    /// `forwarded` (RFC 7239). A client's own copy of the other is ignored.
+    #[serde(default = "defaults::forwarding_header")]
+    pub forwarding_header: String,
     /// A header a trusted CDN sets to the client's address (e.g.
     /// `CF-Connecting-IP`, `True-Client-IP`); honoured only from trusted
     /// proxies, before the walk. Empty: none.
@@ -263,7 +268,9 @@ fn producer_overrides(
     for entry in inline.chain(from_files) {
         let (key, value) = entry?;
         let key = librdkafka_key(key);
-        if FORBIDDEN_PRODUCER_KEYS.contains(&key.as_str()) {
+        // librdkafka also takes topic-level keys with a `topic.` prefix.
+        let bare = key.strip_prefix("topic.").unwrap_or(&key);
+        if FORBIDDEN_PRODUCER_KEYS.contains(&bare) {
             return Err(invalid(
                 "kafka.producer",
                 format!(
@@ -458,6 +465,9 @@ mod defaults {
     pub fn broker_default() -> i32 {
         -1
     }
+    pub fn forwarding_header() -> String {
+        "x-forwarded-for".into()
+    }
     pub fn geoip_reload_interval_ms() -> u64 {
         60_000
     }
@@ -582,8 +592,14 @@ impl Settings {
         crate::client_ip::ClientIpResolver::new(
             &self.server.trusted_proxies,
             &self.server.client_ip_header,
+            &self.server.forwarding_header,
         )
-        .map_err(|e| invalid("server.trusted_proxies / server.client_ip_header", e))?;
+        .map_err(|e| {
+            invalid(
+                "server.trusted_proxies / client_ip_header / forwarding_header",
+                e,
+            )
+        })?;
         match self.geoip.database.len() {
             1 | 2 => {}
             n => {
@@ -860,6 +876,9 @@ geoip:
             "MESSAGE_TIMEOUT_MS",
             "DELIVERY_TIMEOUT_MS",
             "ALLOW_AUTO_CREATE_TOPICS",
+            "TOPIC_ACKS",
+            "TOPIC_REQUEST_REQUIRED_ACKS",
+            "TOPIC_MESSAGE_TIMEOUT_MS",
         ] {
             let err = load_error(&[(&format!("VENUS__KAFKA__PRODUCER__{key}"), "1")]);
             let dotted = key.to_ascii_lowercase().replace('_', ".");

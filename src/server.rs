@@ -145,6 +145,7 @@ impl Application {
         let client_ip = ClientIpResolver::new(
             &settings.server.trusted_proxies,
             &settings.server.client_ip_header,
+            &settings.server.forwarding_header,
         )
         .map_err(|e| anyhow::anyhow!("configuration key `server.trusted_proxies`: {e}"))?;
         let state = AppState {
@@ -504,12 +505,8 @@ async fn upload(
             return reply.into_response();
         }
     };
-    // The document is a second copy of the body (inflated, or collected in
-    // one piece); only now does the upload take a processing slot, so a slow
-    // body never holds one.
-    if !account.charge(document.len()) {
-        return overloaded(&state, "memory budget for uploads").into_response();
-    }
+    // Only now does the upload take a processing slot, so a slow body never
+    // holds one. (Every copy of the body was charged as it was made.)
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return overloaded(&state, "limit of uploads in flight").into_response();
     };
@@ -536,10 +533,14 @@ fn overloaded(state: &AppState, what: &str) -> Reply {
 /// Reads the body into the batch document, within the body timeout, at the
 /// minimum rate, within the memory budget, and no longer than the drain
 /// allows.
-async fn receive(state: &AppState, account: &Account, request: Request) -> Result<Bytes, Reply> {
+async fn receive(
+    state: &AppState,
+    account: &Arc<Account>,
+    request: Request,
+) -> Result<Bytes, Reply> {
     let started = tokio::time::Instant::now();
     let deadline = started + state.body_timeout;
-    let read = read_document(request, state.max_body_bytes);
+    let read = read_document(request, state.max_body_bytes, account);
     tokio::pin!(read);
     let answer_now = state.drain.answer_now();
     tokio::pin!(answer_now);
@@ -605,16 +606,7 @@ async fn create_topics(settings: &Settings) {
         .collect();
     let attempt = move || {
         let (kafka, topics) = (kafka.clone(), topics.clone());
-        async move {
-            crate::kafka::topics::create(
-                &kafka.brokers,
-                &topics,
-                kafka.topic_partitions,
-                kafka.topic_replication,
-                Duration::from_secs(10),
-            )
-            .await
-        }
+        async move { crate::kafka::topics::create(&kafka, &topics, Duration::from_secs(10)).await }
     };
     let Err(error) = attempt().await else {
         return;

@@ -11,6 +11,7 @@
 //! reading, so a small gzip bomb cannot inflate past the limit.
 
 use std::io::Read;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Request};
@@ -18,35 +19,56 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
+use crate::admission::Account;
 use crate::wire::Reply;
 
 /// Reads the request body into the batch document, or answers why not.
-pub async fn read_document(request: Request, max_bytes: usize) -> Result<Bytes, Reply> {
+///
+/// Every copy it makes (the body collected in one piece, each step of
+/// inflated output, the multipart part) is charged to `account` before it is
+/// made: a 10 KiB gzip body that inflates to 10 MiB must not take 10 MiB the
+/// memory budget never saw. When a charge is refused the read ends with an
+/// error and `account.exhausted()` says why.
+pub async fn read_document(
+    request: Request,
+    max_bytes: usize,
+    account: &Arc<Account>,
+) -> Result<Bytes, Reply> {
     let (parts, body) = request.into_parts();
     let encoding = content_encoding(&parts.headers)?;
     let kind = body_kind(&parts.headers)?;
 
     match (kind, encoding) {
         (BodyKind::Json, Encoding::Identity) => {
-            let content = collect(body, max_bytes).await?;
-            inflate_if_gzip(content, max_bytes).await
+            let content = collect(body, max_bytes, account).await?;
+            inflate_if_gzip(content, max_bytes, account).await
         }
         (BodyKind::Json, Encoding::Gzip) => {
-            let compressed = collect(body, max_bytes).await?;
-            gunzip(compressed, max_bytes).await
+            let compressed = collect(body, max_bytes, account).await?;
+            gunzip(compressed, max_bytes, account).await
         }
         (BodyKind::Multipart, Encoding::Identity) => {
-            batch_part(Request::from_parts(parts, body), max_bytes).await
+            batch_part(Request::from_parts(parts, body), max_bytes, account).await
         }
         (BodyKind::Multipart, Encoding::Gzip) => {
-            let compressed = collect(body, max_bytes).await?;
-            let plain = gunzip(compressed, max_bytes).await?;
+            let compressed = collect(body, max_bytes, account).await?;
+            let plain = gunzip(compressed, max_bytes, account).await?;
             let mut parts = parts;
             parts.headers.remove(header::CONTENT_ENCODING);
             parts.headers.remove(header::CONTENT_LENGTH);
-            batch_part(Request::from_parts(parts, Body::from(plain)), max_bytes).await
+            let request = Request::from_parts(parts, Body::from(plain));
+            batch_part(request, max_bytes, account).await
         }
     }
+}
+
+/// The answer when the memory budget refused a charge (the upload handler
+/// counts it as load shedding).
+fn over_budget() -> Reply {
+    Reply::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the gateway is at its memory budget for uploads; retry later",
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +130,18 @@ fn too_large(max_bytes: usize) -> Reply {
     )
 }
 
-/// Reads a whole body, at most `max_bytes` of it.
-async fn collect(body: Body, max_bytes: usize) -> Result<Bytes, Reply> {
+/// Reads a whole body, at most `max_bytes` of it, into one piece.
+async fn collect(body: Body, max_bytes: usize, account: &Account) -> Result<Bytes, Reply> {
     match Limited::new(body, max_bytes).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(collected) => {
+            // The frames were charged as they arrived; the piece is a copy
+            // (no larger than what was charged for them).
+            let piece = collected.to_bytes();
+            if !account.charge(piece.len()) {
+                return Err(over_budget());
+            }
+            Ok(piece)
+        }
         Err(error) if error.is::<LengthLimitError>() => Err(too_large(max_bytes)),
         Err(error) => Err(Reply::error(
             StatusCode::BAD_REQUEST,
@@ -125,25 +155,29 @@ async fn collect(body: Body, max_bytes: usize) -> Result<Bytes, Reply> {
 /// 4 MB of output, milliseconds of CPU.
 const INLINE_INFLATE_BYTES: usize = 256 * 1024;
 
+/// How much output is inflated (and charged) at a time.
+const INFLATE_STEP: usize = 64 * 1024;
+
 /// Decompresses gzip data, stopping as soon as the output passes `max_bytes`.
 /// Small outputs inflate inline; a large one finishes on a blocking thread,
 /// so that it does not stall the runtime.
-async fn gunzip(compressed: Bytes, max_bytes: usize) -> Result<Bytes, Reply> {
+async fn gunzip(
+    compressed: Bytes,
+    max_bytes: usize,
+    account: &Arc<Account>,
+) -> Result<Bytes, Reply> {
     use bytes::Buf;
-    let capacity = (compressed.len() * 4).min(max_bytes);
     let mut decoder = flate2::read::MultiGzDecoder::new(compressed.reader());
-    let mut plain = Vec::with_capacity(capacity.min(INLINE_INFLATE_BYTES));
-    match inflate_into(
-        &mut decoder,
-        &mut plain,
-        INLINE_INFLATE_BYTES.min(max_bytes + 1),
-    ) {
+    let mut plain = Vec::new();
+    let inline = INLINE_INFLATE_BYTES.min(max_bytes + 1);
+    match inflate_into(&mut decoder, &mut plain, inline, account) {
         Ok(true) => return finish_inflate(plain, max_bytes),
         Ok(false) => {}
         Err(reply) => return Err(reply),
     }
+    let account = account.clone();
     tokio::task::spawn_blocking(move || {
-        inflate_into(&mut decoder, &mut plain, max_bytes + 1)?;
+        inflate_into(&mut decoder, &mut plain, max_bytes + 1, &account)?;
         finish_inflate(plain, max_bytes)
     })
     .await
@@ -155,16 +189,34 @@ async fn gunzip(compressed: Bytes, max_bytes: usize) -> Result<Bytes, Reply> {
     })
 }
 
-/// Inflates into `plain` until it holds `limit` bytes or the data ends;
-/// `true` when the data ended.
-fn inflate_into(decoder: &mut impl Read, plain: &mut Vec<u8>, limit: usize) -> Result<bool, Reply> {
-    let want = limit.saturating_sub(plain.len()) as u64;
-    match decoder.take(want).read_to_end(plain) {
-        Ok(_) => Ok(plain.len() < limit),
-        Err(error) => Err(Reply::error(
-            StatusCode::BAD_REQUEST,
-            format!("the gzip data is corrupt: {error}"),
-        )),
+/// Inflates into `plain` until it holds `limit` bytes or the data ends,
+/// charging each step to `account` before producing it; `true` when the data
+/// ended.
+fn inflate_into(
+    decoder: &mut impl Read,
+    plain: &mut Vec<u8>,
+    limit: usize,
+    account: &Account,
+) -> Result<bool, Reply> {
+    loop {
+        let step = INFLATE_STEP.min(limit.saturating_sub(plain.len()));
+        if step == 0 {
+            return Ok(false);
+        }
+        if !account.charge(step) {
+            return Err(over_budget());
+        }
+        let before = plain.len();
+        match (&mut *decoder).take(step as u64).read_to_end(plain) {
+            Ok(_) if plain.len() - before < step => return Ok(true),
+            Ok(_) => {}
+            Err(error) => {
+                return Err(Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the gzip data is corrupt: {error}"),
+                ))
+            }
+        }
     }
 }
 
@@ -179,9 +231,13 @@ fn finish_inflate(plain: Vec<u8>, max_bytes: usize) -> Result<Bytes, Reply> {
 /// Content that starts with the gzip magic number is gzip whatever its
 /// headers say (SDKs and curl often send a gzip file part as
 /// `application/octet-stream`); JSON text never starts with these bytes.
-async fn inflate_if_gzip(content: Bytes, max_bytes: usize) -> Result<Bytes, Reply> {
+async fn inflate_if_gzip(
+    content: Bytes,
+    max_bytes: usize,
+    account: &Arc<Account>,
+) -> Result<Bytes, Reply> {
     if content.starts_with(&[0x1f, 0x8b]) {
-        gunzip(content, max_bytes).await
+        gunzip(content, max_bytes, account).await
     } else {
         Ok(content)
     }
@@ -220,7 +276,11 @@ fn is_gzip_part(headers: &HeaderMap) -> bool {
 }
 
 /// Finds the one `batch` part and returns its (decompressed) content.
-async fn batch_part(request: Request, max_bytes: usize) -> Result<Bytes, Reply> {
+async fn batch_part(
+    request: Request,
+    max_bytes: usize,
+    account: &Arc<Account>,
+) -> Result<Bytes, Reply> {
     let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| {
         Reply::error(
             StatusCode::BAD_REQUEST,
@@ -252,13 +312,17 @@ async fn batch_part(request: Request, max_bytes: usize) -> Result<Bytes, Reply> 
             if content.len() + chunk.len() > max_bytes {
                 return Err(too_large(max_bytes));
             }
+            // The part is a copy of the body's bytes.
+            if !account.charge(chunk.len()) {
+                return Err(over_budget());
+            }
             content.extend_from_slice(&chunk);
         }
         let content = Bytes::from(content);
         batch = Some(if gzip {
-            gunzip(content, max_bytes).await?
+            gunzip(content, max_bytes, account).await?
         } else {
-            inflate_if_gzip(content, max_bytes).await?
+            inflate_if_gzip(content, max_bytes, account).await?
         });
     }
     batch.ok_or_else(|| {
@@ -272,7 +336,33 @@ async fn batch_part(request: Request, max_bytes: usize) -> Result<Bytes, Reply> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::MemoryBudget;
     use std::io::Write;
+
+    /// `read_document` with a budget that never says no.
+    async fn read_document(request: Request, max_bytes: usize) -> Result<Bytes, Reply> {
+        let account = MemoryBudget::new(1 << 30).account();
+        super::read_document(request, max_bytes, &account).await
+    }
+
+    #[tokio::test]
+    async fn inflated_output_is_charged_while_it_is_made() {
+        // 4 MB of zeros in a few KiB of gzip, against a 1 MB budget.
+        let bomb = gzip(&vec![b'0'; 4_000_000]);
+        assert!(bomb.len() < 20_000);
+        let budget = MemoryBudget::new(1_000_000);
+        let account = budget.account();
+        let reply = super::read_document(
+            request("application/json", Some("gzip"), bomb),
+            10_000_000,
+            &account,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(account.exhausted());
+        assert!(account.held() <= 1_000_000, "{}", account.held());
+    }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -452,5 +542,24 @@ mod tests {
         .unwrap_err();
         assert_eq!(reply.status, StatusCode::BAD_REQUEST);
         assert!(reply.body.data.contains("gzip"));
+    }
+}
+
+#[cfg(test)]
+mod charging {
+    use super::*;
+    use crate::admission::{MemoryBudget, MeteredBody};
+
+    #[tokio::test]
+    async fn a_plain_body_is_charged_as_received_and_as_collected() {
+        let budget = MemoryBudget::new(1 << 20);
+        let account = budget.account();
+        let doc = vec![b'x'; 18_000];
+        let request = Request::builder()
+            .header("content-type", "application/json")
+            .body(MeteredBody::wrap(Body::from(doc), account.clone()))
+            .unwrap();
+        let _ = read_document(request, 100_000, &account).await;
+        assert_eq!(account.held(), 36_000);
     }
 }

@@ -220,7 +220,8 @@ proptest! {
             request = request.header("content-encoding", "gzip");
         }
         let request = request.body(Body::from(body)).unwrap();
-        let read = runtime().block_on(read_document(request, 4096));
+        let account = venus::admission::MemoryBudget::new(1 << 30).account();
+        let read = runtime().block_on(read_document(request, 4096, &account));
         if let Err(reply) = read {
             prop_assert!(reply.status.as_u16() < 500, "{}", reply.status);
         }

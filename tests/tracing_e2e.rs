@@ -257,7 +257,10 @@ async fn behind_a_trusted_proxy_the_span_has_the_client_and_the_peer_apart() {
     let (category, _) = support::fresh_topic("proxied_span").await;
     let app = TestApp::spawn(support::settings(
         &broker.address(),
-        &[("VENUS__SERVER__TRUSTED_PROXIES", "127.0.0.0/8")],
+        &[
+            ("VENUS__SERVER__TRUSTED_PROXIES", "127.0.0.0/8"),
+            ("VENUS__SERVER__FORWARDING_HEADER", "forwarded"),
+        ],
     ))
     .await;
     let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";

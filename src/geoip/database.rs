@@ -19,15 +19,15 @@
 //! again. Mapping the operator's file itself would be unsafe: overwriting it
 //! in place (`cp new.mmdb city.mmdb`) changes or truncates pages under the
 //! reader, and a truncated mapping kills the process with SIGBUS. So the
-//! gateway maps a **private copy**: the file is copied next to itself (or to
-//! the temp dir if that directory is read-only), mapped, and the copy is
-//! unlinked at once. Nobody else can open it, and its space goes back when
-//! the database is replaced. On filesystems with reflinks the copy costs no
-//! space at all.
+//! gateway maps a **private copy**: an unnamed file (`O_TMPFILE`) in the
+//! database's directory, or in the temp dir if that one is read-only. It has
+//! no name, so no one else can open or change it, and its space goes back
+//! when the database is replaced. On filesystems with reflinks the copy costs
+//! no space at all; on a tmpfs temp dir it costs memory (during a reload,
+//! twice), so mount the data somewhere writable or give the temp dir a disk.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use maxminddb::Reader;
@@ -335,39 +335,20 @@ fn probe(reader: &Reader<Source>) -> Result<(Layout, IpAddr), String> {
     Ok((layout, network.ip()))
 }
 
-/// Copies `path` next to itself (or into the temp dir), maps the copy and
-/// unlinks it: a mapping no one else can change (see the module doc).
+/// Copies `path` into an unnamed file (O_TMPFILE) in its own directory, or
+/// in the temp dir when that one is read-only, and maps the copy: a mapping
+/// nobody else can open or change (see the module doc). An unnamed file
+/// leaves nothing behind, whatever happens.
 fn map_private_copy(path: &Path) -> std::io::Result<Source> {
-    static COPIES: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
-        ".venus-{}-{}-{}",
-        std::process::id(),
-        COPIES.fetch_add(1, Ordering::Relaxed),
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("db")
-    );
-    let beside = path.parent().map(|dir| dir.join(&name));
-    let copy = match beside.as_ref().map(|to| (to, std::fs::copy(path, to))) {
-        Some((to, Ok(_))) => to.clone(),
-        _ => {
-            let to = std::env::temp_dir().join(&name);
-            std::fs::copy(path, &to)?;
-            to
-        }
-    };
-    // SAFETY: the mapped file is this process's private copy, unlinked right
-    // below: no other process can open, change or truncate it, so the mapping
-    // cannot change under the reader.
-    let mapped = unsafe { memmap2_open(&copy) };
-    let _ = std::fs::remove_file(&copy);
-    mapped.map(Source::Mapped)
-}
-
-/// Maps `path` read-only.
-///
-/// # Safety
-/// The caller guarantees the file is not modified while mapped.
-unsafe fn memmap2_open(path: &Path) -> std::io::Result<Mmap> {
-    let file = std::fs::File::open(path)?;
-    // SAFETY: forwarded to the caller.
-    unsafe { memmap2::MmapOptions::new().map(&file) }
+    let mut original = std::fs::File::open(path)?;
+    let beside = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut copy = tempfile::tempfile_in(beside).or_else(|_| tempfile::tempfile())?;
+    std::io::copy(&mut original, &mut copy)?;
+    // SAFETY: `copy` has no name in any directory and only this process
+    // holds it: nothing else can change or truncate it while it is mapped.
+    let map = unsafe { memmap2::MmapOptions::new().map(&copy) }?;
+    Ok(Source::Mapped(map))
 }

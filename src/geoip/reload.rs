@@ -33,8 +33,10 @@ pub fn spawn(geoip: Arc<GeoIp>, interval: Duration, metrics: Metrics) {
     if geoip.paths().is_empty() {
         return;
     }
+    // Registered now, before the task first runs: a SIGHUP that arrives
+    // early must reload, not take SIGHUP's default action (exit).
+    let mut hangups = hangup_signals();
     tokio::spawn(async move {
-        let mut hangups = hangup_signals();
         let mut ticker = (!interval.is_zero()).then(|| {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

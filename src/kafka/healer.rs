@@ -64,11 +64,14 @@ pub async fn run(sink: Weak<KafkaSink>, stuck_after: Duration) {
         let Some(sink) = sink.upgrade() else {
             return;
         };
+        if sink.health().delivered() {
+            // This producer delivered: the next trouble starts over. (Not
+            // "no failures": right after a rebuild there are none yet, and a
+            // cluster that fences every new producer must not make the
+            // gateway rebuild every second.)
+            backoff = FIRST_BACKOFF;
+        }
         let Some(reason) = diagnose(&sink, stuck_after).await else {
-            if sink.health().failing_for().is_none() {
-                // Delivering (or idle) again: the next trouble starts over.
-                backoff = FIRST_BACKOFF;
-            }
             continue;
         };
         if Instant::now() < not_before {

@@ -35,6 +35,8 @@ pub struct DeliveryHealth {
     /// Whether the current producer reported an error after which an
     /// idempotent producer never delivers again.
     fenced: AtomicBool,
+    /// Whether the current producer has had an event acknowledged.
+    delivered: AtomicBool,
     /// The last failure's text (written on the failure path only).
     last_error: Mutex<String>,
 }
@@ -47,6 +49,7 @@ impl Default for DeliveryHealth {
             failing_since: AtomicU64::new(0),
             last_failure: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
+            delivered: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
         }
     }
@@ -65,8 +68,12 @@ impl DeliveryHealth {
         }
         if acknowledged > 0 {
             self.failing_since.store(0, Ordering::Release);
+            self.delivered.store(true, Ordering::Release);
         }
-        let Some(error) = error else {
+        // Only what says something about the producer or the cluster counts:
+        // a topic's authorization or size limit is one client's problem, and
+        // must not make every replica unready or restart the producer.
+        let Some(error) = error.filter(|e| is_about_the_producer(e)) else {
             return;
         };
         let now = self.now();
@@ -89,6 +96,13 @@ impl DeliveryHealth {
         self.generation.store(generation, Ordering::Release);
         self.failing_since.store(0, Ordering::Release);
         self.fenced.store(false, Ordering::Release);
+        self.delivered.store(false, Ordering::Release);
+    }
+
+    /// Whether the current producer has delivered since it was put in place
+    /// (the healer's back-off starts over only then).
+    pub fn delivered(&self) -> bool {
+        self.delivered.load(Ordering::Acquire)
     }
 
     /// Whether the current producer reported an unrecoverable error.
@@ -122,6 +136,30 @@ impl DeliveryHealth {
             failing_for.as_secs()
         ))
     }
+}
+
+/// Errors that say the producer or the cluster cannot deliver (timeouts,
+/// transport, leaders, replicas), as opposed to a message or a topic being
+/// refused (too large, not authorized, unknown topic, invalid record).
+pub fn is_about_the_producer(error: &KafkaError) -> bool {
+    is_unrecoverable(error)
+        || matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::MessageTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::Resolve
+                    | RDKafkaErrorCode::NetworkException
+                    | RDKafkaErrorCode::BrokerNotAvailable
+                    | RDKafkaErrorCode::LeaderNotAvailable
+                    | RDKafkaErrorCode::NotLeaderForPartition
+                    | RDKafkaErrorCode::NotEnoughReplicas
+                    | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+                    | RDKafkaErrorCode::KafkaStorageError
+            )
+        )
 }
 
 /// Errors after which an idempotent producer does not deliver again: its
@@ -181,6 +219,30 @@ mod tests {
         assert!(problem.contains("failing for 1 s"), "{problem}");
         assert!(problem.contains("fences"), "{problem}");
         assert!(health.fenced());
+    }
+
+    #[test]
+    fn a_message_or_topic_refused_says_nothing_about_the_producer() {
+        let health = DeliveryHealth::default();
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            health.record(0, 0, Some(&error(code)));
+        }
+        assert_eq!(health.failing_for(), None);
+        assert!(!health.fenced());
+    }
+
+    #[test]
+    fn delivered_is_per_producer() {
+        let health = DeliveryHealth::default();
+        assert!(!health.delivered());
+        health.record(0, 1, None);
+        assert!(health.delivered());
+        health.replaced(1);
+        assert!(!health.delivered());
     }
 
     #[test]

@@ -166,6 +166,14 @@ impl KafkaSink {
         let grace = self.delivery_timeout();
         tokio::task::spawn_blocking(move || {
             let _ = old.producer.flush(grace);
+            // Batches hold the old producer until their acknowledgements are
+            // in (at most the delivery timeout). Wait for them, so that the
+            // last reference (whose drop purges, flushes and joins
+            // librdkafka's threads) goes here, not on an async worker.
+            let deadline = std::time::Instant::now() + grace;
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             drop(old);
         });
         Ok(generation)

@@ -162,18 +162,21 @@ fn lookup(producer: &ProducerHandle, topic: &str) -> TopicState {
 }
 
 /// Creates `topics` that do not exist yet (`kafka.create_topics`), with
-/// `partitions` and `replication` (-1: the broker's default). Topics that
-/// exist already are fine.
+/// `kafka.topic_partitions` and `kafka.topic_replication` (-1: the broker's
+/// default). Topics that exist already are fine. The admin client gets the
+/// operator's `kafka.producer` settings (security, SASL, TLS).
 pub async fn create(
-    brokers: &str,
+    settings: &crate::config::KafkaSettings,
     topics: &[String],
-    partitions: i32,
-    replication: i32,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    for (key, value) in &settings.producer {
+        config.set(key, value);
+    }
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let (partitions, replication) = (settings.topic_partitions, settings.topic_replication);
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))

@@ -123,19 +123,15 @@ fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
 }
 
 impl WriteKafka {
-    /// Fails the batch at once with a reason naming the topic: producing
-    /// would only wait the delivery timeout for the same answer.
-    fn missing_topic(&self, ctx: &mut UploadContext, topic: String) -> Outcome {
-        let reason = format!(
-            "Kafka topic {topic} does not exist; the operator must create it \
-             (or set kafka.create_topics with this category in categories)"
-        );
+    /// Fails the batch's pending events at once (1004) without producing:
+    /// its topic does not exist (producing would only wait the delivery
+    /// timeout for the same answer), or the gateway is shutting down.
+    fn not_written(&self, ctx: &mut UploadContext, topic: String, reason: String) -> Outcome {
         let mut failed = 0u64;
         for event in ctx.events.iter_mut().filter(|e| e.is_pending()) {
             event.fail(PartCode::KafkaDelivery, reason.clone());
             failed += 1;
         }
-        self.metrics.missing_topic();
         self.metrics.delivery_errors(failed);
         Outcome::server_error(format!("{failed} events not written to Kafka: {reason}"))
             .with_attribute(KeyValue::new("messaging.system", "kafka"))
@@ -159,8 +155,22 @@ impl WriteKafka {
         // One producer for the whole batch, even if the healer replaces it
         // meanwhile: its acknowledgements come from the one that sent.
         let producer = self.sink.producer();
-        if self.sink.topics().check(&producer, &topic).await == TopicState::Missing {
-            return self.missing_topic(ctx, topic);
+        // A lookup can take seconds against a slow broker; a shutdown whose
+        // grace runs out must not wait for it.
+        let state = tokio::select! {
+            state = self.sink.topics().check(&producer, &topic) => state,
+            _ = self.drain.answer_now() => {
+                let reason = "the gateway shut down before the events were written; retry";
+                return self.not_written(ctx, topic, reason.to_owned());
+            }
+        };
+        if state == TopicState::Missing {
+            let reason = format!(
+                "Kafka topic {topic} does not exist; the operator must create it \
+                 (or set kafka.create_topics with this category in categories)"
+            );
+            self.metrics.missing_topic();
+            return self.not_written(ctx, topic, reason);
         }
         let mut headers = OwnedHeaders::new();
         for (name, value) in telemetry::propagation_headers(&ctx.request.request_id) {
