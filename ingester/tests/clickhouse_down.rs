@@ -1,7 +1,8 @@
 //! ClickHouse away for longer than a few retries in the middle of a stream,
 //! first hanging (SIGSTOP: connections accepted, nothing answered), then
 //! dead (kill -9) and started again: `/readyz` turns 503 meanwhile, retries
-//! are counted, and when ClickHouse is back every event is in, once.
+//! are counted, fetching pauses at `max_buffered_rows` (the consumer keeps
+//! polling), and when ClickHouse is back every event is in, once.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -53,6 +54,8 @@ async fn clickhouse_hanging_then_dead_then_back_loses_nothing() {
     broker.create_topic(&ns.topic(category)).await;
     let mut env = ingester_env(broker, &ch.url(), &ns, IngesterProcess::free_port());
     env.insert("VENUS__INGESTER__BATCH_ROWS".into(), "50".into());
+    // Small, so that the outage fills it: fetching must pause, not block.
+    env.insert("VENUS__INGESTER__MAX_BUFFERED_ROWS".into(), "100".into());
     let ingester = IngesterProcess::start(&env);
     ingester.wait_assigned();
     let app = common::gateway(broker, &ns).await;
@@ -82,6 +85,12 @@ async fn clickhouse_hanging_then_dead_then_back_loses_nothing() {
     )
     .await;
     readyz(&ingester, 200, Duration::from_secs(10)).await;
+    let (_, text) = ingester.get("/metrics").await;
+    assert_eq!(
+        metric(&text, "venus_ingester_consumer_paused", &[]),
+        0.0,
+        "resumed"
+    );
 
     // 2. A dead ClickHouse (connections refused), started again.
     ch.kill();

@@ -61,14 +61,15 @@ async fn the_process_span_continues_the_uploads_trace_under_write_kafka() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let sql = count_final_sql(&ns.qualified_table(), category);
+    let table = ns.table();
     eventually(Duration::from_secs(60), "the row", || {
         let sql = sql.clone();
+        let table = table.clone();
         let ch = &ch;
         async move {
             let tables = ch
                 .count(&format!(
-                    "SELECT count() FROM system.tables WHERE database='venus' AND name='{}'",
-                    ns.table()
+                    "SELECT count() FROM system.tables WHERE database='venus' AND name='{table}'"
                 ))
                 .await;
             (tables == 1 && ch.count(&sql).await == 1).then_some(())
