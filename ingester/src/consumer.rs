@@ -104,7 +104,22 @@ impl ConsumerContext for Context {
         for element in assigned.elements() {
             self.offsets.assign(element.topic(), element.partition());
         }
-        tracing::info!(partitions = assigned.count(), "partitions assigned");
+        let protocol = match consumer.rebalance_protocol() {
+            rdkafka::consumer::RebalanceProtocol::Cooperative => "cooperative",
+            rdkafka::consumer::RebalanceProtocol::Eager => "eager",
+            rdkafka::consumer::RebalanceProtocol::None => "none",
+        };
+        let list: Vec<String> = assigned
+            .elements()
+            .iter()
+            .map(|e| format!("{}/{}", e.topic(), e.partition()))
+            .collect();
+        tracing::info!(
+            partitions = assigned.count(),
+            assigned = list.join(","),
+            protocol,
+            "partitions assigned"
+        );
         if self.paused.load(Ordering::Relaxed) {
             let _ = consumer.pause(assigned);
         }

@@ -66,7 +66,11 @@ async fn every_column_of_every_category_lands_in_clickhouse() {
         &ns,
         IngesterProcess::free_port(),
     ));
-    ingester.wait_assigned();
+    let assigned = ingester.wait_for_log("partitions assigned", Duration::from_secs(60));
+    assert_eq!(
+        assigned["protocol"], "cooperative",
+        "cooperative-sticky: {assigned}"
+    );
     let app = common::gateway(broker, &ns).await;
 
     // Exact texts: spaces and 1.50 must survive into the meta and data
@@ -348,5 +352,67 @@ async fn every_ingester_metric_the_dashboard_queries_is_exported() {
             "the dashboard uses {name}, which the ingester's /metrics lacks"
         );
     }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_of_a_group_share_the_partitions_and_count_each_event_once() {
+    let broker = shared_broker();
+    let ch = clickhouse();
+    let ns = Namespace::new("scale");
+    let category = "shared";
+    broker
+        .create_topic_with_partitions(&ns.topic(category), 2)
+        .await;
+    let first = IngesterProcess::start(&ingester_env(
+        broker,
+        &ch.url(),
+        &ns,
+        IngesterProcess::free_port(),
+    ));
+    first.wait_assigned();
+    let second = IngesterProcess::start(&ingester_env(
+        broker,
+        &ch.url(),
+        &ns,
+        IngesterProcess::free_port(),
+    ));
+    second.wait_assigned();
+    let app = common::gateway(broker, &ns).await;
+    for round in 0..20 {
+        common::upload_events(&app, category, 10, 10, &format!("r{round}")).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    wait_for_rows(&ns, category, 200).await;
+    let partitions = ch
+        .count(&format!(
+            "SELECT uniqExact(kafka_partition) FROM {} WHERE category = '{category}'",
+            ns.qualified_table()
+        ))
+        .await;
+    assert_eq!(partitions, 2, "the gateway wrote to both partitions");
+    let mut total = 0.0;
+    for (name, instance) in [("first", &first), ("second", &second)] {
+        let (_, text) = instance.get("/metrics").await;
+        let consumed = common::metric(&text, "venus_ingester_messages_consumed_total", &[]);
+        assert!(consumed > 0.0, "the {name} instance consumed nothing");
+        total += consumed;
+    }
+    assert_eq!(total, 200.0, "each message read by one instance only");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ch.count(&count_final_sql(&ns.qualified_table(), category))
+            .await,
+        200
+    );
+    assert_eq!(
+        ch.count(&format!(
+            "SELECT count() FROM {} WHERE category = '{category}'",
+            ns.qualified_table()
+        ))
+        .await,
+        200,
+        "and inserted once"
+    );
     app.stop().await;
 }

@@ -131,13 +131,18 @@ impl Broker {
 
     /// Creates `topic` (tansu does not create topics on first produce).
     pub async fn create_topic(&self, topic: &str) {
+        self.create_topic_with_partitions(topic, 1).await
+    }
+
+    /// Creates `topic` with `partitions` partitions.
+    pub async fn create_topic_with_partitions(&self, topic: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", self.address())
             .create()
             .expect("admin client");
         let results = admin
             .create_topics(
-                &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
             .await
