@@ -1,79 +1,22 @@
 //! A real ClickHouse server for the tests: Debian's `clickhouse-server`
 //! (18.16 here; any version with the HTTP interface works) started as a
-//! plain process on free ports with a generated config and a data
+//! plain process on free ports by `scripts/clickhouse-local` (the script
+//! `scripts/run` and `scripts/bench` use: one config generator) with a data
 //! directory of its own, killed with the test process. It can be paused
 //! (SIGSTOP: a server that hangs), killed and started again on the same
 //! ports and data.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{free_port, spawn_from_lasting_thread};
 
-/// Where `clickhouse-server` is: `$CLICKHOUSE_SERVER_BIN`, `PATH`, or Debian's
-/// `/usr/sbin` (not on a user's `PATH`).
-fn server_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("CLICKHOUSE_SERVER_BIN") {
-        return PathBuf::from(path);
-    }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("clickhouse-server"))
-                .collect()
-        })
-        .unwrap_or_default();
-    candidates.push(PathBuf::from("/usr/sbin/clickhouse-server"));
-    candidates.push(PathBuf::from("/usr/bin/clickhouse-server"));
-    candidates.into_iter().find(|p| p.is_file()).expect(
-        "clickhouse-server is not installed: run scripts/install-deps (or set CLICKHOUSE_SERVER_BIN)",
-    )
-}
-
-/// The server's config.xml and users.xml for `dir`: the HTTP and native
-/// ports, every path under `dir`, logs to files there, one passwordless
-/// `default` user.
-pub fn write_config(dir: &Path, http_port: u16, tcp_port: u16) -> PathBuf {
-    let d = dir.display();
-    let config = format!(
-        r#"<?xml version="1.0"?>
-<yandex>
-  <logger><level>warning</level><log>{d}/log/server.log</log><errorlog>{d}/log/error.log</errorlog><console>0</console></logger>
-  <http_port>{http_port}</http_port>
-  <tcp_port>{tcp_port}</tcp_port>
-  <listen_host>127.0.0.1</listen_host>
-  <path>{d}/data/</path>
-  <tmp_path>{d}/tmp/</tmp_path>
-  <user_files_path>{d}/user_files/</user_files_path>
-  <format_schema_path>{d}/format_schemas/</format_schema_path>
-  <users_config>{d}/users.xml</users_config>
-  <default_profile>default</default_profile>
-  <default_database>default</default_database>
-  <mark_cache_size>5368709120</mark_cache_size>
-</yandex>
-"#
-    );
-    let users = r#"<?xml version="1.0"?>
-<yandex>
-  <profiles><default></default></profiles>
-  <users><default><password></password><networks><ip>::/0</ip></networks><profile>default</profile><quota>default</quota></default></users>
-  <quotas><default></default></quotas>
-</yandex>
-"#;
-    std::fs::create_dir_all(dir.join("log")).unwrap();
-    std::fs::write(dir.join("users.xml"), users).unwrap();
-    let path = dir.join("config.xml");
-    std::fs::write(&path, config).unwrap();
-    path
-}
-
 pub struct ClickHouseServer {
     child: Option<Child>,
     pub http_port: u16,
-    config: PathBuf,
-    _dir: tempfile::TempDir,
+    tcp_port: u16,
+    dir: tempfile::TempDir,
 }
 
 impl ClickHouseServer {
@@ -82,22 +25,23 @@ impl ClickHouseServer {
             .prefix("venus-clickhouse-")
             .tempdir()
             .unwrap();
-        let http_port = free_port();
-        let config = write_config(dir.path(), http_port, free_port());
         let mut server = Self {
             child: None,
-            http_port,
-            config,
-            _dir: dir,
+            http_port: free_port(),
+            tcp_port: free_port(),
+            dir,
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(server_binary());
+        // The script execs the server: the child's pid is the server's.
+        let mut command = Command::new(super::repo_root().join("scripts/clickhouse-local"));
         command
-            .arg(format!("--config-file={}", self.config.display()))
+            .arg(self.dir.path())
+            .arg(self.http_port.to_string())
+            .arg(self.tcp_port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
