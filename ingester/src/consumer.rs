@@ -250,9 +250,21 @@ impl Poller {
                         // already excludes the default topic).
                         continue;
                     }
-                    let epoch =
+                    let (epoch, gap) =
                         self.offsets
                             .track(message.topic(), message.partition(), message.offset());
+                    if gap > 0 {
+                        // Never expected on our topics (no compaction, no
+                        // transactions): a broker that skipped records.
+                        tracing::warn!(
+                            topic = message.topic(),
+                            partition = message.partition(),
+                            offset = message.offset(),
+                            skipped = gap,
+                            "offsets skipped since the previous message of the partition"
+                        );
+                        self.metrics.offset_gap(message.topic(), gap);
+                    }
                     self.metrics.consumed(message.topic());
                     if self
                         .records

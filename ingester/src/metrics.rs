@@ -17,6 +17,7 @@ pub struct Metrics {
     lag: Gauge<i64>,
     buffered: Gauge<i64>,
     paused: Gauge<i64>,
+    offset_gaps: Counter<u64>,
 }
 
 impl Metrics {
@@ -70,11 +71,18 @@ impl Metrics {
                 .i64_gauge("venus_ingester.consumer.paused")
                 .with_description("1 while fetching is paused because too much is buffered")
                 .build(),
+            offset_gaps: meter
+                .u64_counter("venus_ingester.offset_gap.messages")
+                .with_description(
+                    "Offsets skipped between two messages read from one partition (0 unless the broker skipped records)",
+                )
+                .build(),
         };
         // Counters exist from the start (at 0), so dashboards and alerts
         // see them before the first event.
         metrics.inserted.add(0, &[]);
         metrics.retries.add(0, &[]);
+        metrics.offset_gaps.add(0, &[]);
         for stage in ["decode", "clickhouse"] {
             metrics
                 .dead_letters
@@ -114,6 +122,13 @@ impl Metrics {
                 KeyValue::new("topic", topic.to_owned()),
                 KeyValue::new("partition", i64::from(partition)),
             ],
+        );
+    }
+
+    pub fn offset_gap(&self, topic: &str, skipped: i64) {
+        self.offset_gaps.add(
+            skipped.max(0) as u64,
+            &[KeyValue::new("topic", topic.to_owned())],
         );
     }
 

@@ -14,6 +14,8 @@ struct Partition {
     marker: OffsetMarker,
     /// The offset last handed to `store_offsets`.
     stored: Option<i64>,
+    /// The offset of the last message read under this assignment.
+    last_read: Option<i64>,
 }
 
 #[derive(Default)]
@@ -46,6 +48,7 @@ impl Offsets {
                 epoch,
                 marker: OffsetMarker::default(),
                 stored: None,
+                last_read: None,
             },
         );
     }
@@ -62,8 +65,11 @@ impl Offsets {
             .and_then(|p| p.marker.next_to_commit())
     }
 
-    /// Tracks a message just read; returns the epoch to carry with it.
-    pub fn track(&self, topic: &str, partition: i32, offset: i64) -> u64 {
+    /// Tracks a message just read; returns the epoch to carry with it and
+    /// how many offsets were skipped since the previous message of the
+    /// partition (0 normally; compaction or transaction markers make gaps
+    /// legitimately, a broker that fetches wrongly makes them too).
+    pub fn track(&self, topic: &str, partition: i32, offset: i64) -> (u64, i64) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
         let key = (topic.to_owned(), partition);
@@ -78,12 +84,18 @@ impl Offsets {
                     epoch,
                     marker: OffsetMarker::default(),
                     stored: None,
+                    last_read: None,
                 },
             );
         }
         let entry = inner.partitions.get_mut(&key).expect("inserted above");
         entry.marker.track(offset);
-        entry.epoch
+        let gap = match entry.last_read {
+            Some(last) if offset > last + 1 => offset - last - 1,
+            _ => 0,
+        };
+        entry.last_read = Some(offset);
+        (entry.epoch, gap)
     }
 
     /// The message at `source` is in ClickHouse or the dead-letter topic.
@@ -145,7 +157,7 @@ mod tests {
     fn only_changes_are_stored_and_old_epochs_are_ignored() {
         let offsets = Offsets::default();
         offsets.assign("t", 0);
-        let epoch = offsets.track("t", 0, 0);
+        let (epoch, _) = offsets.track("t", 0, 0);
         offsets.track("t", 0, 1);
         offsets.done(&source(1, epoch));
         assert!(offsets.to_store().is_empty());
@@ -154,10 +166,10 @@ mod tests {
         assert!(offsets.to_store().is_empty(), "nothing new");
         assert_eq!(offsets.in_flight(), 0);
 
-        let late = offsets.track("t", 0, 2);
+        let (late, _) = offsets.track("t", 0, 2);
         assert_eq!(offsets.revoke("t", 0), Some(2));
         offsets.assign("t", 0);
-        let fresh = offsets.track("t", 0, 2);
+        let (fresh, _) = offsets.track("t", 0, 2);
         assert_ne!(late, fresh);
         offsets.done(&source(2, late));
         assert!(
@@ -166,5 +178,24 @@ mod tests {
         );
         offsets.done(&source(2, fresh));
         assert_eq!(offsets.to_store(), vec![("t".into(), 0, 3)]);
+    }
+
+    #[test]
+    fn skipped_offsets_are_reported() {
+        let offsets = Offsets::default();
+        offsets.assign("t", 0);
+        assert_eq!(
+            offsets.track("t", 0, 5).1,
+            0,
+            "the first read has no predecessor"
+        );
+        assert_eq!(offsets.track("t", 0, 6).1, 0);
+        assert_eq!(offsets.track("t", 0, 10).1, 3);
+        offsets.assign("t", 0);
+        assert_eq!(
+            offsets.track("t", 0, 100).1,
+            0,
+            "a new assignment starts anew"
+        );
     }
 }
