@@ -300,7 +300,10 @@ impl Poller {
         metrics.buffered(offsets.in_flight());
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::info!("offsets committed"),
-            Err(error) => tracing::info!(%error, "final commit: nothing to commit"),
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => tracing::info!("offsets committed (already, by the periodic commit)"),
+            Err(error) => tracing::warn!(%error, "final commit failed"),
         }
         consumer.unsubscribe();
         drop(consumer);
