@@ -35,8 +35,9 @@ use crate::writer::{Backoff, Writer};
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Creates the dead-letter topic when missing (brokers that do not create
-/// topics on first use, like tansu, need it), with one partition and the
-/// broker's... well, replication 1: create it yourself for production.
+/// topics on first use, like tansu, need it) with one partition and
+/// replication 1; create it yourself, with the replication you want, for
+/// production.
 async fn create_dead_letter_topic(brokers: &str, topic: &str) {
     let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
         .set("bootstrap.servers", brokers)

@@ -72,6 +72,25 @@ pub struct Writer {
 impl Writer {
     /// Writes every batch until the processor closes the channel.
     pub async fn run(mut self, mut batches: mpsc::Receiver<Vec<PendingRow>>) {
+        // The database and table exist from the start (queries work before
+        // the first event); batches wait meanwhile, and fetching pauses if
+        // ClickHouse stays away.
+        while !self.schema_ready {
+            match self.clickhouse.ensure_schema().await {
+                Ok(()) => {
+                    self.schema_ready = true;
+                    self.backoff.reset();
+                    tracing::info!(table = %self.clickhouse.table_name(), "ClickHouse table ready");
+                }
+                Err(error) => {
+                    let wait = self.backoff.next_wait();
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "cannot create the ClickHouse table; retrying");
+                    if !self.sleep(wait).await {
+                        break;
+                    }
+                }
+            }
+        }
         while let Some(rows) = batches.recv().await {
             self.write(rows).await;
         }

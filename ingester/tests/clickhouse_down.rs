@@ -85,12 +85,12 @@ async fn clickhouse_hanging_then_dead_then_back_loses_nothing() {
     )
     .await;
     readyz(&ingester, 200, Duration::from_secs(10)).await;
-    let (_, text) = ingester.get("/metrics").await;
-    assert_eq!(
-        metric(&text, "venus_ingester_consumer_paused", &[]),
-        0.0,
-        "resumed"
-    );
+    // The poll thread resumes on its next turn once the buffer drained.
+    eventually(Duration::from_secs(5), "fetching resumed", || async {
+        let (_, text) = ingester.get("/metrics").await;
+        (metric(&text, "venus_ingester_consumer_paused", &[]) == 0.0).then_some(())
+    })
+    .await;
 
     // 2. A dead ClickHouse (connections refused), started again.
     ch.kill();
