@@ -121,5 +121,10 @@ async fn clickhouse_hanging_then_dead_then_back_loses_nothing() {
         0.0,
         "nothing given up"
     );
+    assert_eq!(
+        metric(&text, "venus_ingester_offset_gap_messages_total", &[]),
+        0.0,
+        "no record skipped"
+    );
     app.stop().await;
 }

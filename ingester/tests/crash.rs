@@ -47,22 +47,43 @@ async fn raw_count(ns: &Namespace, category: &str) -> u64 {
     .await
 }
 
-async fn wait_final_count(ns: &Namespace, category: &str, expected: u64) {
+async fn wait_final_count(
+    ns: &Namespace,
+    category: &str,
+    expected: u64,
+    ingester: &IngesterProcess,
+) {
     let sql = count_final_sql(&ns.qualified_table(), category);
-    eventually(
-        Duration::from_secs(90),
-        &format!("{expected} events"),
-        || {
-            let sql = sql.clone();
-            async move {
-                if raw_count(ns, category).await == 0 {
-                    return None;
-                }
-                (clickhouse().count(&sql).await == expected).then_some(())
-            }
-        },
-    )
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = if raw_count(ns, category).await == 0 {
+            0
+        } else {
+            clickhouse().count(&sql).await
+        };
+        if got == expected {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let (_, text) = ingester.get("/metrics").await;
+            let interesting: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("venus_ingester_") && !l.contains("_bucket"))
+                .collect();
+            panic!(
+                "{got} of {expected} events counted; raw {}; ingester metrics:\n{}\nlogs: {:?}",
+                raw_count(ns, category).await,
+                interesting.join("\n"),
+                ingester
+                    .logs()
+                    .iter()
+                    .filter(|l| l["level"] != "INFO" || l["message"] == "partitions assigned")
+                    .take(20)
+                    .collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A small-batch ingester, so that a stream spans many inserts.
@@ -118,10 +139,11 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_once() {
     first.kill();
     let killed_at = raw_count(&ns, category).await;
     assert!(killed_at < EVENTS as u64, "killed mid-stream ({killed_at})");
+    // Started again at once, as a supervisor would, while the stream goes on.
+    let second = IngesterProcess::start(&small_batches(&ns));
     uploads.await.unwrap();
 
-    let second = IngesterProcess::start(&small_batches(&ns));
-    wait_final_count(&ns, category, EVENTS as u64).await;
+    wait_final_count(&ns, category, EVENTS as u64, &second).await;
     let ch = clickhouse();
     let distinct = ch
         .count(&format!(
@@ -130,6 +152,11 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_once() {
         ))
         .await;
     assert_eq!(distinct, EVENTS as u64, "every event is there");
+    let (_, text) = second.get("/metrics").await;
+    assert_eq!(
+        common::metric(&text, "venus_ingester_offset_gap_messages_total", &[]),
+        0.0
+    );
     // Nothing beyond the stream, after a moment for stragglers.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -202,7 +229,7 @@ async fn sigterm_mid_stream_exits_0_commits_and_nothing_is_inserted_twice() {
     );
 
     let second = IngesterProcess::start(&small_batches(&ns));
-    wait_final_count(&ns, category, EVENTS as u64).await;
+    wait_final_count(&ns, category, EVENTS as u64, &second).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         raw_count(&ns, category).await,
@@ -210,6 +237,11 @@ async fn sigterm_mid_stream_exits_0_commits_and_nothing_is_inserted_twice() {
         "no row inserted twice, even without FINAL"
     );
     let (_, text) = second.get("/metrics").await;
+    assert_eq!(
+        common::metric(&text, "venus_ingester_offset_gap_messages_total", &[]),
+        0.0,
+        "the restart read on from the committed offset without skipping"
+    );
     assert_eq!(
         common::metric(&text, "venus_ingester_rows_inserted_total", &[]),
         (EVENTS as u64 - inserted) as f64,
