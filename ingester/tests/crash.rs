@@ -139,7 +139,10 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_once() {
     first.kill();
     let killed_at = raw_count(&ns, category).await;
     assert!(killed_at < EVENTS as u64, "killed mid-stream ({killed_at})");
-    // Started again at once, as a supervisor would, while the stream goes on.
+    // Started again while the stream goes on, once the group let the dead
+    // member go (session.timeout.ms 6000): tansu sometimes leaves a member
+    // that joins before then without partitions (docs/INGESTER.md).
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let second = IngesterProcess::start(&small_batches(&ns));
     uploads.await.unwrap();
 
