@@ -31,6 +31,42 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+impl ConfigError {
+    /// An invalid value of `key` (for settings checked outside this module,
+    /// such as the ingester's).
+    pub fn invalid(key: &'static str, message: impl Into<String>) -> Self {
+        invalid(key, message)
+    }
+}
+
+/// Reads `path` as YAML, then applies `VENUS__SECTION__KEY` variables from
+/// `env` (`None`: the process environment), into any settings type. Both
+/// binaries load the one `config.yaml` through this, each into its own type.
+pub fn load_layered<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    env: Option<std::collections::HashMap<String, String>>,
+) -> Result<T, ConfigError> {
+    if !path.exists() {
+        return Err(invalid(
+            "--config",
+            format!("file {} does not exist", path.display()),
+        ));
+    }
+    let environment = config::Environment::with_prefix("VENUS")
+        .prefix_separator("__")
+        .separator("__")
+        .list_separator(",")
+        .with_list_parse_key("categories")
+        .with_list_parse_key("server.trusted_proxies")
+        .try_parsing(true)
+        .source(env.map(|map| map.into_iter().collect()));
+    Ok(config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Yaml))
+        .add_source(environment)
+        .build()?
+        .try_deserialize()?)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -43,6 +79,10 @@ pub struct Settings {
     pub geoip: GeoIpSettings,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    /// The ingester's section (`venus-ingester` reads and checks it); the
+    /// gateway accepts it so that one file configures both binaries.
+    #[serde(default)]
+    pub ingester: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -510,25 +550,7 @@ impl Settings {
         path: &Path,
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        if !path.exists() {
-            return Err(invalid(
-                "--config",
-                format!("file {} does not exist", path.display()),
-            ));
-        }
-        let environment = config::Environment::with_prefix("VENUS")
-            .prefix_separator("__")
-            .separator("__")
-            .list_separator(",")
-            .with_list_parse_key("categories")
-            .with_list_parse_key("server.trusted_proxies")
-            .try_parsing(true)
-            .source(env.map(|map| map.into_iter().collect()));
-        let settings: Settings = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Yaml))
-            .add_source(environment)
-            .build()?
-            .try_deserialize()?;
+        let settings: Settings = load_layered(path, env)?;
         settings.validated()
     }
 

@@ -89,6 +89,12 @@ pub fn extract_parent(headers: &HeaderMap) -> Context {
     propagator().extract(&HeaderExtractor(headers))
 }
 
+/// The trace context (and baggage) found by any extractor, e.g. the headers
+/// of a Kafka message read by the ingester.
+pub fn extract_with(extractor: &dyn Extractor) -> Context {
+    propagator().extract(extractor)
+}
+
 struct VecInjector(Vec<(&'static str, String)>);
 
 impl Injector for VecInjector {

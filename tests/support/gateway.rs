@@ -17,12 +17,16 @@ pub struct Gateway {
 
 /// The binary with the repository's config.yaml and `env` on top.
 pub fn command(env: &[(&str, String)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_venus"));
+    // Only the venus package's tests have the binary; others (the
+    // ingester's, which share this support code) never start it.
+    let Some(binary) = option_env!("CARGO_BIN_EXE_venus") else {
+        panic!("the venus binary is built only for the venus package's tests");
+    };
+    let config = super::repo_root().join("config.yaml");
+    let mut command = Command::new(binary);
     command
-        .args([
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"),
-        ])
+        .arg("--config")
+        .arg(config)
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

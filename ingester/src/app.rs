@@ -1,0 +1,209 @@
+//! Wires the ingester together and runs it until a shutdown signal:
+//! poll thread -> processor -> writer, the dead-letter producer, the
+//! ClickHouse probe and the HTTP endpoints; then the drain.
+//!
+//! Shutdown (SIGTERM): the poll thread stops fetching and closes the record
+//! channel; the processor flushes its batch; the writer inserts what is
+//! queued (still retrying); the poll thread then stores and commits what is
+//! done and leaves the group. All within `ingester.shutdown_grace_ms`; past
+//! it, unfinished inserts are given up, stay uncommitted, and are read again
+//! by the next instance.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use tokio::sync::{mpsc, watch};
+use venus::telemetry::Metering;
+
+use crate::batch::{Batch, Limits};
+use crate::clickhouse::ClickHouse;
+use crate::config::Settings;
+use crate::consumer::PollThread;
+use crate::dead_letter::DeadLetters;
+use crate::health::{self, Health};
+use crate::metrics::Metrics;
+use crate::offsets::Offsets;
+use crate::processor::Processor;
+use crate::server::{self, AppState};
+use crate::writer::{Backoff, Writer};
+
+/// How often ClickHouse is pinged for `/readyz`.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Creates the dead-letter topic when missing (brokers that do not create
+/// topics on first use, like tansu, need it) with one partition and
+/// replication 1; create it yourself, with the replication you want, for
+/// production.
+async fn create_dead_letter_topic(brokers: &str, topic: &str) {
+    let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create();
+    let Ok(admin) = admin else {
+        return;
+    };
+    let result = admin
+        .create_topics(
+            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await;
+    match result {
+        Ok(results) => {
+            for result in results {
+                match result {
+                    Ok(_) => tracing::info!(%topic, "dead-letter topic created"),
+                    Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        tracing::warn!(%topic, %code, "cannot create the dead-letter topic")
+                    }
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%topic, %error, "cannot create the dead-letter topic"),
+    }
+}
+
+/// A started ingester.
+pub struct Ingester {
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    metering: Arc<Metering>,
+}
+
+impl Ingester {
+    /// Binds the HTTP listener and sets up metrics; nothing is consumed yet.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(settings.listen_addr()).await?;
+        let metering = Arc::new(Metering::new(&settings.telemetry)?);
+        Ok(Self {
+            settings,
+            listener,
+            metering,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Runs until `shutdown` completes, then drains within the grace.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Self {
+            settings,
+            listener,
+            metering,
+        } = self;
+        let ingester = &settings.ingester;
+        let metrics = Metrics::new(&metering.provider);
+        let health = Arc::new(Health::default());
+        let clickhouse = ClickHouse::new(&ingester.clickhouse)?;
+        let offsets = Arc::new(Offsets::default());
+        let (cancel_tx, cancel) = watch::channel(false);
+
+        let http = axum::serve(
+            listener,
+            server::router(AppState {
+                health: health.clone(),
+                metering: metering.clone(),
+            }),
+        );
+        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let http = tokio::spawn(async move {
+            let _ = http
+                .with_graceful_shutdown(async {
+                    let _ = http_stopped.await;
+                })
+                .await;
+        });
+        let probe = tokio::spawn(health::probe(
+            health.clone(),
+            clickhouse.clone(),
+            PROBE_INTERVAL,
+        ));
+
+        create_dead_letter_topic(&settings.kafka.brokers, &ingester.dead_letter_topic).await;
+        let dead_letters = DeadLetters::new(
+            &settings.kafka.brokers,
+            &ingester.dead_letter_topic,
+            &ingester.group_id,
+            metrics.clone(),
+        )?;
+        let (records_tx, records_rx) = mpsc::unbounded_channel();
+        // One batch queued behind the one being written: more waits in the
+        // record channel, where the poll thread counts it and pauses.
+        let (batches_tx, batches_rx) = mpsc::channel(1);
+        let writer = tokio::spawn(
+            Writer {
+                clickhouse: clickhouse.clone(),
+                offsets: offsets.clone(),
+                metrics: metrics.clone(),
+                health: health.clone(),
+                dead_letters: dead_letters.clone(),
+                backoff: Backoff::new(
+                    Duration::from_millis(ingester.retry_initial_ms),
+                    Duration::from_millis(ingester.retry_max_ms),
+                ),
+                cancel: cancel.clone(),
+                schema_ready: false,
+            }
+            .run(batches_rx),
+        );
+        let processor = tokio::spawn(
+            Processor {
+                batch: Batch::new(Limits {
+                    rows: ingester.batch_rows,
+                    bytes: ingester.batch_bytes,
+                    interval: ingester.flush_interval(),
+                }),
+                writer: batches_tx,
+                dead_letters,
+                offsets: offsets.clone(),
+                group_id: ingester.group_id.clone(),
+                cancel: cancel.clone(),
+            }
+            .run(records_rx),
+        );
+        let grace = ingester.shutdown_grace();
+        let poll = PollThread::start(&settings, offsets.clone(), metrics, records_tx, grace)?;
+
+        shutdown.await;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: flushing"
+        );
+        let deadline = tokio::time::Instant::now() + grace;
+        poll.stop_fetching();
+        let drained = async {
+            let _ = processor.await;
+            let _ = writer.await;
+        };
+        // Leave a little of the grace for the final commit.
+        let flush_deadline = deadline - grace / 10;
+        if tokio::time::timeout_at(flush_deadline, drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = offsets.in_flight(),
+                "grace ran out: unfinished messages stay uncommitted and are read again after a restart"
+            );
+            let _ = cancel_tx.send(true);
+        }
+        poll.drained();
+        poll.join().await;
+        probe.abort();
+        let _ = http_stop.send(());
+        let _ = tokio::time::timeout_at(deadline, http).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! ClickHouse over its HTTP interface: the table's DDL, JSONEachRow
+//! inserts, a ping, and which failures are worth retrying.
+//!
+//! Why plain HTTP with reqwest rather than the `clickhouse` crate: the crate
+//! speaks RowBinaryWithNamesAndTypes, which Debian's ClickHouse 18.16 lacks
+//! (validation must be off), and its `Inserter` drops its pending rows when
+//! an insert fails, while the ingester must keep a batch and send it again
+//! until it is in. JSONEachRow works the same on 18.16 and on current
+//! servers, and a batch is just bytes we can resend.
+
+use std::time::Duration;
+
+use crate::config::ClickHouseSettings;
+
+/// The events table. `ReplacingMergeTree` keyed by the event's identity
+/// (`category`, `upload_time`, `backend_id`: all fixed by the gateway when
+/// it wrote the message), so a message delivered twice is one row for
+/// queries with `FINAL` (and after merges). No `DateTime64`,
+/// `LowCardinality` or JSON functions: this must run on 18.16 too.
+pub fn create_table_sql(database: &str, table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {database}.{table} (
+    backend_id UUID,
+    app_id String,
+    category String,
+    event_id String,
+    upload_time DateTime,
+    upload_time_ms UInt64,
+    client_time Nullable(DateTime),
+    client_time_ms Nullable(UInt64),
+    ip String,
+    country String,
+    region String,
+    city String,
+    meta String,
+    data String,
+    request_id String,
+    trace_id String,
+    kafka_topic String,
+    kafka_partition Int32,
+    kafka_offset Int64,
+    ingested_at DateTime
+) ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toYYYYMM(upload_time)
+ORDER BY (category, upload_time, backend_id)"
+    )
+}
+
+/// What a failed request means for the rows it carried.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// The server is away, slow or failing: try the same rows again later.
+    #[error("ClickHouse unavailable: {0}")]
+    Transient(String),
+    /// The table or database is gone: create it, then try again.
+    #[error("ClickHouse table missing: {0}")]
+    MissingTable(String),
+    /// ClickHouse rejected the data itself: sending it again cannot help.
+    #[error("ClickHouse rejected the rows (code {code}): {message}")]
+    Rejected { code: u32, message: String },
+}
+
+/// ClickHouse error codes that mean "this data can never be inserted":
+/// parse and type errors of the rows.
+const REJECTED_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    376, // CANNOT_PARSE_UUID
+];
+
+/// The `Code: N` of a ClickHouse error body.
+fn error_code(body: &str) -> Option<u32> {
+    let rest = &body[body.find("Code: ")? + 6..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Sorts a failed response by its status and body.
+pub fn classify(status: u16, body: &str) -> InsertError {
+    let message: String = body.trim().chars().take(500).collect();
+    match error_code(body) {
+        Some(60) | Some(81) => InsertError::MissingTable(message),
+        Some(code) if REJECTED_CODES.contains(&code) => InsertError::Rejected { code, message },
+        _ => InsertError::Transient(format!("HTTP {status}: {message}")),
+    }
+}
+
+/// A ClickHouse HTTP client for one table.
+#[derive(Clone)]
+pub struct ClickHouse {
+    http: reqwest::Client,
+    url: String,
+    user: String,
+    password: String,
+    database: String,
+    table: String,
+    timeout: Duration,
+    ping_timeout: Duration,
+}
+
+impl ClickHouse {
+    pub fn new(settings: &ClickHouseSettings) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(settings.timeout_ms.min(5_000)))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            http,
+            url: settings.url.trim_end_matches('/').to_owned(),
+            user: settings.user.clone(),
+            password: settings.password.clone(),
+            database: settings.database.clone(),
+            table: settings.table.clone(),
+            timeout: Duration::from_millis(settings.timeout_ms),
+            ping_timeout: Duration::from_millis(settings.ping_timeout_ms),
+        })
+    }
+
+    /// `database.table`, for span attributes and logs.
+    pub fn table_name(&self) -> String {
+        format!("{}.{}", self.database, self.table)
+    }
+
+    /// The server's host and port, for span attributes.
+    pub fn server_address(&self) -> String {
+        reqwest::Url::parse(&self.url)
+            .ok()
+            .and_then(|url| url.host_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    async fn post(
+        &self,
+        query: &str,
+        body: impl Into<reqwest::Body>,
+        timeout: Duration,
+    ) -> Result<String, InsertError> {
+        let response = self
+            .http
+            .post(format!("{}/", self.url))
+            .query(&[("query", query)])
+            .basic_auth(&self.user, Some(&self.password))
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| InsertError::Transient(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| InsertError::Transient(error_chain(&e)))?;
+        if (200..300).contains(&status) {
+            Ok(text)
+        } else {
+            Err(classify(status, &text))
+        }
+    }
+
+    /// Creates the database and the table when missing.
+    pub async fn ensure_schema(&self) -> Result<(), InsertError> {
+        // The statement goes in the body: `query=` plus a body would be
+        // read as one statement.
+        for sql in [
+            format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
+            create_table_sql(&self.database, &self.table),
+        ] {
+            self.query(&sql).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `sql` (sent as the body) and returns the response body.
+    pub async fn query(&self, sql: &str) -> Result<String, InsertError> {
+        let response = self
+            .http
+            .post(format!("{}/", self.url))
+            .basic_auth(&self.user, Some(&self.password))
+            .timeout(self.timeout)
+            .body(sql.to_owned())
+            .send()
+            .await
+            .map_err(|e| InsertError::Transient(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        if (200..300).contains(&status) {
+            Ok(text)
+        } else {
+            Err(InsertError::Transient(format!(
+                "HTTP {status}: {}",
+                text.trim()
+            )))
+        }
+    }
+
+    /// Inserts JSONEachRow lines.
+    pub async fn insert(&self, rows: bytes::Bytes) -> Result<(), InsertError> {
+        let query = format!("INSERT INTO {} FORMAT JSONEachRow", self.table_name());
+        self.post(&query, rows, self.timeout).await.map(|_| ())
+    }
+
+    /// `SELECT 1` with the short readiness timeout (a real query, not
+    /// `/ping`, so that the credentials are checked too). A GET: read-only,
+    /// and no body whose length old servers insist on.
+    pub async fn ping(&self) -> Result<(), String> {
+        let response = self
+            .http
+            .get(format!("{}/", self.url))
+            .query(&[("query", "SELECT 1")])
+            .basic_auth(&self.user, Some(&self.password))
+            .timeout(self.ping_timeout)
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(format!("HTTP {}: {}", status.as_u16(), body.trim()))
+    }
+}
+
+/// An error with its sources, e.g. "error sending request: connection
+/// refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_errors_are_rejections_and_the_rest_is_retried() {
+        let uuid = "Code: 376, e.displayText() = DB::Exception: Cannot parse uuid bad";
+        assert!(matches!(
+            classify(500, uuid),
+            InsertError::Rejected { code: 376, .. }
+        ));
+        assert!(matches!(
+            classify(
+                404,
+                "Code: 60, e.displayText() = DB::Exception: Table venus.nope doesn't exist."
+            ),
+            InsertError::MissingTable(_)
+        ));
+        assert!(matches!(
+            classify(500, "Code: 241, Memory limit exceeded"),
+            InsertError::Transient(_)
+        ));
+        assert!(matches!(
+            classify(502, "bad gateway"),
+            InsertError::Transient(_)
+        ));
+        assert!(matches!(
+            classify(401, "Code: 516, authentication failed"),
+            InsertError::Transient(_)
+        ));
+    }
+
+    #[test]
+    fn the_ddl_has_every_column_and_the_replacing_engine() {
+        let sql = create_table_sql("venus", "events");
+        for column in [
+            "backend_id",
+            "app_id",
+            "category",
+            "event_id",
+            "upload_time",
+            "client_time",
+            "ip",
+            "country",
+            "region",
+            "city",
+            "meta",
+            "data",
+            "request_id",
+            "trace_id",
+            "kafka_topic",
+            "kafka_partition",
+            "kafka_offset",
+            "ingested_at",
+        ] {
+            assert!(sql.contains(&format!("\n    {column} ")), "{column}");
+        }
+        assert!(sql.contains("ReplacingMergeTree"));
+        for unsupported in ["DateTime64", "LowCardinality", "JSON"] {
+            assert!(!sql.contains(unsupported), "18.16 lacks {unsupported}");
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! The ingester's settings: the shared `kafka` and `telemetry` sections of
+//! `config.yaml` plus its own `ingester:` section.
+//!
+//! Loaded by the same layered loader as the gateway
+//! ([`venus::config::load_layered`]): the file, then `VENUS__SECTION__KEY`
+//! variables (`VENUS__INGESTER__BATCH_ROWS`,
+//! `VENUS__INGESTER__CLICKHOUSE__URL`). The gateway-only sections (`server`,
+//! `geoip`, `categories`) are ignored here; unknown keys inside `ingester:`
+//! are errors, and an invalid value names its key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use venus::config::{ConfigError, KafkaSettings, TelemetrySettings};
+
+/// Everything the ingester reads from `config.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// The gateway's Kafka section: `brokers` and `topic_template` say where
+    /// the events are.
+    pub kafka: KafkaSettings,
+    /// Logs, traces and metrics export, as for the gateway.
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+    /// The ingester's own keys.
+    pub ingester: IngesterSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngesterSettings {
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+    /// Kafka consumer group; instances of one group share the partitions.
+    #[serde(default = "defaults::group_id")]
+    pub group_id: String,
+    /// A batch is inserted when it holds this many rows...
+    #[serde(default = "defaults::batch_rows")]
+    pub batch_rows: usize,
+    /// ...or this many bytes of JSON rows...
+    #[serde(default = "defaults::batch_bytes")]
+    pub batch_bytes: usize,
+    /// ...or when its first row has waited this long, whichever comes first.
+    #[serde(default = "defaults::flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Messages read but not yet in ClickHouse (or the dead-letter topic)
+    /// beyond which fetching pauses; it resumes below half of this.
+    #[serde(default = "defaults::max_buffered_rows")]
+    pub max_buffered_rows: usize,
+    /// Topic for messages that can never be inserted.
+    #[serde(default = "defaults::dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// On SIGTERM: how long to flush, store and commit before exiting.
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// First wait before retrying a failed insert; doubles per attempt.
+    #[serde(default = "defaults::retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Longest wait between two attempts; retries never stop.
+    #[serde(default = "defaults::retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// How often the topic list is refreshed, so that a new category's topic
+    /// is consumed without a restart (`topic.metadata.refresh.interval.ms`).
+    #[serde(default = "defaults::topic_refresh_ms")]
+    pub topic_refresh_ms: u64,
+    /// How long the group waits for a silent member (a crashed instance)
+    /// before giving its partitions to others (`session.timeout.ms`).
+    #[serde(default = "defaults::session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Any other librdkafka consumer setting, passed through as is.
+    #[serde(default)]
+    pub consumer: std::collections::BTreeMap<String, String>,
+    /// Where the rows go.
+    pub clickhouse: ClickHouseSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseSettings {
+    /// HTTP interface base URL, e.g. `http://127.0.0.1:8123`.
+    #[serde(default = "defaults::clickhouse_url")]
+    pub url: String,
+    /// Database, created on start when missing.
+    #[serde(default = "defaults::database")]
+    pub database: String,
+    /// Table, created on start when missing.
+    #[serde(default = "defaults::table")]
+    pub table: String,
+    /// User (HTTP basic authentication).
+    #[serde(default = "defaults::user")]
+    pub user: String,
+    /// Password of `user`; empty for none.
+    #[serde(default)]
+    pub password: String,
+    /// Timeout of every ClickHouse request (inserts, DDL).
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    /// Timeout of the readiness probe's ping, short so that a hanging
+    /// server turns `/readyz` 503 within seconds.
+    #[serde(default = "defaults::ping_timeout_ms")]
+    pub ping_timeout_ms: u64,
+}
+
+mod defaults {
+    pub fn listen() -> String {
+        "127.0.0.1:8081".into()
+    }
+    pub fn group_id() -> String {
+        "venus-ingester".into()
+    }
+    pub fn batch_rows() -> usize {
+        10_000
+    }
+    pub fn batch_bytes() -> usize {
+        8 * 1024 * 1024
+    }
+    pub fn flush_interval_ms() -> u64 {
+        1_000
+    }
+    pub fn max_buffered_rows() -> usize {
+        100_000
+    }
+    pub fn dead_letter_topic() -> String {
+        "to_analyzer__0.__dead_letter".into()
+    }
+    pub fn shutdown_grace_ms() -> u64 {
+        30_000
+    }
+    pub fn retry_initial_ms() -> u64 {
+        100
+    }
+    pub fn retry_max_ms() -> u64 {
+        10_000
+    }
+    pub fn topic_refresh_ms() -> u64 {
+        10_000
+    }
+    pub fn session_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn clickhouse_url() -> String {
+        "http://127.0.0.1:8123".into()
+    }
+    pub fn database() -> String {
+        "venus".into()
+    }
+    pub fn table() -> String {
+        "events".into()
+    }
+    pub fn user() -> String {
+        "default".into()
+    }
+    pub fn timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn ping_timeout_ms() -> u64 {
+        1_000
+    }
+}
+
+fn positive(key: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+/// A ClickHouse identifier we put into DDL and queries unquoted.
+fn identifier(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !value.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("{value:?} must match ^[A-Za-z_][A-Za-z0-9_]{{0,63}}$"),
+        ))
+    }
+}
+
+impl Settings {
+    /// Reads `path`, then `VENUS__*` variables of the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (`None`: the
+    /// process environment).
+    pub fn load_with_env(
+        path: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let settings: Settings = venus::config::load_layered(path, env)?;
+        settings.validated()
+    }
+
+    fn validated(self) -> Result<Self, ConfigError> {
+        let ingester = &self.ingester;
+        ingester.listen.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::invalid("ingester.listen", format!("{:?}: {e}", ingester.listen))
+        })?;
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "kafka.brokers",
+                "must name at least one broker",
+            ));
+        }
+        if !self.kafka.topic_template.contains("{category}") {
+            return Err(ConfigError::invalid(
+                "kafka.topic_template",
+                format!("{:?} must contain {{category}}", self.kafka.topic_template),
+            ));
+        }
+        if ingester.group_id.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "ingester.group_id",
+                "must not be empty",
+            ));
+        }
+        if ingester.dead_letter_topic.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "ingester.dead_letter_topic",
+                "must not be empty",
+            ));
+        }
+        for (key, value) in [
+            ("ingester.batch_rows", ingester.batch_rows as u64),
+            ("ingester.batch_bytes", ingester.batch_bytes as u64),
+            ("ingester.flush_interval_ms", ingester.flush_interval_ms),
+            (
+                "ingester.max_buffered_rows",
+                ingester.max_buffered_rows as u64,
+            ),
+            ("ingester.shutdown_grace_ms", ingester.shutdown_grace_ms),
+            ("ingester.retry_initial_ms", ingester.retry_initial_ms),
+            ("ingester.retry_max_ms", ingester.retry_max_ms),
+            ("ingester.topic_refresh_ms", ingester.topic_refresh_ms),
+            ("ingester.session_timeout_ms", ingester.session_timeout_ms),
+            (
+                "ingester.clickhouse.timeout_ms",
+                ingester.clickhouse.timeout_ms,
+            ),
+            (
+                "ingester.clickhouse.ping_timeout_ms",
+                ingester.clickhouse.ping_timeout_ms,
+            ),
+        ] {
+            positive(key, value)?;
+        }
+        if ingester.retry_max_ms < ingester.retry_initial_ms {
+            return Err(ConfigError::invalid(
+                "ingester.retry_max_ms",
+                "must be at least ingester.retry_initial_ms",
+            ));
+        }
+        let url = &ingester.clickhouse.url;
+        if !(url.starts_with("http://") || url.starts_with("https://"))
+            || reqwest::Url::parse(url).is_err()
+        {
+            return Err(ConfigError::invalid(
+                "ingester.clickhouse.url",
+                format!("{url:?} is not an http:// or https:// URL"),
+            ));
+        }
+        identifier(
+            "ingester.clickhouse.database",
+            &ingester.clickhouse.database,
+        )?;
+        identifier("ingester.clickhouse.table", &ingester.clickhouse.table)?;
+        Ok(self)
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.ingester
+            .listen
+            .parse()
+            .expect("ingester.listen was validated at load")
+    }
+}
+
+impl IngesterSettings {
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    fn repo_config() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.yaml")
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_repository_config_file_loads_with_the_documented_defaults() {
+        let settings = Settings::load_with_env(&repo_config(), env(&[])).unwrap();
+        let ingester = &settings.ingester;
+        assert_eq!(ingester.group_id, "venus-ingester");
+        assert_eq!(ingester.dead_letter_topic, "to_analyzer__0.__dead_letter");
+        assert_eq!(ingester.clickhouse.database, "venus");
+        assert_eq!(ingester.clickhouse.table, "events");
+        assert_eq!(settings.kafka.topic_template, "to_analyzer__0.{category}");
+    }
+
+    #[test]
+    fn the_gateway_still_loads_the_file_with_an_ingester_section() {
+        venus::config::Settings::load_with_env(&repo_config(), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_every_kind_of_key() {
+        let settings = Settings::load_with_env(
+            &repo_config(),
+            env(&[
+                ("VENUS__INGESTER__LISTEN", "0.0.0.0:9999"),
+                ("VENUS__INGESTER__GROUP_ID", "g2"),
+                ("VENUS__INGESTER__BATCH_ROWS", "7"),
+                ("VENUS__INGESTER__BATCH_BYTES", "1234"),
+                ("VENUS__INGESTER__FLUSH_INTERVAL_MS", "50"),
+                ("VENUS__INGESTER__DEAD_LETTER_TOPIC", "dlq"),
+                ("VENUS__INGESTER__SHUTDOWN_GRACE_MS", "777"),
+                ("VENUS__INGESTER__CLICKHOUSE__URL", "http://ch:8123"),
+                ("VENUS__INGESTER__CLICKHOUSE__DATABASE", "db2"),
+                ("VENUS__INGESTER__CLICKHOUSE__TABLE", "t2"),
+                ("VENUS__INGESTER__CLICKHOUSE__USER", "u"),
+                ("VENUS__INGESTER__CLICKHOUSE__PASSWORD", "123"),
+                ("VENUS__KAFKA__BROKERS", "k:1"),
+            ]),
+        )
+        .unwrap();
+        let i = &settings.ingester;
+        assert_eq!(i.listen, "0.0.0.0:9999");
+        assert_eq!(i.group_id, "g2");
+        assert_eq!(i.batch_rows, 7);
+        assert_eq!(i.batch_bytes, 1234);
+        assert_eq!(i.flush_interval_ms, 50);
+        assert_eq!(i.dead_letter_topic, "dlq");
+        assert_eq!(i.shutdown_grace_ms, 777);
+        assert_eq!(i.clickhouse.url, "http://ch:8123");
+        assert_eq!(i.clickhouse.database, "db2");
+        assert_eq!(i.clickhouse.table, "t2");
+        assert_eq!(i.clickhouse.user, "u");
+        assert_eq!(i.clickhouse.password, "123");
+        assert_eq!(settings.kafka.brokers, "k:1");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        for (var, value, key) in [
+            ("VENUS__INGESTER__LISTEN", "nope", "ingester.listen"),
+            ("VENUS__INGESTER__BATCH_ROWS", "0", "ingester.batch_rows"),
+            ("VENUS__INGESTER__BATCH_ROWS", "many", "batch_rows"),
+            (
+                "VENUS__INGESTER__FLUSH_INTERVAL_MS",
+                "0",
+                "ingester.flush_interval_ms",
+            ),
+            ("VENUS__INGESTER__GROUP_ID", " ", "ingester.group_id"),
+            (
+                "VENUS__INGESTER__CLICKHOUSE__URL",
+                "ch:8123",
+                "ingester.clickhouse.url",
+            ),
+            (
+                "VENUS__INGESTER__CLICKHOUSE__TABLE",
+                "a;drop",
+                "ingester.clickhouse.table",
+            ),
+            (
+                "VENUS__INGESTER__RETRY_MAX_MS",
+                "1",
+                "ingester.retry_max_ms",
+            ),
+        ] {
+            let err = Settings::load_with_env(&repo_config(), env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn gateway_sections_are_ignored_but_unknown_ingester_keys_are_errors() {
+        let mut file = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+        file.write_all(
+            b"server:\n  whatever: 1\nkafka:\n  brokers: b:1\ningester:\n  nope: 1\n  clickhouse: {}\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(file.path(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+}

@@ -1,0 +1,403 @@
+//! The Kafka side: one thread that polls the group consumer without pause
+//! (so `max.poll.interval.ms` never expires, whatever ClickHouse does),
+//! hands messages on, pauses and resumes the assignment by how much is
+//! buffered, stores the offsets the markers allow, and commits on revoke and
+//! at shutdown.
+//!
+//! Subscription is by regex over the topics `kafka.topic_template` can
+//! produce, refreshed every `ingester.topic_refresh_ms`, so a new category
+//! is picked up without a restart; assignment is cooperative-sticky.
+//! Offsets are committed by librdkafka every second from what the thread
+//! stored (`enable.auto.offset.store=false`), and synchronously on revoke
+//! and shutdown.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::offsets::Offsets;
+use crate::record::Record;
+
+/// How often the poll thread stores offsets and updates gauges.
+const STORE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Escapes the regex metacharacters of a literal part of the template.
+fn escape(literal: &str) -> String {
+    let mut out = String::with_capacity(literal.len());
+    for c in literal.chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The subscription regex of a topic template: `{category}` stands for any
+/// category the gateway accepts (`[A-Za-z0-9_]{1,64}`) except those starting
+/// with `__`, which are reserved (the dead-letter topic is one).
+pub fn subscription_pattern(template: &str) -> String {
+    const CATEGORY: &str = "(_?[A-Za-z0-9][A-Za-z0-9_]*|_)";
+    let parts: Vec<String> = template.split("{category}").map(escape).collect();
+    format!("^{}$", parts.join(CATEGORY))
+}
+
+/// The consumer's context: the rebalance hooks and librdkafka statistics.
+pub struct Context {
+    offsets: Arc<Offsets>,
+    metrics: Metrics,
+    paused: Arc<AtomicBool>,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        for (name, topic) in &statistics.topics {
+            for (id, partition) in &topic.partitions {
+                if *id >= 0 && partition.consumer_lag >= 0 {
+                    self.metrics.lag(name, *id, partition.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        // Commit what is done of the revoked partitions before their next
+        // owner starts; messages of them still in flight are read again by
+        // that owner (at least once; FINAL hides the copies).
+        let mut commit = TopicPartitionList::new();
+        for element in revoked.elements() {
+            if let Some(next) = self.offsets.revoke(element.topic(), element.partition()) {
+                let _ = commit.add_partition_offset(
+                    element.topic(),
+                    element.partition(),
+                    Offset::Offset(next),
+                );
+            }
+        }
+        tracing::info!(partitions = revoked.count(), "partitions revoked");
+        if commit.count() > 0 {
+            if let Err(error) = consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(%error, "commit on revoke failed");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(assigned) = rebalance else {
+            return;
+        };
+        for element in assigned.elements() {
+            self.offsets.assign(element.topic(), element.partition());
+        }
+        let protocol = match consumer.rebalance_protocol() {
+            rdkafka::consumer::RebalanceProtocol::Cooperative => "cooperative",
+            rdkafka::consumer::RebalanceProtocol::Eager => "eager",
+            rdkafka::consumer::RebalanceProtocol::None => "none",
+        };
+        let list: Vec<String> = assigned
+            .elements()
+            .iter()
+            .map(|e| format!("{}/{}", e.topic(), e.partition()))
+            .collect();
+        tracing::info!(
+            partitions = assigned.count(),
+            assigned = list.join(","),
+            protocol,
+            "partitions assigned"
+        );
+        if self.paused.load(Ordering::Relaxed) {
+            let _ = consumer.pause(assigned);
+        }
+    }
+}
+
+/// The librdkafka consumer configuration: our settings, then the
+/// pass-through map.
+pub fn consumer_config(settings: &Settings) -> ClientConfig {
+    let ingester = &settings.ingester;
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.kafka.brokers)
+        .set("group.id", &ingester.group_id)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set(
+            "session.timeout.ms",
+            ingester.session_timeout_ms.to_string(),
+        )
+        .set(
+            "topic.metadata.refresh.interval.ms",
+            ingester.topic_refresh_ms.to_string(),
+        )
+        .set("statistics.interval.ms", "2000");
+    for (key, value) in &ingester.consumer {
+        config.set(key, value);
+    }
+    config
+}
+
+/// The running poll thread.
+pub struct PollThread {
+    stop: Arc<AtomicBool>,
+    drained: std::sync::mpsc::Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PollThread {
+    /// Subscribes and starts polling; messages go to `records`.
+    pub fn start(
+        settings: &Settings,
+        offsets: Arc<Offsets>,
+        metrics: Metrics,
+        records: UnboundedSender<Record>,
+        grace: Duration,
+    ) -> anyhow::Result<Self> {
+        let paused = Arc::new(AtomicBool::new(false));
+        let consumer: BaseConsumer<Context> =
+            consumer_config(settings).create_with_context(Context {
+                offsets: offsets.clone(),
+                metrics: metrics.clone(),
+                paused: paused.clone(),
+            })?;
+        let pattern = subscription_pattern(&settings.kafka.topic_template);
+        consumer.subscribe(&[pattern.as_str()])?;
+        tracing::info!(%pattern, group = %settings.ingester.group_id, "subscribed");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (drained, drained_rx) = std::sync::mpsc::channel();
+        let poller = Poller {
+            consumer,
+            offsets,
+            metrics,
+            paused,
+            records,
+            max_buffered: settings.ingester.max_buffered_rows as i64,
+            dead_letter_topic: settings.ingester.dead_letter_topic.clone(),
+            stop: stop.clone(),
+            drained: drained_rx,
+            grace,
+        };
+        let thread = std::thread::Builder::new()
+            .name("kafka-poll".into())
+            .spawn(move || poller.run())?;
+        Ok(Self {
+            stop,
+            drained,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops fetching; the thread then waits for [`PollThread::drained`]
+    /// (or the grace) before its final store and commit.
+    pub fn stop_fetching(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Everything read is finished (or given up): store, commit, leave.
+    pub fn drained(&self) {
+        let _ = self.drained.send(());
+    }
+
+    /// Waits for the thread (on a blocking thread; it commits synchronously).
+    pub async fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+struct Poller {
+    consumer: BaseConsumer<Context>,
+    offsets: Arc<Offsets>,
+    metrics: Metrics,
+    paused: Arc<AtomicBool>,
+    records: UnboundedSender<Record>,
+    max_buffered: i64,
+    dead_letter_topic: String,
+    stop: Arc<AtomicBool>,
+    drained: std::sync::mpsc::Receiver<()>,
+    grace: Duration,
+}
+
+impl Poller {
+    fn run(self) {
+        let mut last_store = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            self.backpressure();
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    use rdkafka::Message;
+                    if message.topic() == self.dead_letter_topic {
+                        // Never ingest our own dead letters (the pattern
+                        // already excludes the default topic).
+                        continue;
+                    }
+                    let (epoch, gap) =
+                        self.offsets
+                            .track(message.topic(), message.partition(), message.offset());
+                    if gap > 0 {
+                        // Never expected on our topics (no compaction, no
+                        // transactions): a broker that skipped records.
+                        tracing::warn!(
+                            topic = message.topic(),
+                            partition = message.partition(),
+                            offset = message.offset(),
+                            skipped = gap,
+                            "offsets skipped since the previous message of the partition"
+                        );
+                        self.metrics.offset_gap(message.topic(), gap);
+                    }
+                    self.metrics.consumed(message.topic());
+                    if self
+                        .records
+                        .send(Record::from_message(&message, epoch))
+                        .is_err()
+                    {
+                        self.offsets.abandon();
+                        break;
+                    }
+                }
+                Some(Err(error)) => tracing::warn!(%error, "Kafka consumer error"),
+                None => {}
+            }
+            if last_store.elapsed() >= STORE_INTERVAL {
+                self.store();
+                last_store = Instant::now();
+            }
+        }
+        let Poller {
+            consumer,
+            offsets,
+            records,
+            drained,
+            grace,
+            metrics,
+            ..
+        } = self;
+        // No more messages: the processor flushes what it has and the
+        // writer finishes; then what is done is committed.
+        drop(records);
+        let _ = drained.recv_timeout(grace);
+        store(&consumer, &offsets);
+        metrics.buffered(offsets.in_flight());
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("offsets committed"),
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => tracing::info!("offsets committed (already, by the periodic commit)"),
+            Err(error) => tracing::warn!(%error, "final commit failed"),
+        }
+        consumer.unsubscribe();
+        drop(consumer);
+    }
+
+    fn store(&self) {
+        store(&self.consumer, &self.offsets);
+        self.metrics.buffered(self.offsets.in_flight());
+    }
+
+    /// Pauses the whole assignment while too much is buffered, resumes
+    /// below half of it. The thread keeps polling either way.
+    fn backpressure(&self) {
+        let buffered = self.offsets.in_flight();
+        let paused = self.paused.load(Ordering::Relaxed);
+        let change = if !paused && buffered >= self.max_buffered {
+            Some(true)
+        } else if paused && buffered <= self.max_buffered / 2 {
+            Some(false)
+        } else {
+            None
+        };
+        let Some(pause) = change else {
+            return;
+        };
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        match result {
+            Ok(()) => {
+                self.paused.store(pause, Ordering::Relaxed);
+                self.metrics.paused(pause);
+                tracing::info!(buffered, paused = pause, "fetching paused or resumed");
+            }
+            Err(error) => tracing::warn!(%error, "pause/resume failed"),
+        }
+    }
+}
+
+/// Hands the markers' committable offsets to librdkafka, which commits them.
+fn store(consumer: &BaseConsumer<Context>, offsets: &Offsets) {
+    let positions = offsets.to_store();
+    if positions.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for (topic, partition, next) in &positions {
+        // `store_offsets` stores the offsets as given: the next one to read.
+        let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
+    }
+    if let Err(error) = consumer.store_offsets(&list) {
+        tracing::debug!(%error, "storing offsets");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pattern_matches_every_category_topic_and_not_reserved_ones() {
+        let pattern =
+            regex::Regex::new(&subscription_pattern("to_analyzer__0.{category}")).unwrap();
+        for topic in [
+            "to_analyzer__0.page_view",
+            "to_analyzer__0.a",
+            "to_analyzer__0._private",
+            "to_analyzer__0._",
+            "to_analyzer__0.9",
+        ] {
+            assert!(pattern.is_match(topic), "{topic}");
+        }
+        for topic in [
+            "to_analyzer__0.__dead_letter",
+            "to_analyzer__0.",
+            "to_analyzer__0xpage",
+            "other.page_view",
+            "to_analyzer__0.a.b",
+            "to_analyzer__0.a-b",
+        ] {
+            assert!(!pattern.is_match(topic), "{topic}");
+        }
+    }
+
+    #[test]
+    fn literal_parts_of_the_template_are_escaped() {
+        assert_eq!(
+            subscription_pattern("a.b+{category}$"),
+            "^a\\.b\\+(_?[A-Za-z0-9][A-Za-z0-9_]*|_)\\$$"
+        );
+    }
+}

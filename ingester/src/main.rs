@@ -1,0 +1,85 @@
+//! The `venus-ingester` binary: load the configuration, start telemetry,
+//! ingest until SIGINT or SIGTERM, drain, exit 0.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Consumes venus's Kafka topics into ClickHouse.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Configuration file; every key can be overridden as VENUS__SECTION__KEY.
+    #[arg(long, default_value = "config.yaml")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match venus_ingester::config::Settings::load(&cli.config) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("venus-ingester: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut telemetry = settings.telemetry.clone();
+    if telemetry.service_name.trim().is_empty()
+        && std::env::var("OTEL_SERVICE_NAME")
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+    {
+        telemetry.service_name = "venus-ingester".into();
+    }
+    let settings = venus_ingester::config::Settings {
+        telemetry,
+        ..settings
+    };
+    let tracing = match venus::telemetry::init_tracing(&settings.telemetry) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("venus-ingester: cannot start telemetry: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let ingester = match venus_ingester::Ingester::build(settings).await {
+        Ok(ingester) => ingester,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            eprintln!("venus-ingester: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(address = %ingester.local_addr(), "listening");
+    let result = ingester.run_until(shutdown_signal()).await;
+    tracing.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("venus-ingester: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,246 @@
+//! Batches into ClickHouse: each insert retried with capped exponential
+//! backoff until it is in (never dropped because retries "ran out"), a batch
+//! ClickHouse rejects for its data split in halves until the bad rows are
+//! found and sent to the dead-letter topic, and every message marked done
+//! only once it is in ClickHouse or the dead-letter topic.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::batch::PendingRow;
+use crate::clickhouse::{ClickHouse, InsertError};
+use crate::dead_letter::DeadLetters;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::offsets::Offsets;
+
+/// Links from one insert span to the `process` spans of its rows, at most
+/// (the SDK keeps 128 links per span by default).
+const MAX_LINKS: usize = 128;
+
+/// Capped exponential backoff.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    /// The wait before the next attempt; doubles up to the cap.
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+enum Attempt {
+    Inserted,
+    Rejected(String),
+    Cancelled,
+}
+
+pub struct Writer {
+    pub clickhouse: ClickHouse,
+    pub offsets: Arc<Offsets>,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub dead_letters: DeadLetters,
+    pub backoff: Backoff,
+    pub cancel: watch::Receiver<bool>,
+    pub schema_ready: bool,
+}
+
+impl Writer {
+    /// Writes every batch until the processor closes the channel.
+    pub async fn run(mut self, mut batches: mpsc::Receiver<Vec<PendingRow>>) {
+        // The database and table exist from the start (queries work before
+        // the first event); batches wait meanwhile, and fetching pauses if
+        // ClickHouse stays away.
+        while !self.schema_ready {
+            match self.clickhouse.ensure_schema().await {
+                Ok(()) => {
+                    self.schema_ready = true;
+                    self.backoff.reset();
+                    tracing::info!(table = %self.clickhouse.table_name(), "ClickHouse table ready");
+                }
+                Err(error) => {
+                    let wait = self.backoff.next_wait();
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "cannot create the ClickHouse table; retrying");
+                    if !self.sleep(wait).await {
+                        break;
+                    }
+                }
+            }
+        }
+        while let Some(rows) = batches.recv().await {
+            self.write(rows).await;
+        }
+    }
+
+    async fn write(&mut self, rows: Vec<PendingRow>) {
+        let mut queue = VecDeque::from([rows]);
+        while let Some(chunk) = queue.pop_front() {
+            match self.insert(&chunk).await {
+                Attempt::Inserted => {
+                    for row in &chunk {
+                        self.offsets.done(&row.record.source);
+                    }
+                }
+                Attempt::Rejected(reason) if chunk.len() > 1 => {
+                    tracing::warn!(rows = chunk.len(), %reason, "ClickHouse rejected a batch; splitting it");
+                    let mut first = chunk;
+                    let second = first.split_off(first.len() / 2);
+                    queue.push_front(second);
+                    queue.push_front(first);
+                }
+                Attempt::Rejected(reason) => {
+                    let row = &chunk[0];
+                    let reason = format!("ClickHouse rejected the row: {reason}");
+                    if self
+                        .dead_letters
+                        .send(&row.record, &reason, "clickhouse", &mut self.cancel)
+                        .await
+                    {
+                        self.offsets.done(&row.record.source);
+                    } else {
+                        self.offsets.abandon();
+                    }
+                }
+                Attempt::Cancelled => {
+                    for _ in chunk.iter().chain(queue.iter().flatten()) {
+                        self.offsets.abandon();
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sleeps `wait`; `false` when cancelled first.
+    async fn sleep(&mut self, wait: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = self.cancel.wait_for(|c| *c) => false,
+        }
+    }
+
+    async fn insert(&mut self, chunk: &[PendingRow]) -> Attempt {
+        let mut body = Vec::with_capacity(chunk.iter().map(|r| r.line.len()).sum());
+        for row in chunk {
+            body.extend_from_slice(&row.line);
+        }
+        let body = bytes::Bytes::from(body);
+        loop {
+            if *self.cancel.borrow() {
+                return Attempt::Cancelled;
+            }
+            if !self.schema_ready {
+                match self.clickhouse.ensure_schema().await {
+                    Ok(()) => self.schema_ready = true,
+                    Err(error) => {
+                        let reason = error.to_string();
+                        self.health.insert_failed(&reason);
+                        tracing::warn!(%reason, "cannot create the ClickHouse table; retrying");
+                        let wait = self.backoff.next_wait();
+                        if !self.sleep(wait).await {
+                            return Attempt::Cancelled;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let span = tracing::info_span!(
+                "insert",
+                otel.name = format!("INSERT {}", self.clickhouse.table_name()),
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                db.system = "clickhouse",
+                db.system.name = "clickhouse",
+                db.operation.name = "INSERT",
+                db.collection.name = %self.clickhouse.table_name(),
+                db.operation.batch.size = chunk.len() as i64,
+                db.response.returned_rows = tracing::field::Empty,
+                server.address = %self.clickhouse.server_address(),
+                error.type = tracing::field::Empty,
+            );
+            // The insert's own trace, linked to each message's trace.
+            let _ = span.set_parent(opentelemetry::Context::new());
+            for row in chunk.iter().take(MAX_LINKS) {
+                if row.span.is_valid() {
+                    span.add_link(row.span.clone());
+                }
+            }
+            let started = Instant::now();
+            let result = self
+                .clickhouse
+                .insert(body.clone())
+                .instrument(span.clone())
+                .await;
+            let seconds = started.elapsed().as_secs_f64();
+            match result {
+                Ok(()) => {
+                    self.metrics.inserted(chunk.len() as u64, seconds);
+                    self.health.insert_ok();
+                    self.backoff.reset();
+                    return Attempt::Inserted;
+                }
+                Err(InsertError::Rejected { code, message }) => {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.type", code.to_string());
+                    return Attempt::Rejected(format!("code {code}: {message}"));
+                }
+                Err(error) => {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.type", "unavailable");
+                    if matches!(error, InsertError::MissingTable(_)) {
+                        self.schema_ready = false;
+                    }
+                    let reason = error.to_string();
+                    self.metrics.insert_failed(seconds);
+                    self.health.insert_failed(&reason);
+                    let wait = self.backoff.next_wait();
+                    tracing::warn!(%reason, rows = chunk.len(), retry_in_ms = wait.as_millis() as u64, "insert failed; retrying");
+                    drop(span);
+                    if !self.sleep(wait).await {
+                        return Attempt::Cancelled;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let waits: Vec<u64> = (0..5)
+            .map(|_| backoff.next_wait().as_millis() as u64)
+            .collect();
+        assert_eq!(waits, vec![100, 200, 400, 500, 500]);
+        backoff.reset();
+        assert_eq!(backoff.next_wait(), Duration::from_millis(100));
+    }
+}

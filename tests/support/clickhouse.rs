@@ -1,0 +1,152 @@
+//! A real ClickHouse server for the tests: Debian's `clickhouse-server`
+//! (18.16 here; any version with the HTTP interface works) started as a
+//! plain process on free ports by `scripts/clickhouse-local` (the script
+//! `scripts/run` and `scripts/bench` use: one config generator) with a data
+//! directory of its own, killed with the test process. It can be paused
+//! (SIGSTOP: a server that hangs), killed and started again on the same
+//! ports and data.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, spawn_from_lasting_thread};
+
+pub struct ClickHouseServer {
+    child: Option<Child>,
+    pub http_port: u16,
+    tcp_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl ClickHouseServer {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("venus-clickhouse-")
+            .tempdir()
+            .unwrap();
+        let mut server = Self {
+            child: None,
+            http_port: free_port(),
+            tcp_port: free_port(),
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        // The script execs the server: the child's pid is the server's.
+        let mut command = Command::new(super::repo_root().join("scripts/clickhouse-local"));
+        command
+            .arg(self.dir.path())
+            .arg(self.http_port.to_string())
+            .arg(self.tcp_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.child = Some(spawn_from_lasting_thread(command));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "ClickHouse did not answer on {}",
+                self.http_port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.http_port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.write_all(b"GET /ping HTTP/1.0\r\n\r\n");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.ends_with("Ok.\n")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGSTOP: the server keeps its sockets but answers nothing.
+    pub fn pause(&self) {
+        // SAFETY: a plain kill(2) on our child.
+        unsafe { libc::kill(self.pid(), libc::SIGSTOP) };
+    }
+
+    /// SIGCONT after [`ClickHouseServer::pause`].
+    pub fn resume(&self) {
+        // SAFETY: a plain kill(2) on our child.
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs `sql` and returns the response body (panics on an error).
+    pub async fn query(&self, sql: &str) -> String {
+        let response = reqwest::Client::new()
+            .post(format!("{}/", self.url()))
+            .timeout(Duration::from_secs(30))
+            .body(sql.to_owned())
+            .send()
+            .await
+            .expect("ClickHouse query");
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert!(status.is_success(), "{sql}: {status} {body}");
+        body
+    }
+
+    /// The rows of `sql` (which must not name a FORMAT) as JSON objects.
+    pub async fn rows(&self, sql: &str) -> Vec<serde_json::Value> {
+        self.query(&format!("{sql} FORMAT JSONEachRow"))
+            .await
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    /// A single number from `sql`.
+    pub async fn count(&self, sql: &str) -> u64 {
+        self.query(sql).await.trim().parse().unwrap_or(0)
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A stopped process must be continued to die promptly.
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+        }
+        self.kill();
+    }
+}
