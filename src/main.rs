@@ -63,29 +63,7 @@ async fn serve() -> ExitCode {
         }
     };
     tracing::info!(address = %app.local_addr(), "listening");
-    app.run_until(shutdown_signal()).await;
+    app.run_until(venus::drain::shutdown_requested()).await;
     tracing.shutdown();
     ExitCode::SUCCESS
-}
-
-/// Completes on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
 }

@@ -57,7 +57,7 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(address = %ingester.local_addr(), "listening");
-    let result = ingester.run_until(shutdown_signal()).await;
+    let result = ingester.run_until(venus::drain::shutdown_requested()).await;
     tracing.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,21 +65,5 @@ async fn main() -> ExitCode {
             eprintln!("venus-ingester: {error}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = terminate => {},
     }
 }
