@@ -368,11 +368,7 @@ async fn every_metric_the_dashboard_queries_is_exported_by_the_gateway() {
     assert!(used.len() >= 8, "{used:?}");
     let (app, _) = scripted_uploads().await;
     let text = metrics_text(&app).await;
-    let exported: HashSet<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
+    let exported = support::dashboard::exported_names(&text);
     for name in &used {
         assert!(
             exported.contains(name.as_str()),

@@ -341,11 +341,7 @@ async fn every_ingester_metric_the_dashboard_queries_is_exported() {
         text.contains("venus_ingester_consumer_lag").then_some(text)
     })
     .await;
-    let exported: std::collections::HashSet<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
+    let exported = support::dashboard::exported_names(&text);
     for name in &used {
         assert!(
             exported.contains(name.as_str()),

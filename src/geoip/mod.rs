@@ -96,11 +96,6 @@ impl GeoIp {
         self.current.load().lookup(ip)
     }
 
-    /// The first file's database type, e.g. `GeoLite2-City`.
-    pub fn database_type(&self) -> String {
-        self.current.load().database_type().to_owned()
-    }
-
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths
     }

@@ -33,8 +33,10 @@ pub const MISSING_TTL: Duration = Duration::from_secs(5);
 /// Metadata lookups of topics at once.
 const MAX_LOOKUPS: usize = 4;
 
-/// Topics remembered at most; past it, only existing ones are added.
-const MAX_REMEMBERED: usize = 10_000;
+/// Topics remembered at most; past it, only existing ones are added. Kept
+/// small because a change copies the map (reads stay lock-free): real
+/// topics are few, and made-up categories are what fills it.
+const MAX_REMEMBERED: usize = 1_000;
 
 /// How long one lookup may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -132,7 +134,7 @@ impl Topics {
         }
     }
 
-    /// Topics remembered now (for tests).
+    /// Topics remembered now.
     pub fn remembered(&self) -> usize {
         self.known.load().len()
     }
@@ -199,4 +201,27 @@ pub async fn create(
         failures.join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_topics_cannot_grow_the_cache_past_its_cap() {
+        let topics = Topics::default();
+        for i in 0..MAX_REMEMBERED + 50 {
+            topics.remember(&format!("made_up_{i}"), TopicState::Missing);
+        }
+        assert_eq!(topics.remembered(), MAX_REMEMBERED);
+        // A topic that exists is still remembered when the cache is full.
+        topics.remember("real", TopicState::Exists);
+        assert_eq!(topics.cached("real"), Some(TopicState::Exists));
+        // Unknown answers are not remembered at all.
+        topics.remember("unknown", TopicState::Unknown);
+        assert_eq!(topics.cached("unknown"), None);
+        // Forgetting makes room.
+        topics.forget("real");
+        assert_eq!(topics.cached("real"), None);
+    }
 }

@@ -6,11 +6,10 @@
 //! (SIGSTOP: a server that hangs), killed and started again on the same
 //! ports and data.
 
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, spawn_from_lasting_thread};
+use super::free_port;
 
 pub struct ClickHouseServer {
     child: Option<Child>,
@@ -45,14 +44,7 @@ impl ClickHouseServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        self.child = Some(spawn_from_lasting_thread(command));
+        self.child = Some(super::spawn_tied_to_tests(command));
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.answers() {
             assert!(

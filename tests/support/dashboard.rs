@@ -43,3 +43,11 @@ pub fn dashboard_metric_names(dashboard: &Value) -> HashSet<String> {
 pub fn is_ingester_metric(name: &str) -> bool {
     name.starts_with("venus_ingester_")
 }
+
+/// The metric names a Prometheus text exposes.
+pub fn exported_names(text: &str) -> HashSet<&str> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect()
+}

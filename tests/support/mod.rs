@@ -78,6 +78,19 @@ pub fn spawn_from_lasting_thread(command: Command) -> Child {
     child.recv().unwrap().expect("start tansu")
 }
 
+/// Spawns `command` so that it dies with the test process (parent-death
+/// signal, from a thread that lives as long as the test process).
+pub fn spawn_tied_to_tests(mut command: Command) -> Child {
+    // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    spawn_from_lasting_thread(command)
+}
+
 /// A tansu broker process with in-memory storage, killed on drop (and when
 /// the test process dies, through the parent-death signal).
 pub struct Broker {
@@ -104,14 +117,7 @@ impl Broker {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = spawn_from_lasting_thread(command);
+        let child = spawn_tied_to_tests(command);
         let broker = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
