@@ -43,6 +43,7 @@ fn batch() -> Bytes {
 
 fn context(document: &Bytes) -> UploadContext {
     UploadContext::new(UploadRequest {
+        key: None,
         request_id: "bench".into(),
         client_ip: "81.2.69.1".parse().unwrap(),
         document: document.clone(),

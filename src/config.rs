@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::apps::settings::{AccessPolicy, AppSettings, AuthSettings, RateLimitSettings};
+
 /// Why the configuration could not be loaded; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -58,6 +60,7 @@ pub fn load_layered<T: serde::de::DeserializeOwned>(
         .list_separator(",")
         .with_list_parse_key("categories")
         .with_list_parse_key("server.trusted_proxies")
+        .with_list_parse_key("server.cors.allowed_origins")
         .try_parsing(true)
         .source(env.map(|map| map.into_iter().collect()));
     Ok(config::Config::builder()
@@ -83,6 +86,60 @@ pub struct Settings {
     /// gateway accepts it so that one file configures both binaries.
     #[serde(default)]
     pub ingester: Option<serde::de::IgnoredAny>,
+    /// Who may upload: `auth.mode`.
+    #[serde(default)]
+    pub auth: AuthSettings,
+    /// The apps the gateway knows: keys, categories, limits. File only (a
+    /// list of objects has no environment form); reloaded on SIGHUP.
+    #[serde(default)]
+    pub apps: Vec<AppSettings>,
+    /// Per-app token buckets for apps without limits of their own.
+    #[serde(default)]
+    pub rate_limits: RateLimitSettings,
+    /// Where these settings were read from, so that SIGHUP can read them
+    /// again.
+    #[serde(skip)]
+    pub origin: Option<ConfigOrigin>,
+}
+
+/// The file and environment a [`Settings`] was loaded from.
+#[derive(Clone)]
+pub struct ConfigOrigin {
+    pub path: PathBuf,
+    /// `None`: the process environment.
+    pub env: Option<std::collections::HashMap<String, String>>,
+}
+
+/// Only the path: the environment may hold secrets.
+impl std::fmt::Debug for ConfigOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigOrigin")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `server.cors`: which web pages may call the upload route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Origins (`https://shop.example.com`) whose pages may upload, or
+    /// `["*"]` for any. Empty (the default): no CORS headers at all, so
+    /// browsers refuse cross-origin uploads.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight answer, in seconds.
+    #[serde(default = "defaults::cors_max_age_secs")]
+    pub max_age_secs: u64,
+}
+
+impl Default for CorsSettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_age_secs: defaults::cors_max_age_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +226,9 @@ pub struct ServerSettings {
     /// client is left without a reply.
     #[serde(default = "defaults::shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Cross-origin uploads from web pages.
+    #[serde(default)]
+    pub cors: CorsSettings,
 }
 
 /// What a Kafka message key is made of.
@@ -481,6 +541,9 @@ mod defaults {
     pub fn header_read_timeout_ms() -> u64 {
         10_000
     }
+    pub fn cors_max_age_secs() -> u64 {
+        600
+    }
     pub fn shutdown_grace_ms() -> u64 {
         30_000
     }
@@ -550,7 +613,11 @@ impl Settings {
         path: &Path,
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        let settings: Settings = load_layered(path, env)?;
+        let mut settings: Settings = load_layered(path, env.clone())?;
+        settings.origin = Some(ConfigOrigin {
+            path: path.to_owned(),
+            env,
+        });
         settings.validated()
     }
 
@@ -708,7 +775,19 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
             .map_err(|e| invalid("telemetry.log_level", e.to_string()))?;
+        self.access_policy()?;
+        check_origins(&self.server.cors.allowed_origins)?;
         Ok(self)
+    }
+
+    /// `auth`, `apps` and `rate_limits`, parsed.
+    pub fn access_policy(&self) -> Result<AccessPolicy, ConfigError> {
+        AccessPolicy::parse(
+            &self.auth,
+            &self.apps,
+            &self.rate_limits,
+            self.server.max_events_per_batch,
+        )
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -718,6 +797,38 @@ impl Settings {
             .parse()
             .expect("server.listen was validated at load")
     }
+}
+
+/// `server.cors.allowed_origins`: `*` alone, or origins as browsers send
+/// them (`scheme://host[:port]`, no path, no trailing slash).
+fn check_origins(origins: &[String]) -> Result<(), ConfigError> {
+    const KEY: &str = "server.cors.allowed_origins";
+    if origins.iter().any(|o| o == "*") {
+        if origins.len() > 1 {
+            return Err(invalid(KEY, "\"*\" allows every origin; list it alone"));
+        }
+        return Ok(());
+    }
+    for origin in origins {
+        let Some((scheme, rest)) = origin.split_once("://") else {
+            return Err(invalid(
+                KEY,
+                format!("{origin:?} is not an origin like https://shop.example.com"),
+            ));
+        };
+        let host_ok = !rest.is_empty()
+            && !rest.contains('/')
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+        if !matches!(scheme, "http" | "https") || !host_ok {
+            return Err(invalid(
+                KEY,
+                format!("{origin:?} is not an origin like https://shop.example.com (scheme, host, optional port; no path)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -954,5 +1065,84 @@ geoip:
         );
         let err = load_error(&[("VENUS__GEOIP__DATABASE", "a,b,c")]);
         assert!(err.contains("geoip.database"), "{err}");
+    }
+
+    fn apps_error(yaml: &str) -> String {
+        let f = file(&format!("{MINIMAL}{yaml}"));
+        Settings::load_with_env(f.path(), env(&[]))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn apps_load_with_digests_categories_and_limits() {
+        let digest = crate::apps::keys::KeyDigest::of("k").to_hex();
+        let f = file(&format!(
+            "{MINIMAL}auth:\n  mode: keys\napps:\n  - app_id: shop\n    keys: [\"{digest}\"]\n    categories: [page_view]\n    limits: {{events_per_sec: 5000}}\n"
+        ));
+        let policy = Settings::load_with_env(f.path(), env(&[]))
+            .unwrap()
+            .access_policy()
+            .unwrap();
+        assert_eq!(policy.mode, crate::apps::settings::AuthMode::Keys);
+        assert_eq!(policy.apps[0].limits.events_per_sec, 5000);
+        // The burst holds at least a full batch.
+        assert_eq!(policy.apps[0].limits.events_burst, 5000);
+    }
+
+    #[test]
+    fn bad_apps_entries_name_the_entry_and_the_rule() {
+        let err = apps_error("apps:\n  - app_id: shop\n    keys: [\"my-secret\"]\n");
+        assert!(
+            err.contains("apps[0]") && err.contains("keys[0]") && err.contains("hash-key"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("my-secret"),
+            "the error must not repeat a key in clear: {err}"
+        );
+        let err = apps_error("apps:\n  - app_id: shop\n  - app_id: shop\n");
+        assert!(err.contains("listed twice"), "{err}");
+        let err = apps_error("apps:\n  - app_id: \"bad id\"\n");
+        assert!(err.contains("apps[0]"), "{err}");
+        let err = apps_error("auth:\n  mode: keys\napps:\n  - app_id: shop\n");
+        assert!(err.contains("auth.mode"), "{err}");
+        let err = apps_error("auth:\n  mode: sometimes\n");
+        assert!(err.contains("mode"), "{err}");
+        let err =
+            apps_error("rate_limits:\n  default:\n    events_per_sec: 10\n    events_burst: 10\n");
+        assert!(
+            err.contains("rate_limits.default") && err.contains("max_events_per_batch"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cors_origins_are_checked() {
+        let err = load_error(&[("VENUS__SERVER__CORS__ALLOWED_ORIGINS", "shop.example.com")]);
+        assert!(err.contains("server.cors.allowed_origins"), "{err}");
+        let err = load_error(&[(
+            "VENUS__SERVER__CORS__ALLOWED_ORIGINS",
+            "https://a.example/path",
+        )]);
+        assert!(err.contains("server.cors.allowed_origins"), "{err}");
+        let err = load_error(&[(
+            "VENUS__SERVER__CORS__ALLOWED_ORIGINS",
+            "*,https://a.example",
+        )]);
+        assert!(err.contains("alone"), "{err}");
+        let f = file(MINIMAL);
+        let settings = Settings::load_with_env(
+            f.path(),
+            env(&[(
+                "VENUS__SERVER__CORS__ALLOWED_ORIGINS",
+                "https://a.example,http://127.0.0.1:8000",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.server.cors.allowed_origins,
+            vec!["https://a.example", "http://127.0.0.1:8000"]
+        );
     }
 }

@@ -6,16 +6,18 @@
 //! * `connection`: one connection's idle and request-head timers;
 //! * `client_ip`: the client's address behind trusted proxies;
 //! * `admission`: the memory budget in bytes, body rate, processing slots;
+//! * `apps`: who may write and how fast (app keys, categories, rate limits);
 //! * `drain`: the phases of a shutdown that handlers listen to;
 //! * `upload_body`: multipart / JSON / gzip into the batch document;
 //! * `json_scan`: nesting depth and string escapes, checked before parsing;
-//! * `pipeline`: the handler chain, `split_and_validate` -> `ip_enrich` ->
-//!   `write_kafka`, each behind the `TraceWrapper`;
+//! * `pipeline`: the handler chain, `split_and_validate` -> `authorize` ->
+//!   `ip_enrich` -> `write_kafka`, each behind the `TraceWrapper`;
 //! * `wire`: the response body and codes;
 //! * `domain`: the validated client values;
 //! * `kafka`, `geoip`, `telemetry`, `metrics`, `config`: one concern each.
 
 pub mod admission;
+pub mod apps;
 pub mod client_ip;
 pub mod config;
 pub mod connection;

@@ -19,9 +19,23 @@ struct Cli {
     /// Configuration file; every key can be overridden as VENUS__SECTION__KEY.
     #[arg(long, default_value = "config.yaml")]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Prints the SHA-256 digest of a write key, for `apps[].keys`. The key
+    /// is read from standard input (so it stays out of the shell history),
+    /// one key, a trailing newline ignored.
+    HashKey,
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::HashKey) = cli.command {
+        return hash_key();
+    }
     // Parsing recurses once per nesting level of a batch (bounded by
     // `split_and_validate::MAX_NESTING`); larger worker stacks keep a wide
     // margin above that bound.
@@ -30,7 +44,7 @@ fn main() -> ExitCode {
         .thread_stack_size(8 * 1024 * 1024)
         .build();
     match runtime {
-        Ok(runtime) => runtime.block_on(serve()),
+        Ok(runtime) => runtime.block_on(serve(cli)),
         Err(error) => {
             eprintln!("venus: cannot start the runtime: {error}");
             ExitCode::FAILURE
@@ -38,8 +52,23 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve() -> ExitCode {
-    let cli = Cli::parse();
+fn hash_key() -> ExitCode {
+    let mut key = String::new();
+    if let Err(error) = std::io::stdin().read_line(&mut key) {
+        eprintln!("venus hash-key: cannot read the key from standard input: {error}");
+        return ExitCode::FAILURE;
+    }
+    let key = key.strip_suffix('\n').unwrap_or(&key);
+    let key = key.strip_suffix('\r').unwrap_or(key);
+    if key.is_empty() {
+        eprintln!("venus hash-key: give the key on standard input, e.g. `printf %s \"$KEY\" | venus hash-key`");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", venus::apps::keys::KeyDigest::of(key).to_hex());
+    ExitCode::SUCCESS
+}
+
+async fn serve(cli: Cli) -> ExitCode {
     let settings = match venus::config::Settings::load(&cli.config) {
         Ok(settings) => settings,
         Err(error) => {

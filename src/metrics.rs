@@ -12,6 +12,8 @@ use std::sync::{Arc, RwLock};
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider, UpDownCounter};
 use opentelemetry::KeyValue;
 
+use axum::http::StatusCode;
+
 use crate::wire::{PartCode, Reply};
 
 /// `type` values of `venus.uploads`.
@@ -31,10 +33,14 @@ pub enum UploadType {
     KafkaError,
     /// Shed at once: the gateway was at `server.max_in_flight_requests`.
     Overloaded,
+    /// Refused for its key or app (401, 403).
+    Unauthorized,
+    /// Refused by the app's rate limit (429).
+    RateLimited,
 }
 
 impl UploadType {
-    pub const ALL: [UploadType; 7] = [
+    pub const ALL: [UploadType; 9] = [
         Self::All,
         Self::WrongMeta,
         Self::WrongData,
@@ -42,6 +48,8 @@ impl UploadType {
         Self::Partial,
         Self::KafkaError,
         Self::Overloaded,
+        Self::Unauthorized,
+        Self::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +61,8 @@ impl UploadType {
             Self::Partial => "partial_upload",
             Self::KafkaError => "kafka_error",
             Self::Overloaded => "overloaded",
+            Self::Unauthorized => "unauthorized",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -129,6 +139,9 @@ struct Instruments {
     producer_restarts: Counter<u64>,
     missing_topic: Counter<u64>,
     geoip_reloads: Counter<u64>,
+    auth_checks: Counter<u64>,
+    rate_limited: Counter<u64>,
+    config_reloads: Counter<u64>,
     categories: CategoryLabels,
 }
 
@@ -212,6 +225,18 @@ impl Metrics {
                 .u64_counter("venus.geoip.reloads")
                 .with_description("GeoIP reload attempts by result: loaded, rejected (the old data keeps serving)")
                 .build(),
+            auth_checks: meter
+                .u64_counter("venus.auth.checks")
+                .with_description("Uploads checked against the app policy, by result: ok, missing_key, wrong_key, unknown_app, category_not_allowed, rate_limited")
+                .build(),
+            rate_limited: meter
+                .u64_counter("venus.rate_limited")
+                .with_description("Uploads refused 429 by an app's rate limit, by app (listed apps by id, others as `unlisted`) and limit (requests, events)")
+                .build(),
+            config_reloads: meter
+                .u64_counter("venus.config.reloads")
+                .with_description("SIGHUP reloads of auth, apps and rate_limits, by result: loaded, rejected (the old policy stays)")
+                .build(),
             categories: CategoryLabels {
                 allowed: categories.iter().cloned().collect(),
                 seen: RwLock::new(HashSet::new()),
@@ -264,7 +289,59 @@ impl Metrics {
             inner
                 .geoip_reloads
                 .add(0, &[KeyValue::new("result", result)]);
+            inner
+                .config_reloads
+                .add(0, &[KeyValue::new("result", result)]);
         }
+        for result in [
+            "ok",
+            "missing_key",
+            "wrong_key",
+            "unknown_app",
+            "category_not_allowed",
+            "rate_limited",
+        ] {
+            inner.auth_checks.add(0, &[KeyValue::new("result", result)]);
+        }
+        self.seed_rate_limited([crate::apps::UNLISTED_LABEL]);
+    }
+
+    /// Starts `venus.rate_limited` at 0 for these apps (the listed ones).
+    pub fn seed_rate_limited<'a>(&self, apps: impl IntoIterator<Item = &'a str>) {
+        for app in apps {
+            for kind in crate::apps::limits::LimitKind::ALL {
+                self.inner.rate_limited.add(
+                    0,
+                    &[
+                        KeyValue::new("app", app.to_owned()),
+                        KeyValue::new("limit", kind.as_str()),
+                    ],
+                );
+            }
+        }
+    }
+
+    pub fn auth_check(&self, result: &'static str) {
+        self.inner
+            .auth_checks
+            .add(1, &[KeyValue::new("result", result)]);
+    }
+
+    /// `app` must be a bounded label: a listed app id or `unlisted`.
+    pub fn rate_limited(&self, app: &str, kind: crate::apps::limits::LimitKind) {
+        self.inner.rate_limited.add(
+            1,
+            &[
+                KeyValue::new("app", app.to_owned()),
+                KeyValue::new("limit", kind.as_str()),
+            ],
+        );
+    }
+
+    pub fn config_reload(&self, result: &'static str) {
+        self.inner
+            .config_reloads
+            .add(1, &[KeyValue::new("result", result)]);
     }
 
     pub fn upload(&self, kind: UploadType) {
@@ -333,9 +410,15 @@ impl Metrics {
     /// rejected before its meta was understood.
     pub fn record_upload(&self, category: Option<&str>, reply: &Reply) {
         if reply.body.parts.is_empty() {
-            // Rejected as a whole: body, type, encoding, JSON or meta.
-            if reply.status.is_client_error() {
-                self.upload(UploadType::WrongMeta);
+            // Rejected as a whole: for who sent it, how fast, or its body,
+            // type, encoding, JSON or meta.
+            match reply.status {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    self.upload(UploadType::Unauthorized)
+                }
+                StatusCode::TOO_MANY_REQUESTS => self.upload(UploadType::RateLimited),
+                status if status.is_client_error() => self.upload(UploadType::WrongMeta),
+                _ => {}
             }
             return;
         }

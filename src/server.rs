@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,17 +38,20 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceExt};
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::{field, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::admission::{Account, MemoryBudget, MeteredBody};
+use crate::apps::Apps;
 use crate::client_ip::ClientIpResolver;
-use crate::config::Settings;
+use crate::config::{CorsSettings, Settings};
 use crate::connection::{self, Activity, Timeouts, WatchedIo};
 use crate::drain::{Drain, DrainControl, Phase};
 use crate::geoip::GeoIp;
 use crate::kafka::{KafkaSink, ProducerStatistics};
 use crate::metrics::{Metrics, UploadType};
+use crate::pipeline::authorize::{refusal_reply, Authorize};
 use crate::pipeline::ip_enrich::IpEnrich;
 use crate::pipeline::split_and_validate::{BatchLimits, SplitAndValidate};
 use crate::pipeline::write_kafka::WriteKafka;
@@ -58,6 +61,10 @@ use crate::upload_body::read_document;
 use crate::wire::Reply;
 
 pub const UPLOAD_ROUTE: &str = "/api/v1/upload";
+pub const OPENAPI_ROUTE: &str = "/api/v1/openapi.yaml";
+
+/// The HTTP contract, machine-readable (OpenAPI 3.1), served as built in.
+pub const OPENAPI: &str = include_str!("../docs/openapi.yaml");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What every request handler shares.
@@ -77,6 +84,7 @@ struct AppState {
     client_ip: Arc<ClientIpResolver>,
     readiness: Arc<ReadinessCache>,
     drain: Drain,
+    apps: Apps,
     /// Keeps the observable instruments (and their callbacks) alive.
     _gauges: Arc<Gauges>,
 }
@@ -125,8 +133,17 @@ impl Application {
         if settings.kafka.create_topics {
             create_topics(&settings).await;
         }
+        let apps = Apps::new(settings.access_policy()?);
+        metrics.seed_rate_limited(apps.load().listed());
+        apps.spawn_housekeeping();
+        if let Some(origin) = settings.origin.clone() {
+            let loader: crate::apps::reload::Loader = Arc::new(move || {
+                Settings::load_with_env(&origin.path, origin.env.clone())?.access_policy()
+            });
+            crate::apps::reload::spawn(apps.clone(), loader, metrics.clone());
+        }
         let budget = MemoryBudget::new(settings.server.max_in_flight_bytes);
-        let gauges = Arc::new(register_gauges(&metering, &sink, &budget, &geoip));
+        let gauges = Arc::new(register_gauges(&metering, &sink, &budget, &geoip, &apps));
 
         let (drain_control, drain) = DrainControl::new();
         let limits = BatchLimits {
@@ -135,6 +152,7 @@ impl Application {
         };
         let chain = Chain::new(vec![
             Box::new(SplitAndValidate::new(limits, &settings.categories)),
+            Box::new(Authorize::new(apps.clone(), metrics.clone())),
             Box::new(IpEnrich::new(geoip.clone(), metrics.clone())),
             Box::new(WriteKafka::new(
                 sink.clone(),
@@ -163,9 +181,11 @@ impl Application {
             client_ip: Arc::new(client_ip),
             readiness: Arc::new(ReadinessCache::default()),
             drain,
+            apps,
             _gauges: gauges,
         };
-        let router = router(state.clone(), settings.server.max_body_bytes);
+        let cors = cors_layer(&settings.server.cors);
+        let router = router(state.clone(), settings.server.max_body_bytes, cors);
         let listener = listen(settings.listen_addr())?;
         Ok(Self {
             listener,
@@ -337,7 +357,49 @@ fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// CORS for the upload route, or none when no origin is allowed (then a
+/// browser refuses every cross-origin upload, as before).
+fn cors_layer(settings: &CorsSettings) -> Option<CorsLayer> {
+    if settings.allowed_origins.is_empty() {
+        return None;
+    }
+    let origins = if settings.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        // Checked at load: every entry is a valid header value.
+        AllowOrigin::list(
+            settings
+                .allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::POST])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::CONTENT_ENCODING,
+                header::AUTHORIZATION,
+                X_REQUEST_ID.clone(),
+                crate::apps::keys::X_VENUS_KEY.clone(),
+                HeaderName::from_static("traceparent"),
+                HeaderName::from_static("tracestate"),
+                HeaderName::from_static("baggage"),
+            ])
+            // What a page may read of the answer besides the safelisted
+            // headers: the request id to report, when to retry, why a 401.
+            .expose_headers([
+                X_REQUEST_ID.clone(),
+                header::RETRY_AFTER,
+                header::WWW_AUTHENTICATE,
+            ])
+            .max_age(Duration::from_secs(settings.max_age_secs)),
+    )
+}
+
+fn router(state: AppState, max_body_bytes: usize, cors: Option<CorsLayer>) -> Router {
     // Multipart framing adds a little around the batch part; the document
     // itself is held to `max_body_bytes` by `upload_body`.
     let wire_limit = max_body_bytes.saturating_add(64 * 1024);
@@ -349,8 +411,15 @@ fn router(state: AppState, max_body_bytes: usize) -> Router {
             state.clone(),
             http_server_span,
         ));
+    // Outside the server span: a preflight is answered by the CORS layer
+    // and is no upload.
+    let upload = match cors {
+        Some(cors) => upload.route_layer(cors),
+        None => upload,
+    };
     Router::new()
         .merge(upload)
+        .route(OPENAPI_ROUTE, get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -363,7 +432,10 @@ fn router(state: AppState, max_body_bytes: usize) -> Router {
 }
 
 fn upload_routes() -> Router<AppState> {
-    let routes = Router::new().route(UPLOAD_ROUTE, post(upload));
+    // The route's own 405 fallback, so that it runs inside the route's
+    // layers: the CORS layer must see (and answer) a preflight OPTIONS, which
+    // the router-wide fallback would take before any route layer.
+    let routes = Router::new().route(UPLOAD_ROUTE, post(upload).fallback(method_not_allowed));
     // A route that panics, for the tests of what a caught panic leaves
     // behind; built only into test binaries.
     #[cfg(feature = "test-support")]
@@ -494,6 +566,23 @@ async fn upload(
         .extensions()
         .get::<ClientAddress>()
         .map_or(peer.ip(), |client| client.0);
+    // The key is hashed here and only its digest goes on. In `keys` mode a
+    // request without a key that any app holds is refused before its body
+    // is read.
+    let key = crate::apps::keys::presented(request.headers(), request.uri());
+    if let Err(refusal) = state.apps.load().check_key(key.as_ref()) {
+        // Like the pipeline's client errors: debug, so that clients with a
+        // bad key cannot flood the log. It never names the key.
+        tracing::debug!(
+            result = refusal.result(),
+            "upload refused: {}",
+            refusal.message()
+        );
+        state.metrics.auth_check(refusal.result());
+        let reply = refusal_reply(&refusal);
+        state.metrics.record_upload(None, &reply);
+        return reply.into_response();
+    }
     // Bytes are charged to the memory budget as they arrive; the charge is
     // held (with `account`) until the reply is built.
     let account = state.budget.account();
@@ -514,6 +603,7 @@ async fn upload(
         request_id,
         client_ip,
         document,
+        key,
     });
     let reply = state.chain.run(&mut ctx).await;
     let category = ctx.batch.as_ref().map(|b| b.category.as_str());
@@ -628,6 +718,11 @@ async fn create_topics(settings: &Settings) {
 /// 200 while the process serves HTTP: a liveness probe. Kafka trouble is
 /// readiness's business (and the producer heals itself), so restarting the
 /// process for it would only lose what is in flight.
+/// The OpenAPI document of this gateway's HTTP contract.
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
+}
+
 async fn healthz() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -798,6 +893,7 @@ struct Gauges {
     _dropped_spans: opentelemetry::metrics::ObservableCounter<u64>,
     _budget: opentelemetry::metrics::ObservableGauge<u64>,
     _geoip: opentelemetry::metrics::ObservableGauge<u64>,
+    _tracked_apps: opentelemetry::metrics::ObservableGauge<u64>,
 }
 
 /// The producer's queue depth, librdkafka's transmission errors and
@@ -807,6 +903,7 @@ fn register_gauges(
     sink: &Arc<KafkaSink>,
     budget: &MemoryBudget,
     geoip: &Arc<GeoIp>,
+    apps: &Apps,
 ) -> Gauges {
     use opentelemetry::metrics::MeterProvider;
     let meter = metering.provider.meter("venus");
@@ -868,7 +965,16 @@ fn register_gauges(
             }
         })
         .build();
+    let apps = apps.clone();
+    let tracked = meter
+        .u64_observable_gauge("venus.rate_limit.tracked_apps")
+        .with_description(
+            "Unlisted apps with rate-limit buckets of their own (at most rate_limits.max_tracked_apps)",
+        )
+        .with_callback(move |observer| observer.observe(apps.load().tracked_unlisted() as u64, &[]))
+        .build();
     Gauges {
+        _tracked_apps: tracked,
         _geoip: geoip,
         _budget: budget,
         _queue: gauge,

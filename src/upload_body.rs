@@ -4,7 +4,8 @@
 //! * `multipart/form-data` with one part named `batch` (a plain field or a
 //!   file upload); the part may be gzip-compressed (part `Content-Type:
 //!   application/gzip` or part header `Content-Encoding: gzip`);
-//! * `application/json`, the document as the body.
+//! * `application/json`, the document as the body; `text/plain` too, which
+//!   is what `navigator.sendBeacon` sends for a string.
 //!
 //! Either may also arrive with request `Content-Encoding: gzip`. Every size is
 //! checked against `server.max_body_bytes` after decompression, while
@@ -113,11 +114,13 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, Reply> {
         .to_ascii_lowercase();
     match essence.as_str() {
         "multipart/form-data" => Ok(BodyKind::Multipart),
-        "application/json" => Ok(BodyKind::Json),
+        // `navigator.sendBeacon` with a string body sends text/plain (a
+        // type browsers send cross-origin without a preflight).
+        "application/json" | "text/plain" => Ok(BodyKind::Json),
         _ => Err(Reply::error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!(
-                "unsupported Content-Type {content_type:?}; send multipart/form-data with a \"batch\" part, or application/json"
+                "unsupported Content-Type {content_type:?}; send multipart/form-data with a \"batch\" part, or the batch as application/json (or text/plain)"
             ),
         )),
     }
@@ -497,8 +500,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_text_plain_body_is_the_document_as_sendbeacon_sends_it() {
+        let got = read_document(
+            request("text/plain;charset=UTF-8", None, DOC.to_vec()),
+            1000,
+        )
+        .await
+        .unwrap();
+        assert_eq!(&got[..], DOC);
+    }
+
+    #[tokio::test]
     async fn unsupported_types_and_encodings_are_415() {
-        let reply = read_document(request("text/plain", None, DOC.to_vec()), 1000)
+        let reply = read_document(request("text/csv", None, DOC.to_vec()), 1000)
             .await
             .unwrap_err();
         assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);

@@ -11,6 +11,9 @@ use serde::Serialize;
 /// How long a client should wait before retrying after a 503.
 pub const RETRY_AFTER_SECONDS: u64 = 5;
 
+/// The challenge of every 401: a bearer write key.
+pub const WWW_AUTHENTICATE: &str = "Bearer realm=\"venus\"";
+
 /// The result code of one event (one `part` of the response).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(into = "u16")]
@@ -78,6 +81,9 @@ pub struct UploadResponse {
 pub struct Reply {
     pub status: StatusCode,
     pub body: UploadResponse,
+    /// `Retry-After` in seconds, when the reply knows better than the
+    /// default (a rate limit knows when its bucket has room again).
+    pub retry_after: Option<u64>,
 }
 
 impl Reply {
@@ -90,6 +96,7 @@ impl Reply {
                 data: message.into(),
                 parts: Vec::new(),
             },
+            retry_after: None,
         }
     }
 
@@ -137,6 +144,7 @@ impl Reply {
         Self {
             status,
             body: UploadResponse { code, data, parts },
+            retry_after: None,
         }
     }
 
@@ -162,7 +170,10 @@ impl IntoResponse for Reply {
                     .to_vec()
             }
         };
-        let retry = self.wants_retry_after();
+        let retry = self
+            .retry_after
+            .or_else(|| self.wants_retry_after().then_some(RETRY_AFTER_SECONDS));
+        let unauthorized = self.status == StatusCode::UNAUTHORIZED;
         let mut response = (
             self.status,
             [(
@@ -172,10 +183,16 @@ impl IntoResponse for Reply {
             body,
         )
             .into_response();
-        if retry {
+        if let Some(seconds) = retry {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if unauthorized {
+            // RFC 9110: a 401 names the scheme it wants.
             response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                HeaderValue::from(RETRY_AFTER_SECONDS),
+                axum::http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(WWW_AUTHENTICATE),
             );
         }
         response

@@ -314,11 +314,11 @@ async fn malformed_requests_get_a_clear_json_error() {
     check(response, 413, "after decompression").await;
     check(app.upload_multipart(&big).await, 413, "larger than").await;
 
-    // 415: neither multipart nor JSON.
+    // 415: neither multipart nor JSON (nor text/plain, which sendBeacon sends).
     let response = app
         .client
         .post(app.url("/api/v1/upload"))
-        .header("content-type", "text/plain")
+        .header("content-type", "text/csv")
         .body("hello")
         .send()
         .await

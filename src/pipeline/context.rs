@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::apps::keys::KeyDigest;
 use crate::domain::{AppId, Category};
 use crate::geoip::Location;
 use crate::pipeline::HandlerError;
@@ -20,6 +21,9 @@ pub struct UploadRequest {
     pub client_ip: IpAddr,
     /// The batch document, decompressed.
     pub document: Bytes,
+    /// The digest of the write key the request presented, if any (the key
+    /// itself is never kept).
+    pub key: Option<KeyDigest>,
 }
 
 /// The batch-level fields, parsed from `meta`.

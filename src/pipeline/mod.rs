@@ -1,7 +1,7 @@
 //! The upload pipeline: a chain of handlers over one request's context.
 //!
 //! ```text
-//! body ─▶ split_and_validate ─▶ ip_enrich ─▶ write_kafka ─▶ reply (a part per event)
+//! body ─▶ split_and_validate ─▶ authorize ─▶ ip_enrich ─▶ write_kafka ─▶ reply (a part per event)
 //! ```
 //!
 //! Each handler ([`Handler`]) reads and updates the [`UploadContext`] and
@@ -18,6 +18,7 @@
 //! The [`Chain`] wraps every handler in a [`TraceWrapper`] in one place, so no
 //! handler opens spans or records its own errors.
 
+pub mod authorize;
 mod chain;
 pub mod context;
 pub mod ip_enrich;

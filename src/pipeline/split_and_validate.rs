@@ -408,6 +408,7 @@ mod tests {
 
     fn run_with(handler: &SplitAndValidate, document: &str) -> (UploadContext, Outcome) {
         let mut ctx = UploadContext::new(UploadRequest {
+            key: None,
             request_id: "r".into(),
             client_ip: "127.0.0.1".parse().unwrap(),
             document: Bytes::from(document.to_owned()),
@@ -506,6 +507,7 @@ mod tests {
         doc.insert(at, 0xc3);
         let handler = SplitAndValidate::new(limits(3), &[]);
         let mut ctx = UploadContext::new(UploadRequest {
+            key: None,
             request_id: "r".into(),
             client_ip: "127.0.0.1".parse().unwrap(),
             document: Bytes::from(doc),

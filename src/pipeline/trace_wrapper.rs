@@ -181,6 +181,7 @@ mod tests {
 
     fn context() -> UploadContext {
         let mut ctx = UploadContext::new(UploadRequest {
+            key: None,
             request_id: "req".into(),
             client_ip: "127.0.0.1".parse().unwrap(),
             document: Bytes::new(),

@@ -17,12 +17,16 @@ pub struct Gateway {
 
 /// The binary with the repository's config.yaml and `env` on top.
 pub fn command(env: &[(&str, String)]) -> Command {
+    command_with(&super::repo_root().join("config.yaml"), env)
+}
+
+/// The binary with the configuration file `config` and `env` on top.
+pub fn command_with(config: &std::path::Path, env: &[(&str, String)]) -> Command {
     // Only the venus package's tests have the binary; others (the
     // ingester's, which share this support code) never start it.
     let Some(binary) = option_env!("CARGO_BIN_EXE_venus") else {
         panic!("the venus binary is built only for the venus package's tests");
     };
-    let config = super::repo_root().join("config.yaml");
     let mut command = Command::new(binary);
     command
         .arg("--config")
@@ -39,6 +43,11 @@ pub fn command(env: &[(&str, String)]) -> Command {
 
 impl Gateway {
     pub fn start(brokers: &str, extra: &[(&str, String)]) -> Self {
+        Self::start_with(&super::repo_root().join("config.yaml"), brokers, extra)
+    }
+
+    /// Like [`Gateway::start`], with the configuration file `config`.
+    pub fn start_with(config: &std::path::Path, brokers: &str, extra: &[(&str, String)]) -> Self {
         let port = free_port();
         let mut env = vec![
             ("VENUS__SERVER__LISTEN", format!("127.0.0.1:{port}")),
@@ -53,7 +62,7 @@ impl Gateway {
             ),
         ];
         env.extend(extra.iter().cloned());
-        let mut child = command(&env).spawn().expect("start venus");
+        let mut child = command_with(config, &env).spawn().expect("start venus");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = channel();
         std::thread::spawn(move || {
@@ -90,6 +99,16 @@ impl Gateway {
     pub fn wait_for_line(&self, wanted: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
         self.try_wait_for_line(wanted, timeout)
             .expect("the wanted log line did not come")
+    }
+
+    /// Every log line not read yet, until the process's stdout closes (stop
+    /// the process first) or nothing comes for `idle`.
+    pub fn rest_of_log(&self, idle: Duration) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(idle) {
+            lines.push(line);
+        }
+        lines
     }
 
     /// The first log line `wanted` accepts, within `timeout`.

@@ -289,6 +289,32 @@ pub fn repo_root() -> PathBuf {
 /// Settings from the repository's `config.yaml`, pointed at `brokers`, with
 /// `overrides` as `VENUS__*` variables.
 pub fn settings(brokers: &str, overrides: &[(&str, &str)]) -> Settings {
+    settings_from(&repo_root().join("config.yaml"), brokers, overrides)
+}
+
+/// The repository's `config.yaml` with `extra` YAML appended (sections it
+/// does not have, such as `auth` and `apps`), as a file of its own.
+pub fn config_file(extra: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    write_config(file.path(), extra);
+    file
+}
+
+/// (Re)writes `path` as the repository's `config.yaml` plus `extra`, by
+/// rename, as an operator should.
+pub fn write_config(path: &std::path::Path, extra: &str) {
+    let base = std::fs::read_to_string(repo_root().join("config.yaml")).unwrap();
+    let next = path.with_extension("next");
+    std::fs::write(&next, format!("{base}\n{extra}\n")).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+/// Like [`settings`], from the configuration file at `path`.
+pub fn settings_from(
+    path: &std::path::Path,
+    brokers: &str,
+    overrides: &[(&str, &str)],
+) -> Settings {
     let mut env: HashMap<String, String> = HashMap::from([
         ("VENUS__SERVER__LISTEN".into(), "127.0.0.1:0".into()),
         ("VENUS__KAFKA__BROKERS".into(), brokers.into()),
@@ -302,8 +328,7 @@ pub fn settings(brokers: &str, overrides: &[(&str, &str)]) -> Settings {
     for (key, value) in overrides {
         env.insert(key.to_string(), value.to_string());
     }
-    let path = repo_root().join("config.yaml");
-    Settings::load_with_env(&path, Some(env)).expect("test settings")
+    Settings::load_with_env(path, Some(env)).expect("test settings")
 }
 
 /// Installs the tracing subscriber once per test binary, with a tracer

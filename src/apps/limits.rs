@@ -1,0 +1,289 @@
+//! Per-app token buckets (GCRA, from `governor`): events per second and
+//! requests per second, each with a burst.
+//!
+//! A bucket is a single atomic word, so checking one takes no lock. Listed
+//! apps' buckets are made when the configuration is (re)loaded and looked up
+//! in an immutable map. Unlisted apps (`auth.mode: off`) get buckets on
+//! first use in a sharded map capped at `rate_limits.max_tracked_apps`;
+//! past the cap they share one bucket, and buckets idle long enough to be
+//! full again are dropped, so no stream of made-up `app_id`s can grow
+//! memory.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use governor::clock::Clock;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use super::settings::RateLimit;
+
+/// Which limit a batch ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Events,
+}
+
+impl LimitKind {
+    pub const ALL: [LimitKind; 2] = [Self::Requests, Self::Events];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::Events => "events",
+        }
+    }
+}
+
+/// Over a limit: which, and how long until the batch would fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverLimit {
+    pub kind: LimitKind,
+    pub retry_after: Duration,
+}
+
+/// One app's buckets.
+pub struct Buckets {
+    limit: RateLimit,
+    requests: Option<DefaultDirectRateLimiter>,
+    events: Option<DefaultDirectRateLimiter>,
+}
+
+fn bucket(per_sec: u32, burst: u32) -> Option<DefaultDirectRateLimiter> {
+    let rate = NonZeroU32::new(per_sec)?;
+    let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    Some(RateLimiter::direct(
+        Quota::per_second(rate).allow_burst(burst),
+    ))
+}
+
+impl Buckets {
+    /// `None` when `limit` limits nothing.
+    pub fn new(limit: RateLimit) -> Option<Self> {
+        if limit.is_unlimited() {
+            return None;
+        }
+        Some(Self {
+            limit,
+            requests: bucket(limit.requests_per_sec, limit.requests_burst),
+            events: bucket(limit.events_per_sec, limit.events_burst),
+        })
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Takes one request and `events` events, or says which limit refused.
+    /// A refused request still used its request token: a client that keeps
+    /// retrying too fast stays limited.
+    pub fn take(&self, events: usize) -> Result<(), OverLimit> {
+        if let Some(requests) = &self.requests {
+            if let Err(not_until) = requests.check() {
+                return Err(OverLimit {
+                    kind: LimitKind::Requests,
+                    retry_after: not_until.wait_time_from(requests.clock().now()),
+                });
+            }
+        }
+        let (Some(bucket), Some(n)) = (&self.events, NonZeroU32::new(clamp(events))) else {
+            return Ok(());
+        };
+        match bucket.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(OverLimit {
+                kind: LimitKind::Events,
+                retry_after: not_until.wait_time_from(bucket.clock().now()),
+            }),
+            // More events than the burst: the configuration check keeps the
+            // burst at or above the largest batch, so this cannot happen; if
+            // it did, the batch could never pass, and the client is told to
+            // wait a full refill rather than retry at once.
+            Err(_) => Err(OverLimit {
+                kind: LimitKind::Events,
+                retry_after: self.refill_time(),
+            }),
+        }
+    }
+
+    /// How long a bucket takes to fill up from empty: after that long idle,
+    /// dropping it changes nothing.
+    fn refill_time(&self) -> Duration {
+        let fill = |burst: u32, rate: u32| {
+            if rate == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(f64::from(burst) / f64::from(rate))
+            }
+        };
+        fill(self.limit.requests_burst, self.limit.requests_per_sec)
+            .max(fill(self.limit.events_burst, self.limit.events_per_sec))
+    }
+}
+
+fn clamp(events: usize) -> u32 {
+    u32::try_from(events).unwrap_or(u32::MAX)
+}
+
+/// An unlisted app's buckets and when they were last used.
+struct Tracked {
+    buckets: Buckets,
+    /// Seconds since [`Unlisted::epoch`].
+    last_used: AtomicU64,
+}
+
+/// Buckets of apps not in `apps`, under the default limit, capped.
+pub struct Unlisted {
+    limit: RateLimit,
+    apps: DashMap<String, Arc<Tracked>>,
+    cap: usize,
+    /// Shared by every unlisted app past the cap.
+    overflow: Buckets,
+    epoch: Instant,
+}
+
+impl Unlisted {
+    /// `None` when the default limit limits nothing.
+    pub fn new(limit: RateLimit, cap: usize) -> Option<Self> {
+        Some(Self {
+            limit,
+            apps: DashMap::new(),
+            cap,
+            overflow: Buckets::new(limit)?,
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Apps with buckets of their own right now (at most the cap).
+    pub fn tracked(&self) -> usize {
+        self.apps.len()
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_secs()
+    }
+
+    pub fn take(&self, app_id: &str, events: usize) -> Result<(), OverLimit> {
+        let now = self.now();
+        if let Some(tracked) = self.apps.get(app_id) {
+            tracked.last_used.store(now, Ordering::Relaxed);
+            return tracked.buckets.take(events);
+        }
+        if self.apps.len() >= self.cap {
+            return self.overflow.take(events);
+        }
+        let tracked = self
+            .apps
+            .entry(app_id.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Tracked {
+                    buckets: Buckets::new(self.limit).expect("the default limit limits something"),
+                    last_used: AtomicU64::new(now),
+                })
+            })
+            .clone();
+        tracked.buckets.take(events)
+    }
+
+    /// Drops the buckets of apps idle long enough for them to be full:
+    /// their next request finds a new, full bucket, exactly as if it had
+    /// been kept.
+    pub fn forget_idle(&self) {
+        let idle_after = self.overflow.refill_time().as_secs() + 1;
+        let now = self.now();
+        self.apps.retain(|_, tracked| {
+            now.saturating_sub(tracked.last_used.load(Ordering::Relaxed)) <= idle_after
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(events_per_sec: u32, events_burst: u32, requests_per_sec: u32) -> RateLimit {
+        RateLimit {
+            events_per_sec,
+            events_burst,
+            requests_per_sec,
+            requests_burst: requests_per_sec,
+        }
+    }
+
+    #[test]
+    fn no_limit_makes_no_buckets() {
+        assert!(Buckets::new(RateLimit::default()).is_none());
+        assert!(Unlisted::new(RateLimit::default(), 10).is_none());
+    }
+
+    #[test]
+    fn events_beyond_the_burst_are_refused_with_a_wait() {
+        let buckets = Buckets::new(limit(10, 20, 0)).unwrap();
+        assert_eq!(buckets.take(15), Ok(()));
+        let refused = buckets.take(10).unwrap_err();
+        assert_eq!(refused.kind, LimitKind::Events);
+        // 5 tokens left, 10 wanted: 5 more at 10/s is about half a second.
+        assert!(
+            refused.retry_after > Duration::from_millis(300)
+                && refused.retry_after <= Duration::from_millis(600),
+            "{refused:?}"
+        );
+        assert_eq!(buckets.take(5), Ok(()));
+    }
+
+    #[test]
+    fn requests_are_limited_apart_from_events() {
+        let buckets = Buckets::new(limit(0, 0, 2)).unwrap();
+        assert_eq!(buckets.take(1000), Ok(()));
+        assert_eq!(buckets.take(1000), Ok(()));
+        assert_eq!(buckets.take(1).unwrap_err().kind, LimitKind::Requests);
+    }
+
+    #[test]
+    fn a_hundred_thousand_made_up_apps_stay_within_the_cap() {
+        let unlisted = Unlisted::new(limit(0, 0, 1), 1000).unwrap();
+        let mut refused = 0;
+        for i in 0..100_000u32 {
+            if unlisted
+                .take(&format!("app-{i:x}-{}", i.wrapping_mul(2654435761)), 1)
+                .is_err()
+            {
+                refused += 1;
+            }
+        }
+        assert_eq!(unlisted.tracked(), 1000);
+        // The first 1,000 apps had their own bucket; the other 99,000 shared
+        // one that allows a single request a second.
+        assert!(refused >= 98_990, "{refused} refused");
+        // A tracked app keeps its own bucket (its one token is spent).
+        assert!(unlisted.take(&format!("app-0-{}", 0), 1).is_err());
+    }
+
+    #[test]
+    fn idle_full_buckets_are_forgotten() {
+        let unlisted = Unlisted::new(limit(0, 0, 1000), 10).unwrap();
+        unlisted.take("a", 1).unwrap();
+        unlisted.forget_idle();
+        assert_eq!(unlisted.tracked(), 1, "just used: kept");
+        unlisted
+            .apps
+            .get("a")
+            .unwrap()
+            .last_used
+            .store(0, Ordering::Relaxed);
+        // Pretend the registry is old: the entry was last used long ago.
+        let old = Unlisted {
+            epoch: Instant::now() - Duration::from_secs(100),
+            ..unlisted
+        };
+        old.forget_idle();
+        assert_eq!(old.tracked(), 0);
+    }
+}
