@@ -301,9 +301,27 @@ pub fn config_file(extra: &str) -> tempfile::NamedTempFile {
 }
 
 /// (Re)writes `path` as the repository's `config.yaml` plus `extra`, by
-/// rename, as an operator should.
+/// rename, as an operator should. Top-level sections of `extra` replace the
+/// file's own.
 pub fn write_config(path: &std::path::Path, extra: &str) {
     let base = std::fs::read_to_string(repo_root().join("config.yaml")).unwrap();
+    let replaced: Vec<&str> = extra
+        .lines()
+        .filter(|l| !l.starts_with([' ', '#']) && !l.is_empty())
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    let mut kept = String::new();
+    let mut skipping = false;
+    for line in base.lines() {
+        if !line.starts_with([' ', '#']) && !line.is_empty() {
+            skipping = replaced.contains(&line.split(':').next().unwrap_or(""));
+        }
+        if !skipping {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    let base = kept;
     let next = path.with_extension("next");
     std::fs::write(&next, format!("{base}\n{extra}\n")).unwrap();
     std::fs::rename(&next, path).unwrap();
