@@ -139,7 +139,10 @@ async fn a_page_on_another_origin_uploads_with_fetch_and_sendbeacon() {
     let settings = support::settings_from(
         config.path(),
         &broker.address(),
-        &[("VENUS__SERVER__CORS__ALLOWED_ORIGINS", allowed_origin.as_str())],
+        &[(
+            "VENUS__SERVER__CORS__ALLOWED_ORIGINS",
+            allowed_origin.as_str(),
+        )],
     );
     let app = TestApp::spawn(settings).await;
     let upload_url = app.url("/api/v1/upload");
@@ -153,14 +156,19 @@ async fn a_page_on_another_origin_uploads_with_fetch_and_sendbeacon() {
     let seen = report(&mut allowed_results).await;
     assert_eq!(seen["status"], 200, "{seen}");
     assert_eq!(seen["body"]["code"], 0, "{seen}");
-    assert_eq!(seen["request_id"], "allowed-fetch", "X-Request-ID is exposed: {seen}");
+    assert_eq!(
+        seen["request_id"], "allowed-fetch",
+        "X-Request-ID is exposed: {seen}"
+    );
     assert_eq!(seen["beacon_queued"], true, "{seen}");
     drop(browser);
 
     let browser = Browser::open(&format!("{refused_origin}/"));
     let seen = report(&mut refused_results).await;
     assert!(
-        seen["error"].as_str().is_some_and(|e| e.contains("Failed to fetch")),
+        seen["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Failed to fetch")),
         "the browser must refuse the upload from an origin not allowed: {seen}"
     );
     assert!(seen.get("status").is_none(), "{seen}");
@@ -170,7 +178,12 @@ async fn a_page_on_another_origin_uploads_with_fetch_and_sendbeacon() {
     let messages = broker.read(&topic, 3, Duration::from_secs(5));
     let mut ids: Vec<String> = messages
         .iter()
-        .map(|m| support::value_json(m)["data"]["id"].as_str().unwrap().to_owned())
+        .map(|m| {
+            support::value_json(m)["data"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     ids.sort();
     assert_eq!(ids, ["allowed-beacon", "allowed-fetch"]);
