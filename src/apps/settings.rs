@@ -27,6 +27,17 @@ pub enum AuthMode {
     Keys,
 }
 
+impl AuthMode {
+    /// As written in `auth.mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::KnownApps => "known_apps",
+            Self::Keys => "keys",
+        }
+    }
+}
+
 /// The `auth` section.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
