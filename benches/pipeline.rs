@@ -12,8 +12,13 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::executor::block_on;
 
+use venus::apps::keys::{self, KeyDigest};
+use venus::apps::settings::{AccessPolicy, AppPolicy, AuthMode, RateLimit};
+use venus::apps::Apps;
+use venus::domain::AppId;
 use venus::geoip::{test_support, GeoIp};
 use venus::metrics::Metrics;
+use venus::pipeline::authorize::Authorize;
 use venus::pipeline::ip_enrich::IpEnrich;
 use venus::pipeline::split_and_validate::{BatchLimits, SplitAndValidate};
 use venus::pipeline::write_kafka::write_message_value;
@@ -48,6 +53,18 @@ fn context(document: &Bytes) -> UploadContext {
         client_ip: "81.2.69.1".parse().unwrap(),
         document: document.clone(),
     })
+}
+
+/// The Kafka message values of an enriched batch, as write_kafka makes
+/// them (one buffer for the batch); their total size.
+fn serialize(ctx: &UploadContext, value: &mut Vec<u8>) -> usize {
+    let batch = ctx.batch.as_ref().unwrap();
+    let mut bytes = 0;
+    for event in &ctx.events {
+        write_message_value(value, batch, event.enrichment.as_ref().unwrap(), &event.raw);
+        bytes += value.len();
+    }
+    bytes
 }
 
 fn pipeline(c: &mut Criterion) {
@@ -110,23 +127,78 @@ fn pipeline(c: &mut Criterion) {
         })
     });
 
+    // authorize as a `keys` gateway runs it: the key read from the request
+    // and hashed, the app's digest compared, both buckets taken (limits high
+    // enough never to refuse, so every iteration does the whole work).
+    let key = "sk_live_bench_0123456789";
+    let never = u32::MAX / 2;
+    let apps = Apps::new(AccessPolicy {
+        mode: AuthMode::Keys,
+        apps: vec![AppPolicy {
+            app_id: AppId::parse("com.example.shop").unwrap(),
+            keys: vec![KeyDigest::of("another"), KeyDigest::of(key)],
+            categories: ["page_view".to_owned()].into(),
+            limits: RateLimit {
+                events_per_sec: never,
+                events_burst: never,
+                requests_per_sec: never,
+                requests_burst: never,
+            },
+        }],
+        default_limits: RateLimit::default(),
+        max_tracked_apps: 10_000,
+    });
+    let authorize = Authorize::new(apps.clone(), Metrics::noop());
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let uri: axum::http::Uri = "/api/v1/upload".parse().unwrap();
+    group.bench_function("authorize", |b| {
+        b.iter(|| {
+            let mut ctx = UploadContext {
+                request: validated.request.clone(),
+                batch: validated.batch.clone(),
+                // Cloned per iteration as ip_enrich's bench does; the ratio
+                // that matters is the whole-path pair below.
+                events: validated.events.clone(),
+                errors: Vec::new(),
+            };
+            ctx.request.key = keys::presented(&headers, &uri);
+            let outcome = block_on(authorize.handle(&mut ctx));
+            assert!(outcome.responder.is_none());
+            black_box(ctx.request.key.is_some())
+        })
+    });
+
+    // The check alone, without the context copies above: what the hot
+    // path pays per batch for keys and limits.
+    let registry = apps.load();
+    group.bench_function("authorize_check_only", |b| {
+        b.iter(|| {
+            let key = keys::presented(&headers, &uri);
+            let admitted = registry.admit("com.example.shop", "page_view", key.as_ref(), EVENTS);
+            assert!(admitted.is_ok());
+            black_box(admitted.is_ok())
+        })
+    });
+
+    group.bench_function("parse_validate_authorize_enrich_serialize", |b| {
+        b.iter(|| {
+            let mut ctx = context(&document);
+            ctx.request.key = keys::presented(&headers, &uri);
+            block_on(split.handle(&mut ctx));
+            let outcome = block_on(authorize.handle(&mut ctx));
+            assert!(outcome.responder.is_none());
+            block_on(enrich.handle(&mut ctx));
+            black_box(serialize(&ctx, &mut value))
+        })
+    });
+
     group.bench_function("parse_validate_enrich_serialize", |b| {
         b.iter(|| {
             let mut ctx = context(&document);
             block_on(split.handle(&mut ctx));
             block_on(enrich.handle(&mut ctx));
-            let batch = ctx.batch.as_ref().unwrap();
-            let mut bytes = 0;
-            for event in &ctx.events {
-                write_message_value(
-                    &mut value,
-                    batch,
-                    event.enrichment.as_ref().unwrap(),
-                    &event.raw,
-                );
-                bytes += value.len();
-            }
-            black_box(bytes)
+            black_box(serialize(&ctx, &mut value))
         })
     });
     group.finish();

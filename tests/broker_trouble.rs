@@ -130,15 +130,7 @@ fn assert_all_accepted_are_in_kafka(broker: &Broker, topic: &str, uploads: &[Upl
         .collect();
     assert!(!accepted.is_empty());
     let messages = broker.read(topic, accepted.len(), Duration::from_secs(10));
-    let found: HashSet<String> = messages
-        .iter()
-        .map(|m| {
-            support::value_json(m)["data"]["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let found: HashSet<String> = messages.iter().map(support::event_id).collect();
     let missing: Vec<&&str> = accepted
         .iter()
         .filter(|id| !found.contains(**id))

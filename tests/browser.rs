@@ -176,15 +176,7 @@ async fn a_page_on_another_origin_uploads_with_fetch_and_sendbeacon() {
 
     // Kafka has the fetch and the beacon of the allowed page, nothing else.
     let messages = broker.read(&topic, 3, Duration::from_secs(5));
-    let mut ids: Vec<String> = messages
-        .iter()
-        .map(|m| {
-            support::value_json(m)["data"]["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let mut ids: Vec<String> = messages.iter().map(support::event_id).collect();
     ids.sort();
     assert_eq!(ids, ["allowed-beacon", "allowed-fetch"]);
 }

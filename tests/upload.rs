@@ -176,10 +176,7 @@ async fn a_mixed_batch_is_206_and_only_valid_events_reach_kafka() {
     assert!(parts[5]["data"].as_str().unwrap().contains("timestamp"));
 
     let messages = broker.read(&topic, 2, IDLE);
-    let ids: Vec<String> = messages
-        .iter()
-        .map(|m| value_json(m)["data"]["id"].as_str().unwrap().to_owned())
-        .collect();
+    let ids: Vec<String> = messages.iter().map(support::event_id).collect();
     assert_eq!(ids, ["ok-1", "ok-2"]);
     let backend_ids: Vec<Value> = messages
         .iter()
@@ -274,7 +271,7 @@ async fn gzip_part_gzip_body_and_json_body_are_accepted() {
     let mut ids: Vec<String> = broker
         .read(&topic, 4, IDLE)
         .iter()
-        .map(|m| value_json(m)["data"]["id"].as_str().unwrap().to_owned())
+        .map(support::event_id)
         .collect();
     ids.sort();
     assert_eq!(ids, ["gz-encoded", "gz-part", "json", "json-gz"]);

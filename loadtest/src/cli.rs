@@ -25,6 +25,11 @@ pub struct Cli {
     #[arg(long, default_value = DEFAULT_URL, help_heading = "Load")]
     pub url: String,
 
+    /// Write key sent with every upload (`Authorization: Bearer`), for a
+    /// gateway with `auth.mode: keys`.
+    #[arg(long, help_heading = "Load")]
+    pub key: Option<String>,
+
     /// Closed loop: concurrent workers, each sending back to back.
     #[arg(short, long, default_value_t = 8, help_heading = "Load")]
     pub connections: usize,
@@ -152,6 +157,7 @@ impl Cli {
                 Target::Http
             },
             url: self.url.clone(),
+            key: self.key.clone(),
             connections: self.connections,
             rate: self.rate,
             max_in_flight: self.max_in_flight,

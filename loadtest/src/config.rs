@@ -227,6 +227,8 @@ pub struct Config {
     pub target: Target,
     /// The gateway's upload URL (HTTP target).
     pub url: String,
+    /// Write key sent as `Authorization: Bearer` with every upload.
+    pub key: Option<String>,
     /// Concurrent workers of the closed loop, each sending back to back.
     /// Ignored in open loop (`rate` set).
     pub connections: usize,
@@ -269,6 +271,7 @@ impl Default for Config {
         Self {
             target: Target::Http,
             url: DEFAULT_URL.into(),
+            key: None,
             connections: 8,
             rate: None,
             max_in_flight: 4096,

@@ -38,6 +38,8 @@ struct Part<'a> {
 pub(crate) struct HttpTarget {
     client: reqwest::Client,
     url: String,
+    /// `Bearer <key>`, when the gateway wants a key.
+    authorization: Option<reqwest::header::HeaderValue>,
     generator: Arc<Generator>,
 }
 
@@ -56,8 +58,15 @@ impl HttpTarget {
             .no_proxy()
             .build()
             .context("cannot build the HTTP client")?;
+        let authorization = config
+            .key
+            .as_ref()
+            .map(|key| reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")))
+            .transpose()
+            .context("--key must be printable ASCII")?;
         Ok(Self {
             client,
+            authorization,
             url: config.url.clone(),
             generator,
         })
@@ -74,13 +83,14 @@ impl Target for HttpTarget {
             category: batch.category_index(),
             ..Outcome::default()
         };
-        let response = self
+        let mut request = self
             .client
             .post(&self.url)
-            .header(CONTENT_TYPE, generate::CONTENT_TYPE)
-            .body(body)
-            .send()
-            .await;
+            .header(CONTENT_TYPE, generate::CONTENT_TYPE);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
+        }
+        let response = request.body(body).send().await;
         let response = match response {
             Ok(response) => response,
             Err(error) => {

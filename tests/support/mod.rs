@@ -477,6 +477,14 @@ pub fn value_json(message: &OwnedMessage) -> serde_json::Value {
     serde_json::from_slice(message.payload().expect("a payload")).expect("JSON value")
 }
 
+/// The event's `id` (`data.id`) of a gateway message.
+pub fn event_id(message: &OwnedMessage) -> String {
+    value_json(message)["data"]["id"]
+        .as_str()
+        .expect("data.id is a string")
+        .to_owned()
+}
+
 /// The body of a GET, as text.
 pub async fn fetch_text(client: &reqwest::Client, url: &str) -> String {
     client
