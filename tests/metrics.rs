@@ -270,7 +270,9 @@ async fn a_real_prometheus_scrapes_the_gateway() {
         // Exported at 0 from start-up, like every counter.
         ("overloaded", 0.0),
         ("partial_upload", 1.0),
+        ("rate_limited", 0.0),
         ("success_upload", 1.0),
+        ("unauthorized", 0.0),
         ("wrong_data", 2.0),
         ("wrong_meta", 1.0),
     ]

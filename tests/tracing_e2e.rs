@@ -92,8 +92,8 @@ async fn an_upload_is_one_trace_from_the_caller_through_every_handler_into_kafka
         .unwrap();
     assert_eq!(response.status(), 206);
 
-    let spans = spans_of(trace_id, 4);
-    assert_eq!(spans.len(), 4, "server span and three handler spans");
+    let spans = spans_of(trace_id, 5);
+    assert_eq!(spans.len(), 5, "server span and four handler spans");
     let server = named(&spans, "POST /api/v1/upload");
     assert_eq!(server.kind, SpanKind::Server as i32);
     assert_eq!(hex(&server.parent_span_id), caller_span);
@@ -106,9 +106,10 @@ async fn an_upload_is_one_trace_from_the_caller_through_every_handler_into_kafka
     assert!(int(server, "http.request.body.size") > 0);
 
     let split = named(&spans, "split_and_validate");
+    let authorize = named(&spans, "authorize");
     let enrich = named(&spans, "ip_enrich");
     let write = named(&spans, "write_kafka");
-    for handler in [split, enrich, write] {
+    for handler in [split, authorize, enrich, write] {
         assert_eq!(hex(&handler.trace_id), trace_id);
         assert_eq!(handler.parent_span_id, server.span_id, "{}", handler.name);
     }
@@ -166,7 +167,7 @@ async fn without_incoming_context_a_new_trace_still_reaches_kafka() {
     let fields: Vec<&str> = traceparent.split('-').collect();
     assert_eq!(fields[0], "00");
     assert_eq!(fields[3], "01", "sampled at the default ratio of 1.0");
-    let spans = spans_of(fields[1], 4);
+    let spans = spans_of(fields[1], 5);
     let write = named(&spans, "write_kafka");
     assert_eq!(hex(&write.span_id), fields[2]);
     let server = named(&spans, "POST /api/v1/upload");
@@ -210,7 +211,7 @@ async fn an_unsampled_caller_gets_no_spans_but_a_valid_unsampled_traceparent() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(spans_of(sampled, 4).len(), 4, "the sampled upload's spans");
+    assert_eq!(spans_of(sampled, 5).len(), 5, "the sampled upload's spans");
     assert!(
         spans_of(trace_id, 0).is_empty(),
         "unsampled spans are not exported"
@@ -274,7 +275,7 @@ async fn behind_a_trusted_proxy_the_span_has_the_client_and_the_peer_apart() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let spans = spans_of(trace_id, 4);
+    let spans = spans_of(trace_id, 5);
     let server = named(&spans, "POST /api/v1/upload");
     assert_eq!(text(server, "client.address"), "2a02:d280::7");
     assert_eq!(text(server, "network.peer.address"), "127.0.0.1");
