@@ -10,10 +10,11 @@
 //! memory.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -139,6 +140,10 @@ struct Tracked {
 pub struct Unlisted {
     limit: RateLimit,
     apps: DashMap<String, Arc<Tracked>>,
+    /// Places taken in `apps`, reserved before an insert and given back after
+    /// a removal, so that concurrent first uploads of new apps cannot push
+    /// the map past `cap` (a length check then an insert could).
+    slots: AtomicUsize,
     cap: usize,
     /// Shared by every unlisted app past the cap.
     overflow: Buckets,
@@ -151,6 +156,7 @@ impl Unlisted {
         Some(Self {
             limit,
             apps: DashMap::new(),
+            slots: AtomicUsize::new(0),
             cap,
             overflow: Buckets::new(limit)?,
             epoch: Instant::now(),
@@ -176,19 +182,23 @@ impl Unlisted {
             tracked.last_used.store(now, Ordering::Relaxed);
             return tracked.buckets.take(events);
         }
-        if self.apps.len() >= self.cap {
+        if self.slots.fetch_add(1, Ordering::AcqRel) >= self.cap {
+            self.slots.fetch_sub(1, Ordering::AcqRel);
             return self.overflow.take(events);
         }
-        let tracked = self
-            .apps
-            .entry(app_id.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Tracked {
+        let tracked = match self.apps.entry(app_id.to_owned()) {
+            // Another upload of the same new app got there first.
+            Entry::Occupied(entry) => {
+                self.slots.fetch_sub(1, Ordering::AcqRel);
+                entry.get().clone()
+            }
+            Entry::Vacant(entry) => entry
+                .insert(Arc::new(Tracked {
                     buckets: Buckets::new(self.limit).expect("the default limit limits something"),
                     last_used: AtomicU64::new(now),
-                })
-            })
-            .clone();
+                }))
+                .clone(),
+        };
         tracked.buckets.take(events)
     }
 
@@ -198,9 +208,13 @@ impl Unlisted {
     pub fn forget_idle(&self) {
         let idle_after = self.overflow.refill_time().as_secs() + 1;
         let now = self.now();
+        let mut removed = 0;
         self.apps.retain(|_, tracked| {
-            now.saturating_sub(tracked.last_used.load(Ordering::Relaxed)) <= idle_after
+            let keep = now.saturating_sub(tracked.last_used.load(Ordering::Relaxed)) <= idle_after;
+            removed += usize::from(!keep);
+            keep
         });
+        self.slots.fetch_sub(removed, Ordering::AcqRel);
     }
 }
 
@@ -267,6 +281,26 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_new_apps_never_pass_the_cap() {
+        let unlisted = Arc::new(Unlisted::new(limit(0, 0, 1000), 50).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let unlisted = unlisted.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        let _ = unlisted.take(&format!("t{t}-{i}"), 1);
+                        assert!(unlisted.tracked() <= 50);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(unlisted.tracked(), 50);
+    }
+
+    #[test]
     fn idle_full_buckets_are_forgotten() {
         let unlisted = Unlisted::new(limit(0, 0, 1000), 10).unwrap();
         unlisted.take("a", 1).unwrap();
@@ -285,5 +319,6 @@ mod tests {
         };
         old.forget_idle();
         assert_eq!(old.tracked(), 0);
+        assert_eq!(old.slots.load(Ordering::Relaxed), 0, "the place is free again");
     }
 }
