@@ -319,6 +319,10 @@ mod tests {
         };
         old.forget_idle();
         assert_eq!(old.tracked(), 0);
-        assert_eq!(old.slots.load(Ordering::Relaxed), 0, "the place is free again");
+        assert_eq!(
+            old.slots.load(Ordering::Relaxed),
+            0,
+            "the place is free again"
+        );
     }
 }
