@@ -115,7 +115,13 @@ impl Injector for VecInjector {
 
 /// The propagation headers for a message produced inside the current span:
 /// `traceparent` naming the current span, `tracestate` when the trace has
-/// one, and `baggage` with the incoming baggage plus `request_id`.
+/// one, and `baggage` only when the caller sent baggage of its own (then
+/// with `request_id` added to it).
+///
+/// Why not always `baggage`: librdkafka allocates and frees every header of
+/// every message on its own, so a header per message that says nothing new
+/// (the request id has a header of its own) costs about 4% of the gateway's
+/// CPU per event (docs/BENCHMARKS.md, issue 12).
 pub fn propagation_headers(request_id: &str) -> Vec<(&'static str, String)> {
     let context = tracing::Span::current().context();
     let mut baggage: Vec<KeyValue> = context
@@ -124,9 +130,15 @@ pub fn propagation_headers(request_id: &str) -> Vec<(&'static str, String)> {
         .filter(|(key, _)| key.as_str() != "request_id")
         .map(|(key, (value, _))| KeyValue::new(key.clone(), value.clone()))
         .collect();
+    let mut injector = VecInjector(Vec::with_capacity(3));
+    if baggage.is_empty() {
+        if context.span().span_context().is_valid() {
+            TraceContextPropagator::new().inject_context(&context, &mut injector);
+        }
+        return injector.0;
+    }
     baggage.push(KeyValue::new("request_id", request_id.to_owned()));
     let context = context.with_baggage(baggage);
-    let mut injector = VecInjector(Vec::with_capacity(3));
     if context.span().span_context().is_valid() {
         propagator().inject_context(&context, &mut injector);
     } else {

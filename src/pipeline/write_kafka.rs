@@ -179,15 +179,13 @@ impl WriteKafka {
                 value: Some(value.as_bytes()),
             });
         }
-        headers = headers
-            .insert(Header {
-                key: "request_id",
-                value: Some(ctx.request.request_id.as_bytes()),
-            })
-            .insert(Header {
-                key: "content-type",
-                value: Some("application/json".as_bytes()),
-            });
+        // No `content-type`: every value is JSON (docs/API.md 3.2), and
+        // librdkafka copies each header into each message (see
+        // `telemetry::propagation_headers`).
+        headers = headers.insert(Header {
+            key: "request_id",
+            value: Some(ctx.request.request_id.as_bytes()),
+        });
         let key_of_batch = batch_key(self.sink.key(), batch);
         let max_bytes = self.sink.max_message_bytes();
         // What every message of the batch carries besides its value: counted
