@@ -412,6 +412,11 @@ pub struct GeoIpSettings {
     /// turns the look off (SIGHUP still reloads).
     #[serde(default = "defaults::geoip_reload_interval_ms")]
     pub reload_interval_ms: u64,
+    /// Slots of the cache of recent lookups (rounded up to a power of two;
+    /// 0: no cache). Each holds one address and its location, about 130
+    /// bytes when taken; a reload starts an empty cache with the new data.
+    #[serde(default = "defaults::geoip_cache_entries")]
+    pub cache_entries: usize,
 }
 
 /// A path, a list of paths, or comma-separated paths in one string.
@@ -571,6 +576,10 @@ mod defaults {
     pub fn forwarding_header() -> String {
         "x-forwarded-for".into()
     }
+    pub fn geoip_cache_entries() -> usize {
+        crate::geoip::DEFAULT_CACHE_ENTRIES
+    }
+
     pub fn geoip_reload_interval_ms() -> u64 {
         60_000
     }
@@ -761,6 +770,12 @@ impl Settings {
                 "must be between 0.0 and 1.0",
             ));
         }
+        if self.geoip.cache_entries > MAX_GEOIP_CACHE_ENTRIES {
+            return Err(invalid(
+                "geoip.cache_entries",
+                format!("must be at most {MAX_GEOIP_CACHE_ENTRIES} (about 130 bytes each)"),
+            ));
+        }
         if self.telemetry.span_queue_size == 0 {
             return Err(invalid(
                 "telemetry.span_queue_size",
@@ -801,6 +816,9 @@ impl Settings {
 
 /// `server.cors.allowed_origins`: `*` alone, or origins as browsers send
 /// them (`scheme://host[:port]`, no path, no trailing slash).
+/// More slots than this would hold more memory than the database itself.
+const MAX_GEOIP_CACHE_ENTRIES: usize = 1 << 20;
+
 fn check_origins(origins: &[String]) -> Result<(), ConfigError> {
     const KEY: &str = "server.cors.allowed_origins";
     if origins.iter().any(|o| o == "*") {
@@ -937,6 +955,11 @@ geoip:
                 "VENUS__TELEMETRY__SAMPLING_RATIO",
                 "2",
                 "telemetry.sampling_ratio",
+            ),
+            (
+                "VENUS__GEOIP__CACHE_ENTRIES",
+                "1048577",
+                "geoip.cache_entries",
             ),
         ] {
             let err = load_error(&[(var, value)]);

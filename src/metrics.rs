@@ -134,6 +134,7 @@ struct Instruments {
     produce_duration: Histogram<f64>,
     active_requests: UpDownCounter<i64>,
     geoip_lookups: Counter<u64>,
+    geoip_cache: Counter<u64>,
     delivery_errors: Counter<u64>,
     panics: Counter<u64>,
     producer_restarts: Counter<u64>,
@@ -200,6 +201,12 @@ impl Metrics {
             geoip_lookups: meter
                 .u64_counter("venus.geoip.lookups")
                 .with_description("GeoIP lookups by result: hit, miss, invalid")
+                .build(),
+            geoip_cache: meter
+                .u64_counter("venus.geoip.cache")
+                .with_description(
+                    "GeoIP lookups answered from the cache of recent ones (hit) or the files (miss)",
+                )
                 .build(),
             delivery_errors: meter
                 .u64_counter("venus.kafka.delivery.errors")
@@ -271,6 +278,9 @@ impl Metrics {
                     ],
                 );
             }
+        }
+        for result in ["hit", "miss"] {
+            inner.geoip_cache.add(0, &[KeyValue::new("result", result)]);
         }
         for result in ["hit", "miss", "invalid"] {
             inner
@@ -373,10 +383,23 @@ impl Metrics {
         self.inner.active_requests.add(-1, &[]);
     }
 
-    pub fn geoip_lookup(&self, result: &'static str) {
-        self.inner
-            .geoip_lookups
-            .add(1, &[KeyValue::new("result", result)]);
+    /// `count` lookups with `result` (hit, miss, invalid); nothing for 0.
+    pub fn geoip_lookups(&self, result: &'static str, count: u64) {
+        if count > 0 {
+            self.inner
+                .geoip_lookups
+                .add(count, &[KeyValue::new("result", result)]);
+        }
+    }
+
+    /// `count` lookups answered from the cache of recent ones (`hit`) or
+    /// from the files (`miss`); nothing for 0.
+    pub fn geoip_cache(&self, result: &'static str, count: u64) {
+        if count > 0 {
+            self.inner
+                .geoip_cache
+                .add(count, &[KeyValue::new("result", result)]);
+        }
     }
 
     pub fn delivery_errors(&self, count: u64) {

@@ -116,7 +116,10 @@ impl Application {
     /// Opens the GeoIP database, creates the producer and binds the listener.
     /// Kafka need not be up: readiness says so until it is.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let geoip = Arc::new(GeoIp::open(&settings.geoip.database)?);
+        let geoip = Arc::new(GeoIp::open_with_cache(
+            &settings.geoip.database,
+            settings.geoip.cache_entries,
+        )?);
         let metering = Arc::new(Metering::new(&settings.telemetry)?);
         let metrics = Metrics::new(
             &metering.provider,

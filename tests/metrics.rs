@@ -125,6 +125,10 @@ async fn metrics_count_uploads_by_type_and_events_by_result() {
         value(&text, "venus_geoip_lookups_total", &[("result", "miss")]),
         3.0
     );
+    // Of those four lookups the second of 127.0.0.1 was answered from the
+    // cache of recent ones.
+    let cache = |result: &str| value(&text, "venus_geoip_cache_total", &[("result", result)]);
+    assert_eq!((cache("hit"), cache("miss")), (1.0, 3.0), "{text}");
     assert_eq!(value(&text, "venus_kafka_delivery_errors_total", &[]), 1.0);
     assert_eq!(
         value(

@@ -28,6 +28,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use maxminddb::Reader;
@@ -35,6 +36,7 @@ use memmap2::Mmap;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
+use super::cache::LookupCache;
 use super::{GeoIpError, Location, Lookup};
 
 /// How the records of a file are laid out.
@@ -112,6 +114,20 @@ pub struct Database {
     /// Index of the file that answers IPv4 lookups, and IPv6 ones.
     v4: Option<usize>,
     v6: Option<usize>,
+    /// Recent answers of these files (none until [`Database::with_cache`]).
+    cache: LookupCache,
+    /// The answer for an address the files have no record of, shared.
+    nowhere: Arc<Location>,
+}
+
+/// The answer of [`Database::locate`].
+pub struct Located {
+    /// Where the address is; empty strings when the database has no record.
+    pub location: Arc<Location>,
+    /// Whether the database has a record of the address.
+    pub found: bool,
+    /// Whether the answer came from the cache of recent lookups.
+    pub cached: bool,
 }
 
 #[derive(Deserialize)]
@@ -211,7 +227,42 @@ impl Database {
                 reason: "no database given".into(),
             });
         }
-        Ok(Self { files, v4, v6 })
+        Ok(Self {
+            files,
+            v4,
+            v6,
+            cache: LookupCache::new(0),
+            nowhere: Arc::new(Location::default()),
+        })
+    }
+
+    /// The same files with a cache of `entries` recent lookups (see
+    /// `cache`); 0: none.
+    pub fn with_cache(mut self, entries: usize) -> Self {
+        self.cache = LookupCache::new(entries);
+        self
+    }
+
+    /// Where `ip` is, from the cache of recent lookups or else the files
+    /// (and then remembered).
+    pub fn locate(&self, ip: IpAddr) -> Located {
+        if let Some((location, found)) = self.cache.get(ip) {
+            return Located {
+                location,
+                found,
+                cached: true,
+            };
+        }
+        let (location, found) = match self.lookup(ip) {
+            Lookup::Hit(location) => (Arc::new(location), true),
+            Lookup::Miss => (Arc::clone(&self.nowhere), false),
+        };
+        self.cache.put(ip, &location, found);
+        Located {
+            location,
+            found,
+            cached: false,
+        }
     }
 
     /// Looks `ip` up in the file for its address family. A record that cannot

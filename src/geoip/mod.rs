@@ -3,6 +3,7 @@
 //!
 //! * `database`: one loaded set of files (layouts, address families, the
 //!   memory-mapped private copy);
+//! * `cache`: recent lookups, in front of the files' tree walk;
 //! * `reload`: SIGHUP and a periodic look at the files, swapping in a new
 //!   set only when it loads and answers a probe.
 //!
@@ -10,6 +11,7 @@
 //! atomic load, no lock) and finishes on it even if a reload swaps in a new
 //! one meanwhile.
 
+pub mod cache;
 pub mod database;
 pub mod reload;
 
@@ -20,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use database::Fingerprint;
-pub use database::{Database, FileInfo, Layout};
+pub use database::{Database, FileInfo, Layout, Located};
 
 /// Where an address is, as far as the database knows. Unknown parts are
 /// empty strings, as they appear in the Kafka message.
@@ -56,7 +58,14 @@ pub struct GeoIp {
     /// What the files were at the last load or reload attempt: a file that
     /// was refused is not tried again until it changes again.
     seen: Mutex<Vec<Option<Fingerprint>>>,
+    /// Slots of each loaded set's cache of recent lookups.
+    cache_entries: usize,
 }
+
+/// Slots of the lookup cache when the configuration says nothing: about
+/// 2 MB when full, and enough that the addresses of the last minute of
+/// uploads at thousands of requests a second mostly stay.
+pub const DEFAULT_CACHE_ENTRIES: usize = 16_384;
 
 fn fingerprints(paths: &[PathBuf]) -> Vec<Option<Fingerprint>> {
     paths.iter().map(|p| Fingerprint::of(p)).collect()
@@ -65,11 +74,18 @@ fn fingerprints(paths: &[PathBuf]) -> Vec<Option<Fingerprint>> {
 impl GeoIp {
     /// Loads `paths`: one file, or an IPv4 and an IPv6 file.
     pub fn open(paths: &[PathBuf]) -> Result<Self, GeoIpError> {
+        Self::open_with_cache(paths, DEFAULT_CACHE_ENTRIES)
+    }
+
+    /// [`GeoIp::open`] with `cache_entries` slots of recent lookups (0: no
+    /// cache).
+    pub fn open_with_cache(paths: &[PathBuf], cache_entries: usize) -> Result<Self, GeoIpError> {
         let seen = fingerprints(paths);
         Ok(Self {
-            current: ArcSwap::from_pointee(Database::open(paths)?),
+            current: ArcSwap::from_pointee(Database::open(paths)?.with_cache(cache_entries)),
             paths: paths.to_vec(),
             seen: Mutex::new(seen),
+            cache_entries,
         })
     }
 
@@ -80,9 +96,12 @@ impl GeoIp {
 
     pub fn from_parts(parts: Vec<Vec<u8>>) -> Result<Self, GeoIpError> {
         Ok(Self {
-            current: ArcSwap::from_pointee(Database::from_bytes(parts)?),
+            current: ArcSwap::from_pointee(
+                Database::from_bytes(parts)?.with_cache(DEFAULT_CACHE_ENTRIES),
+            ),
             paths: Vec::new(),
             seen: Mutex::new(Vec::new()),
+            cache_entries: DEFAULT_CACHE_ENTRIES,
         })
     }
 
@@ -106,7 +125,9 @@ impl GeoIp {
         // Taken before loading: a file that changes while it is read is
         // seen as changed again next time.
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprints(&self.paths);
-        let fresh = Database::open(&self.paths)?;
+        // A fresh cache with the fresh data: no answer of the old files
+        // outlives them.
+        let fresh = Database::open(&self.paths)?.with_cache(self.cache_entries);
         let files = fresh.files().cloned().collect();
         self.current.store(Arc::new(fresh));
         Ok(files)
@@ -272,6 +293,33 @@ mod tests {
         };
         assert_eq!(location.country, "CZ");
         assert_eq!(location.city, "Prague");
+    }
+
+    #[test]
+    fn locate_answers_like_lookup_and_remembers_hits_and_misses() {
+        let database = db().current();
+        for ip in ["81.2.69.142", "10.0.0.1", "2a02:d280::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let first = database.locate(ip);
+            assert!(!first.cached, "{ip}");
+            let expected = match database.lookup(ip) {
+                Lookup::Hit(location) => (location, true),
+                Lookup::Miss => (Location::default(), false),
+            };
+            assert_eq!(((*first.location).clone(), first.found), expected, "{ip}");
+            let again = database.locate(ip);
+            assert!(again.cached, "{ip}");
+            assert_eq!(again.found, first.found);
+            assert!(Arc::ptr_eq(&again.location, &first.location));
+        }
+    }
+
+    #[test]
+    fn without_a_cache_every_locate_reads_the_files() {
+        let database = Database::from_bytes(vec![test_support::city_database()]).unwrap();
+        let ip: IpAddr = "81.2.69.142".parse().unwrap();
+        assert!(!database.locate(ip).cached);
+        assert!(!database.locate(ip).cached);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
-use crate::geoip::{GeoIp, Location, Lookup};
+use crate::geoip::{GeoIp, Located, Location};
 use crate::metrics::Metrics;
 use crate::pipeline::context::{Enrichment, SentIp};
 use crate::pipeline::split_and_validate::trimmed;
@@ -45,6 +45,40 @@ impl Handler for IpEnrich {
     }
 }
 
+/// A batch's lookups by result, added to the counters once per batch (an
+/// attribute set per event would cost more than the cached lookup itself).
+#[derive(Default)]
+struct LookupCounts {
+    found: u64,
+    not_found: u64,
+    invalid: u64,
+    cached: u64,
+    uncached: u64,
+}
+
+impl LookupCounts {
+    fn record(&mut self, located: &Located) {
+        *if located.found {
+            &mut self.found
+        } else {
+            &mut self.not_found
+        } += 1;
+        *if located.cached {
+            &mut self.cached
+        } else {
+            &mut self.uncached
+        } += 1;
+    }
+
+    fn report(&self, metrics: &Metrics) {
+        metrics.geoip_lookups("hit", self.found);
+        metrics.geoip_lookups("miss", self.not_found);
+        metrics.geoip_lookups("invalid", self.invalid);
+        metrics.geoip_cache("hit", self.cached);
+        metrics.geoip_cache("miss", self.uncached);
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -64,6 +98,7 @@ impl IpEnrich {
         let database = self.geoip.current();
         let mut invalid = 0usize;
         let mut first_invalid = String::new();
+        let mut counts = LookupCounts::default();
 
         for event in ctx.events.iter_mut().filter(|e| e.is_pending()) {
             let ip = match &event.ip {
@@ -71,7 +106,7 @@ impl IpEnrich {
                 SentIp::Text(text) => match text.parse::<IpAddr>() {
                     Ok(ip) => ip.to_canonical(),
                     Err(_) => {
-                        self.metrics.geoip_lookup("invalid");
+                        counts.invalid += 1;
                         let reason =
                             format!("ip {:?} is not an IPv4 or IPv6 address", trimmed(text));
                         if invalid == 0 {
@@ -85,15 +120,10 @@ impl IpEnrich {
             };
             let location = locations
                 .entry(ip)
-                .or_insert_with(|| match database.lookup(ip) {
-                    Lookup::Hit(location) => {
-                        self.metrics.geoip_lookup("hit");
-                        Arc::new(location)
-                    }
-                    Lookup::Miss => {
-                        self.metrics.geoip_lookup("miss");
-                        Arc::new(Location::default())
-                    }
+                .or_insert_with(|| {
+                    let located = database.locate(ip);
+                    counts.record(&located);
+                    located.location
                 })
                 .clone();
             event.enrichment = Some(Enrichment {
@@ -104,6 +134,7 @@ impl IpEnrich {
             });
         }
 
+        counts.report(&self.metrics);
         if invalid == 0 {
             return Outcome::proceed();
         }
