@@ -2,6 +2,7 @@
 //! able to deliver.
 //!
 //! * `producer`: how a librdkafka producer is configured, and its statistics;
+//! * `acks`: one batch's delivery reports, gathered for its request;
 //! * `health`: what recent deliveries say about it;
 //! * `healer`: replaces it when it can no longer deliver;
 //! * `topics`: which topics exist (fail fast for a missing one), and
@@ -11,6 +12,7 @@
 //! atomic load and keeps it until its acknowledgements are in, so a swap
 //! never touches a batch in flight and the hot path takes no lock.
 
+pub mod acks;
 pub mod healer;
 pub mod health;
 pub mod producer;

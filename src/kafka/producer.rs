@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
+
+use super::acks::Delivery;
 
 use crate::config::KafkaSettings;
 use crate::domain::Category;
@@ -30,8 +32,9 @@ pub struct ProducerStatistics {
     pub tx_retries: AtomicU64,
 }
 
-/// The producer's context: keeps librdkafka's statistics for the metrics
-/// and leaves logging as rdkafka does it (into `tracing` via `log`).
+/// The producer's context: hands each delivery report to its batch (see
+/// `acks`), keeps librdkafka's statistics for the metrics and leaves logging
+/// as rdkafka does it (into `tracing` via `log`).
 pub struct StatisticsContext {
     /// The process-wide totals.
     totals: Arc<ProducerStatistics>,
@@ -60,9 +63,23 @@ impl ClientContext for StatisticsContext {
     }
 }
 
+impl ProducerContext for StatisticsContext {
+    type DeliveryOpaque = Box<Delivery>;
+
+    /// On the producer's polling thread, once per message: acknowledged,
+    /// refused, timed out, or purged when the producer is dropped.
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        delivery.report(match result {
+            Ok(_) => Ok(()),
+            Err((error, _)) => Err(error.clone()),
+        });
+    }
+}
+
 /// A producer and its generation (0 for the first of the process).
 pub struct ProducerHandle {
-    pub producer: FutureProducer<StatisticsContext>,
+    /// librdkafka with a thread of its own that serves delivery reports.
+    pub producer: ThreadedProducer<StatisticsContext>,
     pub generation: u64,
 }
 

@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
 use opentelemetry::KeyValue;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::BaseRecord;
 
 use crate::config::MessageKey;
 use crate::drain::Drain;
+use crate::kafka::acks::BatchAcks;
 use crate::kafka::topics::TopicState;
 use crate::kafka::KafkaSink;
 use crate::metrics::Metrics;
@@ -197,11 +197,11 @@ impl WriteKafka {
             .sum();
 
         let started = Instant::now();
+        let acks = BatchAcks::new(ctx.events.len());
         // Serializing and handing over a large batch is milliseconds of CPU:
         // done off the async workers' queue (see `cpu_heavy`).
         let events = &mut ctx.events;
-        let (mut deliveries, sent) = cpu_heavy(ctx.request.document.len(), || {
-            let deliveries = FuturesUnordered::new();
+        let sent = cpu_heavy(ctx.request.document.len(), || {
             let mut sent = 0usize;
             let mut value = Vec::with_capacity(4096);
             for (index, event) in events.iter_mut().enumerate() {
@@ -234,18 +234,18 @@ impl WriteKafka {
                     event.fail(PartCode::Serialization, reason);
                     continue;
                 }
-                let mut record = FutureRecord::to(&topic)
+                let mut record = BaseRecord::with_opaque_to(&topic, acks.delivery(index))
                     .payload(&value)
                     .headers(headers.clone());
                 if let Some(key) = key {
                     record = record.key(key);
                 }
-                match producer.producer.send_result(record) {
-                    Ok(delivery) => {
-                        sent += 1;
-                        deliveries.push(async move { (index, delivery.await) });
-                    }
+                // Counted before the producer can report it.
+                acks.sent();
+                match producer.producer.send(record) {
+                    Ok(()) => sent += 1,
                     Err((error, _)) => {
+                        acks.not_sent();
                         event.fail(
                             PartCode::KafkaDelivery,
                             format!("Kafka producer did not take the event: {error}"),
@@ -253,8 +253,9 @@ impl WriteKafka {
                     }
                 }
             }
-            (deliveries, sent)
+            sent
         });
+        acks.all_sent();
 
         // The response never waits past the delivery timeout; librdkafka's
         // own message timeout is shorter, so it normally fails a message
@@ -263,44 +264,31 @@ impl WriteKafka {
         let deadline = tokio::time::sleep_until(
             tokio::time::Instant::from_std(started) + self.sink.delivery_timeout(),
         );
-        tokio::pin!(deadline);
         // A shutdown whose grace runs out ends the wait too: the client gets
         // its reply (1004 for what is not acknowledged yet) before the
         // connection goes.
-        let answer_now = self.drain.answer_now();
-        tokio::pin!(answer_now);
-        let mut cut_short = false;
+        let cut_short = tokio::select! {
+            _ = acks.all_answered() => false,
+            _ = deadline => false,
+            _ = self.drain.answer_now() => true,
+        };
         let mut acknowledged = 0usize;
         let mut first_error: Option<rdkafka::error::KafkaError> = None;
-        loop {
-            let (index, result) = tokio::select! {
-                next = deliveries.next() => match next {
-                    Some(done) => done,
-                    None => break,
-                },
-                _ = &mut deadline => break,
-                _ = &mut answer_now => {
-                    cut_short = true;
-                    break;
-                }
-            };
-            let event = &mut ctx.events[index];
-            match result {
-                Ok(Ok(_delivery)) => {
+        for (event, outcome) in ctx.events.iter_mut().zip(acks.take()) {
+            match outcome {
+                Some(Ok(())) => {
                     acknowledged += 1;
                     event.status = EventStatus::Accepted;
                 }
-                Ok(Err((error, _message))) => {
+                Some(Err(error)) => {
                     event.fail(
                         PartCode::KafkaDelivery,
                         format!("Kafka did not acknowledge the event: {error}"),
                     );
                     first_error.get_or_insert(error);
                 }
-                Err(_canceled) => event.fail(
-                    PartCode::KafkaDelivery,
-                    "the Kafka producer shut down before acknowledging the event",
-                ),
+                // Not sent, or no answer yet: the status says which.
+                None => {}
             }
         }
         if matches!(
