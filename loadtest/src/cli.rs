@@ -136,6 +136,12 @@ pub struct Cli {
     /// No progress bar.
     #[arg(short, long, help_heading = "Output")]
     pub quiet: bool,
+
+    /// Send nothing: write the first batch's multipart body to this file
+    /// (for a load tool that posts one fixed body, such as wrk) and print
+    /// its Content-Type and event counts as one JSON object.
+    #[arg(long, value_name = "PATH", help_heading = "Output")]
+    pub write_body: Option<std::path::PathBuf>,
 }
 
 /// Parses `key=value`.

@@ -6,10 +6,20 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use venus_loadtest::cli::Cli;
+use venus_loadtest::generate::{self, Generator};
 use venus_loadtest::Report;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(path) = &cli.write_body {
+        return match write_body(&cli, path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: cannot write {}: {error}", path.display());
+                ExitCode::from(2)
+            }
+        };
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(threads) = cli.threads {
@@ -42,6 +52,24 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// `--write-body`: the first batch of the run the same flags would make.
+fn write_body(cli: &Cli, path: &std::path::Path) -> std::io::Result<()> {
+    let config = cli.to_config();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let generator = Generator::new(&config.generator, now_ms);
+    let batch = generator.batch(0);
+    std::fs::write(path, batch.multipart_body())?;
+    let summary = serde_json::json!({
+        "content_type": generate::CONTENT_TYPE,
+        "events": batch.len(),
+        "accepted_events": batch.accepted_events().count(),
+    });
+    println!("{summary}");
+    Ok(())
 }
 
 /// Writes the report to stdout, as a table or as one JSON line.
