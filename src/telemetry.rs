@@ -298,8 +298,19 @@ pub fn install_subscriber(
         .thread_name("venus-log")
         .finish(std::io::stdout());
     let tracer = provider.tracer("venus");
+    // tracing-opentelemetry adds, by default, eight attributes to every
+    // span: `code.filepath`, `code.namespace`, `code.lineno`, `thread.id`,
+    // `thread.name`, `target`, `busy_ns`, `idle_ns`. For async handler spans
+    // the thread is whichever worker polled first, and the span's name
+    // already says which handler it is; the busy/idle times cost two clock
+    // reads on every poll. Left out: recording and exporting them was a good
+    // part of what OTLP export costs per event (docs/BENCHMARKS.md).
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
         .with_filter(Targets::new().with_target("venus", tracing::Level::INFO));
     let filter = EnvFilter::try_new(&settings.log_level)?;
     let logs = match settings.log_format {

@@ -113,6 +113,23 @@ async fn an_upload_is_one_trace_from_the_caller_through_every_handler_into_kafka
         assert_eq!(hex(&handler.trace_id), trace_id);
         assert_eq!(handler.parent_span_id, server.span_id, "{}", handler.name);
     }
+    // Only attributes that say something about the upload: none of the
+    // per-span extras tracing-opentelemetry adds by default (source
+    // location, thread, target, busy/idle time), which cost per event.
+    for span in [server, split, authorize, enrich, write] {
+        for key in [
+            "code.filepath",
+            "code.lineno",
+            "code.namespace",
+            "thread.id",
+            "thread.name",
+            "target",
+            "busy_ns",
+            "idle_ns",
+        ] {
+            assert_eq!(attribute(span, key), None, "{}: {key}", span.name);
+        }
+    }
     // The batch has an invalid event: split_and_validate is marked failed,
     // and the chain went on.
     let status = split.status.clone().unwrap();
