@@ -256,6 +256,17 @@ impl WriteKafka {
             sent
         });
         acks.all_sent();
+        // The reply needs only what the events own (ids, statuses, backend
+        // ids); the document and every slice of it can go before the wait for
+        // Kafka, the longest part of an upload, so that uploads in flight
+        // hold their events' outcomes and not their bytes.
+        for event in ctx.events.iter_mut() {
+            event.raw = bytes::Bytes::new();
+        }
+        if let Some(batch) = ctx.batch.as_mut() {
+            batch.meta = bytes::Bytes::copy_from_slice(&batch.meta);
+        }
+        ctx.request.document = bytes::Bytes::new();
 
         // The response never waits past the delivery timeout; librdkafka's
         // own message timeout is shorter, so it normally fails a message
