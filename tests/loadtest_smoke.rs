@@ -74,3 +74,39 @@ async fn raw_kafka_mode_produces_readable_acknowledged_events() {
     assert_eq!(raw.acked, report.events);
     assert_eq!(report.verify.as_ref().unwrap().missing, 0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fixed_body_for_wrk_is_an_upload_the_gateway_takes_as_counted() {
+    let broker = shared_broker();
+    let (category, _) = support::fresh_topic("smoke_body").await;
+    let app = TestApp::spawn(support::settings(&broker.address(), &[])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("body");
+    let summary = venus_loadtest::write_body(
+        &Config {
+            generator: GenConfig {
+                categories: vec![category],
+                ..GenConfig::default()
+            },
+            ..Config::default()
+        },
+        &path,
+    )
+    .unwrap();
+    assert_eq!(summary.events, GenConfig::default().events_per_batch);
+    let response = app
+        .client
+        .post(app.url("/api/v1/upload"))
+        .header("content-type", summary.content_type)
+        .body(std::fs::read(&path).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let body: serde_json::Value = response.json().await.unwrap();
+    let parts = body["parts"].as_array().expect("a part per event");
+    assert_eq!(parts.len(), summary.events, "{body}");
+    let accepted = parts.iter().filter(|p| p["code"] == 0).count();
+    assert_eq!(accepted, summary.accepted_events, "{body}");
+    app.stop().await;
+}

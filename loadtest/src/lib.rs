@@ -67,6 +67,36 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     run_until(config, std::future::pending()).await
 }
 
+/// Milliseconds since the Unix epoch: the time generated events are stamped
+/// a little before.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// What `--write-body` wrote: the body's `Content-Type` and event counts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BodySummary {
+    pub content_type: &'static str,
+    pub events: usize,
+    pub accepted_events: usize,
+}
+
+/// `--write-body`: writes the first batch the same configuration would send
+/// (a fixed body for a load tool such as wrk) to `path`.
+pub fn write_body(config: &Config, path: &std::path::Path) -> std::io::Result<BodySummary> {
+    let generator = Generator::new(&config.generator, now_ms());
+    let batch = generator.batch(0);
+    std::fs::write(path, batch.multipart_body())?;
+    Ok(BodySummary {
+        content_type: generate::CONTENT_TYPE,
+        events: batch.len(),
+        accepted_events: batch.accepted_events().count(),
+    })
+}
+
 /// Like [`run`], but stops starting requests early when `shutdown`
 /// completes (Ctrl-C, say); what was sent is still reported and verified.
 pub async fn run_until<F>(config: Config, shutdown: F) -> anyhow::Result<Report>
@@ -74,11 +104,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     config.validate()?;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default();
-    let generator = Arc::new(Generator::new(&config.generator, now_ms));
+    let generator = Arc::new(Generator::new(&config.generator, now_ms()));
     let topics: Vec<String> = generator
         .categories()
         .iter()

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use venus_loadtest::cli::Cli;
-use venus_loadtest::generate::{self, Generator};
 use venus_loadtest::Report;
 
 fn main() -> ExitCode {
@@ -56,19 +55,8 @@ fn main() -> ExitCode {
 
 /// `--write-body`: the first batch of the run the same flags would make.
 fn write_body(cli: &Cli, path: &std::path::Path) -> std::io::Result<()> {
-    let config = cli.to_config();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let generator = Generator::new(&config.generator, now_ms);
-    let batch = generator.batch(0);
-    std::fs::write(path, batch.multipart_body())?;
-    let summary = serde_json::json!({
-        "content_type": generate::CONTENT_TYPE,
-        "events": batch.len(),
-        "accepted_events": batch.accepted_events().count(),
-    });
-    println!("{summary}");
+    let summary = venus_loadtest::write_body(&cli.to_config(), path)?;
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
 

@@ -58,16 +58,16 @@ struct LookupCounts {
 
 impl LookupCounts {
     fn record(&mut self, located: &Located) {
-        *if located.found {
-            &mut self.found
+        if located.found {
+            self.found += 1;
         } else {
-            &mut self.not_found
-        } += 1;
-        *if located.cached {
-            &mut self.cached
+            self.not_found += 1;
+        }
+        if located.cached {
+            self.cached += 1;
         } else {
-            &mut self.uncached
-        } += 1;
+            self.uncached += 1;
+        }
     }
 
     fn report(&self, metrics: &Metrics) {
