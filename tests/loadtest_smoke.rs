@@ -59,7 +59,7 @@ async fn raw_kafka_mode_produces_readable_acknowledged_events() {
         connections: 2,
         requests: Some(20),
         generator: GenConfig {
-            categories: vec![category],
+            categories: vec![category.clone()],
             ..GenConfig::default()
         },
         verify: true,
@@ -73,6 +73,16 @@ async fn raw_kafka_mode_produces_readable_acknowledged_events() {
     assert_eq!(raw.failed, 0, "{report}");
     assert_eq!(raw.acked, report.events);
     assert_eq!(report.verify.as_ref().unwrap().missing, 0, "{report}");
+    // The ceiling is only a ceiling for the same messages: the headers the
+    // gateway writes (tests/upload.rs checks the gateway's side).
+    let messages = broker.read(&support::topic_of(&category), 1, Duration::from_secs(3));
+    let message = messages.first().expect("a message");
+    use rdkafka::message::{Headers, Message};
+    let names: Vec<&str> = message
+        .headers()
+        .map(|h| h.iter().map(|h| h.key).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["traceparent", "request_id"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,9 @@
 //! every event the gateway would accept, builds the message the gateway
 //! writes: the value `{"backend_id","upload_time","ip","country","region",
 //! "city","meta","data"}` (a fresh UUIDv7, empty location fields) and the
-//! gateway's headers (traceparent, tracestate, baggage, request_id,
-//! content-type). It hands them all to a `FutureProducer` configured like
+//! gateway's headers (`traceparent` and `request_id`: what it writes for an
+//! upload without `tracestate` or `baggage`, docs/API.md 3.4). It hands
+//! them all to a `FutureProducer` configured like
 //! the gateway's (acks=all, idempotence, lz4, linger.ms=5) and waits for
 //! every acknowledgement. The latency is the batch's, like one upload's
 //! Kafka step. What this reaches is the ceiling broker and client give on
@@ -162,7 +163,7 @@ fn error_kind(error: &KafkaError) -> String {
 }
 
 /// The value the gateway writes for event `index` of `batch`.
-pub(crate) fn message_value(
+pub fn message_value(
     batch: &Batch<'_>,
     index: usize,
     ip: &str,
@@ -194,31 +195,19 @@ impl Target for RawKafkaTarget {
         let batch = self.generator.batch(request);
         let topic = &self.topics[batch.category_index()];
         let upload_time = now_ms();
-        // The headers the gateway sets: trace context, baggage, request id.
+        // The headers the gateway sets for an upload that brings no
+        // tracestate or baggage: the trace context and the request id.
         let request_id = format!("{:032x}", Uuid::now_v7().as_u128());
         let trace = Uuid::new_v4().as_u128();
         let traceparent = format!("00-{trace:032x}-{:016x}-01", trace as u64 ^ request);
-        let baggage = format!("request_id={request_id}");
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "traceparent",
                 value: Some(traceparent.as_bytes()),
             })
             .insert(Header {
-                key: "tracestate",
-                value: Some("".as_bytes()),
-            })
-            .insert(Header {
-                key: "baggage",
-                value: Some(baggage.as_bytes()),
-            })
-            .insert(Header {
                 key: "request_id",
                 value: Some(request_id.as_bytes()),
-            })
-            .insert(Header {
-                key: "content-type",
-                value: Some("application/json".as_bytes()),
             });
         let mut outcome = Outcome {
             category: batch.category_index(),
