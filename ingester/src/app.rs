@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry_sdk::trace::SdkTracer;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -27,7 +28,7 @@ use crate::dead_letter::DeadLetters;
 use crate::health::{self, Health};
 use crate::metrics::Metrics;
 use crate::offsets::Offsets;
-use crate::processor::Processor;
+use crate::processor::{Processor, SpanAttributes};
 use crate::server::{self, AppState};
 use crate::writer::{Backoff, Writer};
 
@@ -72,17 +73,21 @@ pub struct Ingester {
     settings: Settings,
     listener: tokio::net::TcpListener,
     metering: Arc<Metering>,
+    tracer: SdkTracer,
 }
 
 impl Ingester {
     /// Binds the HTTP listener and sets up metrics; nothing is consumed yet.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+    /// `tracer` makes the span of each message (the installed provider's,
+    /// see `venus::telemetry::TracingGuard::tracer`).
+    pub async fn build(settings: Settings, tracer: SdkTracer) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(settings.listen_addr()).await?;
         let metering = Arc::new(Metering::new(&settings.telemetry)?);
         Ok(Self {
             settings,
             listener,
             metering,
+            tracer,
         })
     }
 
@@ -101,6 +106,7 @@ impl Ingester {
             settings,
             listener,
             metering,
+            tracer,
         } = self;
         let ingester = &settings.ingester;
         let metrics = Metrics::new(&metering.provider);
@@ -138,25 +144,30 @@ impl Ingester {
             metrics.clone(),
         )?;
         let (records_tx, records_rx) = mpsc::unbounded_channel();
-        // One batch queued behind the one being written: more waits in the
+        // A batch queued behind each one being written: more waits in the
         // record channel, where the poll thread counts it and pauses.
-        let (batches_tx, batches_rx) = mpsc::channel(1);
-        let writer = tokio::spawn(
-            Writer {
-                clickhouse: clickhouse.clone(),
-                offsets: offsets.clone(),
-                metrics: metrics.clone(),
-                health: health.clone(),
-                dead_letters: dead_letters.clone(),
-                backoff: Backoff::new(
-                    Duration::from_millis(ingester.retry_initial_ms),
-                    Duration::from_millis(ingester.retry_max_ms),
-                ),
-                cancel: cancel.clone(),
-                schema_ready: false,
-            }
-            .run(batches_rx),
-        );
+        let (batches_tx, batches_rx) = mpsc::channel(ingester.insert_concurrency);
+        let batches_rx = Arc::new(tokio::sync::Mutex::new(batches_rx));
+        let writers: Vec<_> = (0..ingester.insert_concurrency)
+            .map(|_| {
+                tokio::spawn(
+                    Writer {
+                        clickhouse: clickhouse.clone(),
+                        offsets: offsets.clone(),
+                        metrics: metrics.clone(),
+                        health: health.clone(),
+                        dead_letters: dead_letters.clone(),
+                        backoff: Backoff::new(
+                            Duration::from_millis(ingester.retry_initial_ms),
+                            Duration::from_millis(ingester.retry_max_ms),
+                        ),
+                        cancel: cancel.clone(),
+                        schema_ready: false,
+                    }
+                    .run(batches_rx.clone()),
+                )
+            })
+            .collect();
         let processor = tokio::spawn(
             Processor {
                 batch: Batch::new(Limits {
@@ -167,7 +178,8 @@ impl Ingester {
                 writer: batches_tx,
                 dead_letters,
                 offsets: offsets.clone(),
-                group_id: ingester.group_id.clone(),
+                tracer,
+                attributes: SpanAttributes::new(&ingester.group_id),
                 cancel: cancel.clone(),
             }
             .run(records_rx),
@@ -184,7 +196,9 @@ impl Ingester {
         poll.stop_fetching();
         let drained = async {
             let _ = processor.await;
-            let _ = writer.await;
+            for writer in writers {
+                let _ = writer.await;
+            }
         };
         // Leave a little of the grace for the final commit.
         let flush_deadline = deadline - grace / 10;

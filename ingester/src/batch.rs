@@ -2,20 +2,22 @@
 //! rows, `batch_bytes` bytes or `flush_interval` after the first row,
 //! whichever comes first (small inserts make too many ClickHouse parts).
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use opentelemetry::trace::SpanContext;
 
 use crate::record::Record;
 
-/// A row and what it takes to finish its message: its source (for the
-/// offset marker), its original message (for the dead-letter topic, should
-/// ClickHouse reject the row for good) and its `process` span (linked from
-/// the insert span).
+/// A row and what it takes to finish its message: its bytes in the
+/// batch's body, its source (for the offset marker), its original message (for the
+/// dead-letter topic, should ClickHouse reject the row for good) and its
+/// `process` span (linked from the insert span).
 #[derive(Debug)]
 pub struct PendingRow {
-    /// The JSONEachRow line, newline included.
-    pub line: Vec<u8>,
+    /// Where the row (in `RowBinary`) is in the body.
+    pub bytes: Range<usize>,
     pub record: Record,
     pub span: SpanContext,
 }
@@ -28,12 +30,14 @@ pub struct Limits {
     pub interval: Duration,
 }
 
-/// The batch being filled.
+/// The batch being filled. Rows are written straight into one body, the
+/// bytes of the insert: no buffer per row, and no copy to assemble the
+/// request.
 #[derive(Debug)]
 pub struct Batch {
     limits: Limits,
+    body: Vec<u8>,
     rows: Vec<PendingRow>,
-    bytes: usize,
     first_at: Option<Instant>,
 }
 
@@ -41,27 +45,63 @@ impl Batch {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
+            body: Vec::new(),
             rows: Vec::new(),
-            bytes: 0,
             first_at: None,
         }
     }
 
-    /// Adds a row; `true` when the batch is full (rows or bytes) and must be
-    /// flushed now.
-    pub fn push(&mut self, row: PendingRow) -> bool {
-        self.push_at(row, Instant::now())
+    /// Adds the row that `write` appends to the body for `record`; `true`
+    /// when the batch is full (rows or bytes) and must be flushed now. When
+    /// `write` fails, the body is left as it was and the record comes back
+    /// with the error.
+    pub fn push_with<E>(
+        &mut self,
+        record: Record,
+        span: SpanContext,
+        write: impl FnOnce(&mut Vec<u8>, &Record) -> Result<(), E>,
+    ) -> Result<bool, (Record, E)> {
+        self.push_at(record, span, write, Instant::now)
     }
 
-    fn push_at(&mut self, row: PendingRow, now: Instant) -> bool {
-        self.first_at.get_or_insert(now);
-        self.bytes += row.line.len();
-        self.rows.push(row);
-        self.is_full()
+    /// `now` is asked only for the first row (one clock read a batch).
+    fn push_at<E>(
+        &mut self,
+        record: Record,
+        span: SpanContext,
+        write: impl FnOnce(&mut Vec<u8>, &Record) -> Result<(), E>,
+        now: impl FnOnce() -> Instant,
+    ) -> Result<bool, (Record, E)> {
+        let start = self.body.len();
+        if let Err(error) = write(&mut self.body, &record) {
+            self.body.truncate(start);
+            return Err((record, error));
+        }
+        let bytes = start..self.body.len();
+        if self.rows.is_empty() {
+            self.first_at = Some(now());
+            self.reserve(bytes.len());
+        }
+        self.rows.push(PendingRow {
+            bytes,
+            record,
+            span,
+        });
+        Ok(self.is_full())
+    }
+
+    /// Room for a whole batch of rows about as long as the first, so the
+    /// body is not copied as it grows.
+    fn reserve(&mut self, row: usize) {
+        let row = row.max(1);
+        let rows = self.limits.rows.min(self.limits.bytes / row + 1);
+        self.rows.reserve(rows);
+        let bytes = (rows * row + rows * row / 8).min(self.limits.bytes + row);
+        self.body.reserve(bytes.saturating_sub(self.body.len()));
     }
 
     pub fn is_full(&self) -> bool {
-        self.rows.len() >= self.limits.rows || self.bytes >= self.limits.bytes
+        self.rows.len() >= self.limits.rows || self.body.len() >= self.limits.bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -78,10 +118,47 @@ impl Batch {
     }
 
     /// Takes the rows out, leaving an empty batch.
-    pub fn take(&mut self) -> Vec<PendingRow> {
-        self.bytes = 0;
+    pub fn take(&mut self) -> Rows {
         self.first_at = None;
-        std::mem::take(&mut self.rows)
+        Rows {
+            body: Bytes::from(std::mem::take(&mut self.body)),
+            rows: std::mem::take(&mut self.rows),
+        }
+    }
+}
+
+/// Rows on their way into ClickHouse: their bytes, in order, in one body
+/// (shared by the halves of a batch that had to be split).
+#[derive(Debug)]
+pub struct Rows {
+    body: Bytes,
+    pub rows: Vec<PendingRow>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The bytes of these rows: one slice of the body, since the rows of a
+    /// batch and of each half of it are contiguous.
+    pub fn body(&self) -> Bytes {
+        match (self.rows.first(), self.rows.last()) {
+            (Some(first), Some(last)) => self.body.slice(first.bytes.start..last.bytes.end),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// Leaves the rows before `at` here and returns the rest.
+    pub fn split_off(&mut self, at: usize) -> Rows {
+        Rows {
+            body: self.body.clone(),
+            rows: self.rows.split_off(at),
+        }
     }
 }
 
@@ -90,22 +167,27 @@ mod tests {
     use super::*;
     use crate::record::Source;
 
-    fn row(bytes: usize) -> PendingRow {
-        PendingRow {
-            line: vec![b'x'; bytes],
-            record: Record {
-                source: Source {
-                    topic: "t".into(),
-                    partition: 0,
-                    offset: 0,
-                    epoch: 0,
-                },
-                key: None,
-                payload: Vec::new(),
-                headers: Vec::new(),
-            },
-            span: SpanContext::empty_context(),
+    fn record(offset: i64) -> Record {
+        let source = Source {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            epoch: 0,
+        };
+        Record::new(source, b"", None, std::iter::empty())
+    }
+
+    fn row_of(bytes: usize) -> impl FnOnce(&mut Vec<u8>, &Record) -> Result<(), ()> {
+        move |out, _| {
+            out.extend(std::iter::repeat_n(b'x', bytes));
+            Ok(())
         }
+    }
+
+    fn push(batch: &mut Batch, bytes: usize) -> bool {
+        batch
+            .push_with(record(0), SpanContext::empty_context(), row_of(bytes))
+            .unwrap()
     }
 
     fn limits(rows: usize, bytes: usize) -> Limits {
@@ -119,22 +201,22 @@ mod tests {
     #[test]
     fn full_at_the_row_limit() {
         let mut batch = Batch::new(limits(3, 1_000_000));
-        assert!(!batch.push(row(10)));
-        assert!(!batch.push(row(10)));
-        assert!(batch.push(row(10)));
+        assert!(!push(&mut batch, 10));
+        assert!(!push(&mut batch, 10));
+        assert!(push(&mut batch, 10));
         assert_eq!(batch.take().len(), 3);
         assert!(batch.is_empty());
-        assert!(!batch.push(row(10)), "taking resets the count");
+        assert!(!push(&mut batch, 10), "taking resets the count");
     }
 
     #[test]
     fn full_at_the_byte_limit() {
         let mut batch = Batch::new(limits(1000, 100));
-        assert!(!batch.push(row(60)));
-        assert!(batch.push(row(40)));
+        assert!(!push(&mut batch, 60));
+        assert!(push(&mut batch, 40));
         batch.take();
-        assert!(!batch.push(row(99)), "taking resets the bytes");
-        assert!(batch.push(row(1)));
+        assert!(!push(&mut batch, 99), "taking resets the bytes");
+        assert!(push(&mut batch, 1));
     }
 
     #[test]
@@ -142,10 +224,55 @@ mod tests {
         let mut batch = Batch::new(limits(1000, 1_000_000));
         assert_eq!(batch.deadline(), None);
         let start = Instant::now();
-        batch.push_at(row(1), start);
-        batch.push_at(row(1), start + Duration::from_millis(300));
+        let empty = SpanContext::empty_context;
+        batch
+            .push_at(record(0), empty(), row_of(1), || start)
+            .unwrap();
+        let later = start + Duration::from_millis(300);
+        batch
+            .push_at(record(1), empty(), row_of(1), || later)
+            .unwrap();
         assert_eq!(batch.deadline(), Some(start + Duration::from_millis(500)));
         batch.take();
         assert_eq!(batch.deadline(), None);
+    }
+
+    #[test]
+    fn a_row_that_cannot_be_written_leaves_the_body_and_the_count_alone() {
+        let mut batch = Batch::new(limits(2, 1_000_000));
+        push(&mut batch, 3);
+        let failed = batch.push_with(record(7), SpanContext::empty_context(), |out, _| {
+            out.extend_from_slice(b"half a row");
+            Err("poison")
+        });
+        let (back, error) = failed.unwrap_err();
+        assert_eq!((back.source.offset, error), (7, "poison"));
+        assert_eq!(batch.len(), 1);
+        assert!(push(&mut batch, 4), "the second row fills it");
+        assert_eq!(&batch.take().body()[..], b"xxxxxxx");
+    }
+
+    #[test]
+    fn halves_of_a_batch_carry_their_own_bytes() {
+        let mut batch = Batch::new(limits(10, 1_000_000));
+        for (offset, text) in [(0, "a\n"), (1, "bb\n"), (2, "ccc\n")] {
+            let text = text.to_owned();
+            batch
+                .push_with(record(offset), SpanContext::empty_context(), |out, _| {
+                    out.extend_from_slice(text.as_bytes());
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+        }
+        let mut first = batch.take();
+        assert_eq!(&first.body()[..], b"a\nbb\nccc\n");
+        let second = first.split_off(1);
+        assert_eq!(&first.body()[..], b"a\n");
+        assert_eq!(&second.body()[..], b"bb\nccc\n");
+        let mut second = second;
+        let third = second.split_off(1);
+        assert_eq!(&second.body()[..], b"bb\n");
+        assert_eq!(&third.body()[..], b"ccc\n");
+        assert_eq!(third.rows[0].record.source.offset, 2);
     }
 }

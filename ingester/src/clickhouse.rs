@@ -1,16 +1,18 @@
-//! ClickHouse over its HTTP interface: the table's DDL, JSONEachRow
+//! ClickHouse over its HTTP interface: the table's DDL, `RowBinary`
 //! inserts, a ping, and which failures are worth retrying.
 //!
 //! Why plain HTTP with reqwest rather than the `clickhouse` crate: the crate
 //! speaks RowBinaryWithNamesAndTypes, which Debian's ClickHouse 18.16 lacks
 //! (validation must be off), and its `Inserter` drops its pending rows when
 //! an insert fails, while the ingester must keep a batch and send it again
-//! until it is in. JSONEachRow works the same on 18.16 and on current
-//! servers, and a batch is just bytes we can resend.
+//! until it is in. Plain `RowBinary` (row.rs says why not JSON) works the
+//! same on 18.16 and on current servers, and a batch is just bytes we can
+//! resend.
 
 use std::time::Duration;
 
 use crate::config::ClickHouseSettings;
+use crate::row::COLUMNS;
 
 /// The events table. `ReplacingMergeTree` keyed by the event's identity
 /// (`category`, `upload_time`, `backend_id`: all fixed by the gateway when
@@ -18,31 +20,27 @@ use crate::config::ClickHouseSettings;
 /// queries with `FINAL` (and after merges). No `DateTime64`,
 /// `LowCardinality` or JSON functions: this must run on 18.16 too.
 pub fn create_table_sql(database: &str, table: &str) -> String {
+    let columns: Vec<String> = COLUMNS
+        .iter()
+        .map(|(name, kind)| format!("    {name} {kind}"))
+        .collect();
     format!(
         "CREATE TABLE IF NOT EXISTS {database}.{table} (
-    backend_id UUID,
-    app_id String,
-    category String,
-    event_id String,
-    upload_time DateTime,
-    upload_time_ms UInt64,
-    client_time Nullable(DateTime),
-    client_time_ms Nullable(UInt64),
-    ip String,
-    country String,
-    region String,
-    city String,
-    meta String,
-    data String,
-    request_id String,
-    trace_id String,
-    kafka_topic String,
-    kafka_partition Int32,
-    kafka_offset Int64,
-    ingested_at DateTime
+{}
 ) ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toYYYYMM(upload_time)
-ORDER BY (category, upload_time, backend_id)"
+ORDER BY (category, upload_time, backend_id)",
+        columns.join(",\n")
+    )
+}
+
+/// The insert statement: the columns named, in the order rows are written,
+/// so a table with more columns (defaults) still takes the rows.
+pub fn insert_sql(database: &str, table: &str) -> String {
+    let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+    format!(
+        "INSERT INTO {database}.{table} ({}) FORMAT RowBinary",
+        names.join(", ")
     )
 }
 
@@ -202,9 +200,9 @@ impl ClickHouse {
         }
     }
 
-    /// Inserts JSONEachRow lines.
+    /// Inserts rows written by [`crate::row::write_row`].
     pub async fn insert(&self, rows: bytes::Bytes) -> Result<(), InsertError> {
-        let query = format!("INSERT INTO {} FORMAT JSONEachRow", self.table_name());
+        let query = insert_sql(&self.database, &self.table);
         self.post(&query, rows, self.timeout).await.map(|_| ())
     }
 
@@ -301,6 +299,8 @@ mod tests {
             assert!(sql.contains(&format!("\n    {column} ")), "{column}");
         }
         assert!(sql.contains("ReplacingMergeTree"));
+        assert!(sql.contains("\n    backend_id UUID,\n    app_id String,"));
+        assert!(sql.contains("\n    ingested_at DateTime\n) ENGINE"));
         for unsupported in ["DateTime64", "LowCardinality", "JSON"] {
             assert!(!sql.contains(unsupported), "18.16 lacks {unsupported}");
         }

@@ -41,12 +41,19 @@ pub struct IngesterSettings {
     /// A batch is inserted when it holds this many rows...
     #[serde(default = "defaults::batch_rows")]
     pub batch_rows: usize,
-    /// ...or this many bytes of JSON rows...
+    /// ...or this many bytes of rows (in `RowBinary`)...
     #[serde(default = "defaults::batch_bytes")]
     pub batch_bytes: usize,
     /// ...or when its first row has waited this long, whichever comes first.
     #[serde(default = "defaults::flush_interval_ms")]
     pub flush_interval_ms: u64,
+    /// Inserts in flight at once. ClickHouse works an insert mostly on one
+    /// core, and while one batch is in ClickHouse the next is being filled:
+    /// two let both go on at full speed. More only helps a ClickHouse with
+    /// cores to spare; each insert makes a part, and too many small parts
+    /// make ClickHouse merge more.
+    #[serde(default = "defaults::insert_concurrency")]
+    pub insert_concurrency: usize,
     /// Messages read but not yet in ClickHouse (or the dead-letter topic)
     /// beyond which fetching pauses; it resumes below half of this.
     #[serde(default = "defaults::max_buffered_rows")]
@@ -105,6 +112,10 @@ pub struct ClickHouseSettings {
     pub ping_timeout_ms: u64,
 }
 
+/// More concurrent inserts than this only make parts for ClickHouse to
+/// merge.
+pub const MAX_INSERT_CONCURRENCY: usize = 16;
+
 mod defaults {
     pub fn listen() -> String {
         "127.0.0.1:8081".into()
@@ -120,6 +131,9 @@ mod defaults {
     }
     pub fn flush_interval_ms() -> u64 {
         1_000
+    }
+    pub fn insert_concurrency() -> usize {
+        2
     }
     pub fn max_buffered_rows() -> usize {
         100_000
@@ -235,6 +249,10 @@ impl Settings {
             ("ingester.batch_bytes", ingester.batch_bytes as u64),
             ("ingester.flush_interval_ms", ingester.flush_interval_ms),
             (
+                "ingester.insert_concurrency",
+                ingester.insert_concurrency as u64,
+            ),
+            (
                 "ingester.max_buffered_rows",
                 ingester.max_buffered_rows as u64,
             ),
@@ -253,6 +271,12 @@ impl Settings {
             ),
         ] {
             positive(key, value)?;
+        }
+        if ingester.insert_concurrency > MAX_INSERT_CONCURRENCY {
+            return Err(ConfigError::invalid(
+                "ingester.insert_concurrency",
+                format!("must be at most {MAX_INSERT_CONCURRENCY}"),
+            ));
         }
         if ingester.retry_max_ms < ingester.retry_initial_ms {
             return Err(ConfigError::invalid(
@@ -340,6 +364,7 @@ mod tests {
                 ("VENUS__INGESTER__BATCH_ROWS", "7"),
                 ("VENUS__INGESTER__BATCH_BYTES", "1234"),
                 ("VENUS__INGESTER__FLUSH_INTERVAL_MS", "50"),
+                ("VENUS__INGESTER__INSERT_CONCURRENCY", "3"),
                 ("VENUS__INGESTER__DEAD_LETTER_TOPIC", "dlq"),
                 ("VENUS__INGESTER__SHUTDOWN_GRACE_MS", "777"),
                 ("VENUS__INGESTER__CLICKHOUSE__URL", "http://ch:8123"),
@@ -357,6 +382,7 @@ mod tests {
         assert_eq!(i.batch_rows, 7);
         assert_eq!(i.batch_bytes, 1234);
         assert_eq!(i.flush_interval_ms, 50);
+        assert_eq!(i.insert_concurrency, 3);
         assert_eq!(i.dead_letter_topic, "dlq");
         assert_eq!(i.shutdown_grace_ms, 777);
         assert_eq!(i.clickhouse.url, "http://ch:8123");
@@ -372,6 +398,16 @@ mod tests {
         for (var, value, key) in [
             ("VENUS__INGESTER__LISTEN", "nope", "ingester.listen"),
             ("VENUS__INGESTER__BATCH_ROWS", "0", "ingester.batch_rows"),
+            (
+                "VENUS__INGESTER__INSERT_CONCURRENCY",
+                "0",
+                "ingester.insert_concurrency",
+            ),
+            (
+                "VENUS__INGESTER__INSERT_CONCURRENCY",
+                "17",
+                "ingester.insert_concurrency",
+            ),
             ("VENUS__INGESTER__BATCH_ROWS", "many", "batch_rows"),
             (
                 "VENUS__INGESTER__FLUSH_INTERVAL_MS",

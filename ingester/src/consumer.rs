@@ -240,6 +240,10 @@ struct Poller {
 impl Poller {
     fn run(self) {
         let mut last_store = Instant::now();
+        // The topic of the previous message: records of one topic share its
+        // name, and the consumed counter is added per topic at each store.
+        let mut topic: Option<Arc<str>> = None;
+        let mut consumed: Vec<(Arc<str>, u64)> = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
             self.backpressure();
             match self.consumer.poll(Duration::from_millis(100)) {
@@ -265,10 +269,17 @@ impl Poller {
                         );
                         self.metrics.offset_gap(message.topic(), gap);
                     }
-                    self.metrics.consumed(message.topic());
+                    let name = match &topic {
+                        Some(name) if **name == *message.topic() => name.clone(),
+                        _ => topic.insert(Arc::from(message.topic())).clone(),
+                    };
+                    match consumed.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &name)) {
+                        Some((_, count)) => *count += 1,
+                        None => consumed.push((name.clone(), 1)),
+                    }
                     if self
                         .records
-                        .send(Record::from_message(&message, epoch))
+                        .send(Record::from_message(&message, name, epoch))
                         .is_err()
                     {
                         self.offsets.abandon();
@@ -279,9 +290,15 @@ impl Poller {
                 None => {}
             }
             if last_store.elapsed() >= STORE_INTERVAL {
+                for (topic, count) in consumed.drain(..) {
+                    self.metrics.consumed(&topic, count);
+                }
                 self.store();
                 last_store = Instant::now();
             }
+        }
+        for (topic, count) in consumed.drain(..) {
+            self.metrics.consumed(&topic, count);
         }
         let Poller {
             consumer,

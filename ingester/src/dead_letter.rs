@@ -65,16 +65,13 @@ impl DeadLetters {
         let partition = record.source.partition.to_string();
         let offset = record.source.offset.to_string();
         let mut headers = OwnedHeaders::new();
-        for (key, value) in &record.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
+        for (key, value) in record.headers() {
+            headers = headers.insert(Header { key, value });
         }
         for (key, value) in [
             (REASON, reason),
             (STAGE, stage),
-            (TOPIC, record.source.topic.as_str()),
+            (TOPIC, &*record.source.topic),
             (PARTITION, partition.as_str()),
             (OFFSET, offset.as_str()),
             (GROUP, self.group.as_str()),
@@ -87,9 +84,9 @@ impl DeadLetters {
         let mut wait = Duration::from_millis(100);
         loop {
             let mut message = FutureRecord::to(&self.topic)
-                .payload(&record.payload)
+                .payload(record.payload())
                 .headers(headers.clone());
-            if let Some(key) = &record.key {
+            if let Some(key) = record.key() {
                 message = message.key(key);
             }
             match self.producer.send(message, Timeout::Never).await {

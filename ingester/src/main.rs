@@ -48,14 +48,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let ingester = match venus_ingester::Ingester::build(settings).await {
-        Ok(ingester) => ingester,
-        Err(error) => {
-            tracing::error!(%error, "cannot start");
-            eprintln!("venus-ingester: {error}");
-            return ExitCode::from(2);
-        }
-    };
+    let ingester =
+        match venus_ingester::Ingester::build(settings, tracing.tracer("venus-ingester")).await {
+            Ok(ingester) => ingester,
+            Err(error) => {
+                tracing::error!(%error, "cannot start");
+                eprintln!("venus-ingester: {error}");
+                return ExitCode::from(2);
+            }
+        };
     tracing::info!(address = %ingester.local_addr(), "listening");
     let result = ingester.run_until(venus::drain::shutdown_requested()).await;
     tracing.shutdown();

@@ -93,9 +93,9 @@ impl Metrics {
         metrics
     }
 
-    pub fn consumed(&self, topic: &str) {
+    pub fn consumed(&self, topic: &str, messages: u64) {
         self.consumed
-            .add(1, &[KeyValue::new("topic", topic.to_owned())]);
+            .add(messages, &[KeyValue::new("topic", topic.to_owned())]);
     }
 
     pub fn inserted(&self, rows: u64, seconds: f64) {

@@ -8,35 +8,54 @@
 //! prefix never does. Kafka offsets can have gaps (compaction, transaction
 //! markers), so "contiguous" means "every offset read", not "every integer".
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 /// The marker of one partition.
+///
+/// A partition is read in offset order, so tracking appends to a queue
+/// sorted by offset; completing finds its entry by binary search and pops
+/// the done prefix. Per message that is no allocation (the queue's ring is
+/// reused) and O(log n) work, where an ordered map allocated a node each.
 #[derive(Debug, Default)]
 pub struct OffsetMarker {
-    /// Offsets read and not yet committable, with whether they are done.
-    in_flight: BTreeMap<i64, bool>,
+    /// Offsets read and not yet committable, ascending, with whether they
+    /// are done.
+    in_flight: VecDeque<(i64, bool)>,
     /// The last offset of the contiguous done prefix.
     last_done: Option<i64>,
 }
 
 impl OffsetMarker {
-    /// Records that `offset` was read and is being processed.
+    /// Records that `offset` was read and is being processed. Tracking an
+    /// offset already tracked changes nothing.
     pub fn track(&mut self, offset: i64) {
-        self.in_flight.entry(offset).or_insert(false);
+        match self.in_flight.back() {
+            None => self.in_flight.push_back((offset, false)),
+            Some(&(last, _)) if offset > last => self.in_flight.push_back((offset, false)),
+            // Read out of order (a seek back): kept in its place.
+            Some(_) => {
+                if let Err(at) = self.find(offset) {
+                    self.in_flight.insert(at, (offset, false));
+                }
+            }
+        }
+    }
+
+    fn find(&self, offset: i64) -> Result<usize, usize> {
+        self.in_flight.binary_search_by_key(&offset, |&(o, _)| o)
     }
 
     /// Records that `offset` is in ClickHouse or in the dead-letter topic.
     /// Offsets never tracked are ignored.
     pub fn mark_done(&mut self, offset: i64) {
-        if let Some(done) = self.in_flight.get_mut(&offset) {
-            *done = true;
+        if let Ok(at) = self.find(offset) {
+            self.in_flight[at].1 = true;
         }
-        while let Some(entry) = self.in_flight.first_entry() {
-            if !*entry.get() {
-                break;
-            }
-            let (offset, _) = entry.remove_entry();
-            self.last_done = Some(offset);
+        while let Some(&(offset, true)) = self.in_flight.front() {
+            self.in_flight.pop_front();
+            // A message read again after its offset was committed never
+            // moves the commit backwards.
+            self.last_done = Some(self.last_done.map_or(offset, |last| last.max(offset)));
         }
     }
 
@@ -54,7 +73,7 @@ impl OffsetMarker {
 
     /// Messages read and not yet done.
     pub fn pending(&self) -> usize {
-        self.in_flight.values().filter(|done| !**done).count()
+        self.in_flight.iter().filter(|(_, done)| !*done).count()
     }
 }
 
@@ -125,5 +144,25 @@ mod tests {
         marker.track(3);
         marker.mark_done(3);
         assert_eq!(marker.next_to_commit(), Some(4));
+        marker.track(0);
+        marker.track(0);
+        marker.mark_done(0);
+        assert_eq!(marker.next_to_commit(), Some(4));
+        assert_eq!(marker.pending(), 0);
+    }
+
+    #[test]
+    fn an_offset_read_out_of_order_is_kept_in_its_place() {
+        let mut marker = OffsetMarker::default();
+        for offset in [5, 9, 7, 6] {
+            marker.track(offset);
+        }
+        assert_eq!(marker.pending(), 4);
+        for offset in [5, 6, 9] {
+            marker.mark_done(offset);
+        }
+        assert_eq!(marker.next_to_commit(), Some(7), "7 is still pending");
+        marker.mark_done(7);
+        assert_eq!(marker.next_to_commit(), Some(10));
     }
 }

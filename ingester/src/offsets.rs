@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::offset_marker::OffsetMarker;
 use crate::record::Source;
@@ -18,10 +18,40 @@ struct Partition {
     last_read: Option<i64>,
 }
 
+/// The partitions of one topic, by number.
+type Topic = HashMap<i32, Partition>;
+
 #[derive(Default)]
 struct Inner {
-    partitions: HashMap<(String, i32), Partition>,
+    /// By topic, then partition: found by `&str` without building a key.
+    topics: HashMap<Arc<str>, Topic>,
     next_epoch: u64,
+}
+
+impl Inner {
+    fn partition(&mut self, topic: &str, partition: i32) -> Option<&mut Partition> {
+        self.topics.get_mut(topic)?.get_mut(&partition)
+    }
+
+    /// A fresh marker for `topic`/`partition` under a new epoch.
+    fn start(&mut self, topic: &str, partition: i32) -> &mut Partition {
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(Arc::from(topic), Topic::new());
+        }
+        let partitions = self.topics.get_mut(topic).expect("inserted above");
+        partitions.insert(
+            partition,
+            Partition {
+                epoch,
+                marker: OffsetMarker::default(),
+                stored: None,
+                last_read: None,
+            },
+        );
+        partitions.get_mut(&partition).expect("inserted above")
+    }
 }
 
 /// Offset markers by partition, plus the count of messages in flight.
@@ -39,18 +69,7 @@ impl Offsets {
 
     /// A partition was assigned: a fresh marker under a new epoch.
     pub fn assign(&self, topic: &str, partition: i32) {
-        let mut inner = self.lock();
-        inner.next_epoch += 1;
-        let epoch = inner.next_epoch;
-        inner.partitions.insert(
-            (topic.to_owned(), partition),
-            Partition {
-                epoch,
-                marker: OffsetMarker::default(),
-                stored: None,
-                last_read: None,
-            },
-        );
+        self.lock().start(topic, partition);
     }
 
     /// A partition was revoked: forgets it and returns the offset to commit
@@ -60,8 +79,9 @@ impl Offsets {
     pub fn revoke(&self, topic: &str, partition: i32) -> Option<i64> {
         let mut inner = self.lock();
         inner
-            .partitions
-            .remove(&(topic.to_owned(), partition))
+            .topics
+            .get_mut(topic)?
+            .remove(&partition)
             .and_then(|p| p.marker.next_to_commit())
     }
 
@@ -72,23 +92,12 @@ impl Offsets {
     pub fn track(&self, topic: &str, partition: i32, offset: i64) -> (u64, i64) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
-        let key = (topic.to_owned(), partition);
-        if !inner.partitions.contains_key(&key) {
+        if inner.partition(topic, partition).is_none() {
             // Read before its assignment was seen (not expected): track it
             // under a new epoch anyway.
-            inner.next_epoch += 1;
-            let epoch = inner.next_epoch;
-            inner.partitions.insert(
-                key.clone(),
-                Partition {
-                    epoch,
-                    marker: OffsetMarker::default(),
-                    stored: None,
-                    last_read: None,
-                },
-            );
+            inner.start(topic, partition);
         }
-        let entry = inner.partitions.get_mut(&key).expect("inserted above");
+        let entry = inner.partition(topic, partition).expect("started above");
         entry.marker.track(offset);
         let gap = match entry.last_read {
             Some(last) if offset > last + 1 => offset - last - 1,
@@ -100,22 +109,34 @@ impl Offsets {
 
     /// The message at `source` is in ClickHouse or the dead-letter topic.
     pub fn done(&self, source: &Source) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.done_all([source]);
+    }
+
+    /// Every message at `sources` is in ClickHouse or the dead-letter topic
+    /// (one lock for a whole batch).
+    pub fn done_all<'a>(&self, sources: impl IntoIterator<Item = &'a Source>) {
         let mut inner = self.lock();
-        if let Some(partition) = inner
-            .partitions
-            .get_mut(&(source.topic.clone(), source.partition))
-        {
-            if partition.epoch == source.epoch {
-                partition.marker.mark_done(source.offset);
+        let mut count = 0;
+        for source in sources {
+            count += 1;
+            if let Some(partition) = inner.partition(&source.topic, source.partition) {
+                if partition.epoch == source.epoch {
+                    partition.marker.mark_done(source.offset);
+                }
             }
         }
+        self.in_flight.fetch_sub(count, Ordering::Relaxed);
     }
 
     /// A message that will not be finished by this process (given up at
     /// shutdown): it only leaves the in-flight count.
     pub fn abandon(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.abandon_many(1);
+    }
+
+    /// `count` messages that will not be finished by this process.
+    pub fn abandon_many(&self, count: usize) {
+        self.in_flight.fetch_sub(count as i64, Ordering::Relaxed);
     }
 
     /// Messages read and not yet done.
@@ -125,14 +146,16 @@ impl Offsets {
 
     /// `(topic, partition, next offset)` of every partition whose
     /// committable offset moved since the last call.
-    pub fn to_store(&self) -> Vec<(String, i32, i64)> {
+    pub fn to_store(&self) -> Vec<(Arc<str>, i32, i64)> {
         let mut inner = self.lock();
         let mut out = Vec::new();
-        for ((topic, partition), state) in inner.partitions.iter_mut() {
-            if let Some(next) = state.marker.next_to_commit() {
-                if state.stored != Some(next) {
-                    state.stored = Some(next);
-                    out.push((topic.clone(), *partition, next));
+        for (topic, partitions) in inner.topics.iter_mut() {
+            for (partition, state) in partitions.iter_mut() {
+                if let Some(next) = state.marker.next_to_commit() {
+                    if state.stored != Some(next) {
+                        state.stored = Some(next);
+                        out.push((topic.clone(), *partition, next));
+                    }
                 }
             }
         }
@@ -197,5 +220,31 @@ mod tests {
             0,
             "a new assignment starts anew"
         );
+    }
+
+    #[test]
+    fn a_batch_done_at_once_moves_each_partition_and_the_count() {
+        let offsets = Offsets::default();
+        offsets.assign("a", 0);
+        offsets.assign("b", 1);
+        let mut sources = Vec::new();
+        for offset in 0..3 {
+            for (topic, partition) in [("a", 0), ("b", 1)] {
+                let (epoch, _) = offsets.track(topic, partition, offset);
+                sources.push(Source {
+                    topic: topic.into(),
+                    partition,
+                    offset,
+                    epoch,
+                });
+            }
+        }
+        offsets.track("a", 0, 3);
+        assert_eq!(offsets.in_flight(), 7);
+        offsets.done_all(&sources);
+        assert_eq!(offsets.in_flight(), 1, "a/0 offset 3 is still in flight");
+        let mut stored = offsets.to_store();
+        stored.sort();
+        assert_eq!(stored, vec![("a".into(), 0, 3), ("b".into(), 1, 3)]);
     }
 }

@@ -2,15 +2,22 @@
 //! child of the gateway's `write_kafka` span, through the message's
 //! `traceparent`), the row mapping, the dead-letter path for poison, and
 //! flushing the batch to the writer at its limits.
+//!
+//! The `process` span is made with the OpenTelemetry API, not `tracing`: it
+//! is one span per message, nothing logs inside it, and going through
+//! `tracing-opentelemetry` cost a registry entry, an attribute visitor and a
+//! `String` per attribute, for every message (about a quarter of the
+//! processor's time; docs/BENCHMARKS.md).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use opentelemetry::trace::TraceContextExt;
+use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _};
+use opentelemetry::{KeyValue, StringValue};
+use opentelemetry_sdk::trace::SdkTracer;
 use tokio::sync::{mpsc, watch};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::batch::{Batch, PendingRow};
+use crate::batch::{Batch, Rows};
 use crate::dead_letter::DeadLetters;
 use crate::offsets::Offsets;
 use crate::record::{Record, RecordHeaders};
@@ -25,11 +32,43 @@ pub fn now_seconds() -> u64 {
 
 pub struct Processor {
     pub batch: Batch,
-    pub writer: mpsc::Sender<Vec<PendingRow>>,
+    pub writer: mpsc::Sender<Rows>,
     pub dead_letters: DeadLetters,
     pub offsets: Arc<Offsets>,
-    pub group_id: String,
+    pub tracer: SdkTracer,
+    pub attributes: SpanAttributes,
     pub cancel: watch::Receiver<bool>,
+}
+
+/// The attribute values every `process` span shares, made once.
+pub struct SpanAttributes {
+    group: StringValue,
+    /// `messaging.destination.partition.id` is a string; these are the
+    /// partitions' numbers as text, made on first use.
+    partitions: Vec<StringValue>,
+}
+
+impl SpanAttributes {
+    pub fn new(group_id: &str) -> Self {
+        Self {
+            group: StringValue::from(Arc::<str>::from(group_id)),
+            partitions: Vec::new(),
+        }
+    }
+
+    fn partition(&mut self, partition: i32) -> StringValue {
+        let Ok(index) = usize::try_from(partition) else {
+            return partition.to_string().into();
+        };
+        if index >= 4096 {
+            return partition.to_string().into();
+        }
+        while self.partitions.len() <= index {
+            let next = self.partitions.len().to_string();
+            self.partitions.push(next.into());
+        }
+        self.partitions[index].clone()
+    }
 }
 
 impl Processor {
@@ -55,44 +94,55 @@ impl Processor {
 
     async fn process(&mut self, record: Record) {
         let parent = venus::telemetry::extract_with(&RecordHeaders(&record));
-        let span = tracing::info_span!(
-            "process",
-            otel.kind = "consumer",
-            otel.status_code = tracing::field::Empty,
-            messaging.system = "kafka",
-            messaging.operation.type = "process",
-            messaging.operation.name = "process",
-            messaging.destination.name = %record.source.topic,
-            messaging.destination.partition.id = %record.source.partition,
-            messaging.kafka.offset = record.source.offset,
-            messaging.consumer.group.name = %self.group_id,
-            request_id = record.header("request_id").unwrap_or(""),
-        );
-        let _ = span.set_parent(parent);
-        let link = span.context().span().span_context().clone();
-        let mut line = Vec::new();
-        let mapped = span.in_scope(|| row::write_row(&mut line, &record, now_seconds()));
-        match mapped {
-            Ok(()) => {
-                drop(span);
-                let full = self.batch.push(PendingRow {
-                    line,
-                    record,
-                    span: link,
-                });
+        let source = &record.source;
+        let attributes = vec![
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.operation.name", "process"),
+            KeyValue::new(
+                "messaging.destination.name",
+                StringValue::from(source.topic.clone()),
+            ),
+            KeyValue::new(
+                "messaging.destination.partition.id",
+                self.attributes.partition(source.partition),
+            ),
+            KeyValue::new("messaging.kafka.offset", source.offset),
+            KeyValue::new(
+                "messaging.consumer.group.name",
+                self.attributes.group.clone(),
+            ),
+            KeyValue::new(
+                "request_id",
+                record.header("request_id").unwrap_or("").to_owned(),
+            ),
+        ];
+        let mut span = self
+            .tracer
+            .span_builder("process")
+            .with_kind(SpanKind::Consumer)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &parent);
+        let link = span.span_context().clone();
+        let now = now_seconds();
+        let pushed = self
+            .batch
+            .push_with(record, link, |out, record| row::write_row(out, record, now));
+        match pushed {
+            Ok(full) => {
+                span.end();
                 if full {
                     self.flush().await;
                 }
             }
-            Err(poison) => {
-                span.record("otel.status_code", "ERROR");
+            Err((record, poison)) => {
                 let reason = poison.to_string();
-                let sent = async {
-                    self.dead_letters
-                        .send(&record, &reason, "decode", &mut self.cancel)
-                        .await
-                };
-                let sent = tracing::Instrument::instrument(sent, span).await;
+                span.set_status(Status::error(reason.clone()));
+                let sent = self
+                    .dead_letters
+                    .send(&record, &reason, "decode", &mut self.cancel)
+                    .await;
+                span.end();
                 if sent {
                     self.offsets.done(&record.source);
                 } else {
@@ -110,9 +160,7 @@ impl Processor {
         if let Err(mpsc::error::SendError(rows)) = self.writer.send(rows).await {
             // The writer is gone (shutdown past its grace): these stay
             // uncommitted and are read again after a restart.
-            for _ in rows {
-                self.offsets.abandon();
-            }
+            self.offsets.abandon_many(rows.len());
         }
     }
 }

@@ -8,11 +8,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Mutex};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::batch::PendingRow;
+use crate::batch::Rows;
 use crate::clickhouse::{ClickHouse, InsertError};
 use crate::dead_letter::DeadLetters;
 use crate::health::Health;
@@ -70,8 +70,11 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Writes every batch until the processor closes the channel.
-    pub async fn run(mut self, mut batches: mpsc::Receiver<Vec<PendingRow>>) {
+    /// Writes every batch until the processor closes the channel. Several
+    /// writers may share `batches` (`ingester.insert_concurrency`): each
+    /// takes the next batch when it is free. Batches then complete out of
+    /// order, which the offset markers are for.
+    pub async fn run(mut self, batches: Arc<Mutex<mpsc::Receiver<Rows>>>) {
         // The database and table exist from the start (queries work before
         // the first event); batches wait meanwhile, and fetching pauses if
         // ClickHouse stays away.
@@ -91,29 +94,32 @@ impl Writer {
                 }
             }
         }
-        while let Some(rows) = batches.recv().await {
+        loop {
+            // The lock is held only while waiting for the next batch.
+            let next = batches.lock().await.recv().await;
+            let Some(rows) = next else {
+                break;
+            };
             self.write(rows).await;
         }
     }
 
-    async fn write(&mut self, rows: Vec<PendingRow>) {
+    async fn write(&mut self, rows: Rows) {
         let mut queue = VecDeque::from([rows]);
-        while let Some(chunk) = queue.pop_front() {
+        while let Some(mut chunk) = queue.pop_front() {
             match self.insert(&chunk).await {
                 Attempt::Inserted => {
-                    for row in &chunk {
-                        self.offsets.done(&row.record.source);
-                    }
+                    self.offsets
+                        .done_all(chunk.rows.iter().map(|row| &row.record.source));
                 }
                 Attempt::Rejected(reason) if chunk.len() > 1 => {
                     tracing::warn!(rows = chunk.len(), %reason, "ClickHouse rejected a batch; splitting it");
-                    let mut first = chunk;
-                    let second = first.split_off(first.len() / 2);
+                    let second = chunk.split_off(chunk.len() / 2);
                     queue.push_front(second);
-                    queue.push_front(first);
+                    queue.push_front(chunk);
                 }
                 Attempt::Rejected(reason) => {
-                    let row = &chunk[0];
+                    let row = &chunk.rows[0];
                     let reason = format!("ClickHouse rejected the row: {reason}");
                     if self
                         .dead_letters
@@ -126,9 +132,8 @@ impl Writer {
                     }
                 }
                 Attempt::Cancelled => {
-                    for _ in chunk.iter().chain(queue.iter().flatten()) {
-                        self.offsets.abandon();
-                    }
+                    let left = chunk.len() + queue.iter().map(Rows::len).sum::<usize>();
+                    self.offsets.abandon_many(left);
                     return;
                 }
             }
@@ -143,12 +148,8 @@ impl Writer {
         }
     }
 
-    async fn insert(&mut self, chunk: &[PendingRow]) -> Attempt {
-        let mut body = Vec::with_capacity(chunk.iter().map(|r| r.line.len()).sum());
-        for row in chunk {
-            body.extend_from_slice(&row.line);
-        }
-        let body = bytes::Bytes::from(body);
+    async fn insert(&mut self, chunk: &Rows) -> Attempt {
+        let body = chunk.body();
         loop {
             if *self.cancel.borrow() {
                 return Attempt::Cancelled;
@@ -184,7 +185,7 @@ impl Writer {
             );
             // The insert's own trace, linked to each message's trace.
             let _ = span.set_parent(opentelemetry::Context::new());
-            for row in chunk.iter().take(MAX_LINKS) {
+            for row in chunk.rows.iter().take(MAX_LINKS) {
                 if row.span.is_valid() {
                     span.add_link(row.span.clone());
                 }

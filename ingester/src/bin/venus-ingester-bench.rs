@@ -4,8 +4,9 @@
 //! * `consume`: librdkafka alone reads the topic (no decode, no insert);
 //! * `insert`: the topic's messages, mapped to rows as the ingester maps
 //!   them (untimed), inserted into ClickHouse in batches of `--batch-rows`
-//!   over the same HTTP client, one insert at a time (timed): ClickHouse's
-//!   own insert rate for these rows.
+//!   over the same HTTP client, `--concurrency` inserts at a time as the
+//!   ingester's default `insert_concurrency` (timed): ClickHouse's own
+//!   insert rate for these rows.
 //!
 //! Prints one JSON object: `{"mode", "messages", "bytes", "seconds", "per_sec"}`.
 
@@ -52,6 +53,9 @@ enum Mode {
         table: String,
         #[arg(long, default_value_t = 10_000)]
         batch_rows: usize,
+        /// Inserts in flight at once.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
     },
 }
 
@@ -133,12 +137,14 @@ async fn main() -> anyhow::Result<()> {
             database,
             table,
             batch_rows,
+            concurrency,
         } => {
             let mut batches: Vec<Vec<u8>> = vec![Vec::new()];
             let mut rows_in_last = 0;
             let now = venus_ingester::processor::now_seconds();
+            let topic: std::sync::Arc<str> = cli.topic.as_str().into();
             read_all(cli.from_offset, &cli.brokers, &cli.topic, cli.count, |m| {
-                let record = Record::from_message(m, 0);
+                let record = Record::from_message(m, topic.clone(), 0);
                 let last = batches.last_mut().expect("one batch at least");
                 if venus_ingester::row::write_row(last, &record, now).is_ok() {
                     rows_in_last += 1;
@@ -159,9 +165,32 @@ async fn main() -> anyhow::Result<()> {
             })?;
             client.ensure_schema().await?;
             let bytes: u64 = batches.iter().map(|b| b.len() as u64).sum();
+            // Each of `concurrency` tasks takes the next batch when free,
+            // as the ingester's writers do.
+            let queue = std::sync::Arc::new(std::sync::Mutex::new(
+                batches
+                    .into_iter()
+                    .filter(|b| !b.is_empty())
+                    .map(bytes::Bytes::from)
+                    .collect::<std::collections::VecDeque<_>>(),
+            ));
             let started = Instant::now();
-            for batch in batches.into_iter().filter(|b| !b.is_empty()) {
-                client.insert(bytes::Bytes::from(batch)).await?;
+            let tasks: Vec<_> = (0..concurrency.max(1))
+                .map(|_| {
+                    let (client, queue) = (client.clone(), queue.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            let next = queue.lock().expect("not poisoned").pop_front();
+                            let Some(batch) = next else {
+                                return Ok::<(), anyhow::Error>(());
+                            };
+                            client.insert(batch).await?;
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await??;
             }
             report("insert", cli.count, bytes, started.elapsed().as_secs_f64());
         }
