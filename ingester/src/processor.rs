@@ -40,6 +40,9 @@ pub struct Processor {
     pub cancel: watch::Receiver<bool>,
 }
 
+/// Partition numbers whose text [`SpanAttributes`] keeps.
+const MAX_CACHED_PARTITIONS: usize = 4096;
+
 /// The attribute values every `process` span shares, made once.
 pub struct SpanAttributes {
     group: StringValue,
@@ -60,7 +63,9 @@ impl SpanAttributes {
         let Ok(index) = usize::try_from(partition) else {
             return partition.to_string().into();
         };
-        if index >= 4096 {
+        // Topics have tens of partitions, not thousands: beyond that, text
+        // is made per span rather than kept.
+        if index >= MAX_CACHED_PARTITIONS {
             return partition.to_string().into();
         }
         while self.partitions.len() <= index {
