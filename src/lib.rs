@@ -14,9 +14,11 @@
 //!   `ip_enrich` -> `write_kafka`, each behind the `TraceWrapper`;
 //! * `wire`: the response body and codes;
 //! * `domain`: the validated client values;
-//! * `kafka`, `geoip`, `telemetry`, `metrics`, `config`: one concern each.
+//! * `kafka`, `geoip`, `telemetry`, `metrics`, `config`: one concern each;
+//! * `allocator`: no transparent huge pages (both binaries, first thing).
 
 pub mod admission;
+pub mod allocator;
 pub mod apps;
 pub mod client_ip;
 pub mod config;

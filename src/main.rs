@@ -32,6 +32,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    venus::allocator::disable_transparent_huge_pages();
     let cli = Cli::parse();
     if let Some(Command::HashKey) = cli.command {
         return hash_key();

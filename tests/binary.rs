@@ -12,6 +12,15 @@ use support::gateway::{command, Gateway};
 use support::{free_port, shared_broker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_runs_without_transparent_huge_pages() {
+    let broker = shared_broker();
+    let gateway = Gateway::start(&broker.address(), &[]);
+    // Linux 5.0 and later say it in /proc/PID/status (this machine's does).
+    let on = venus::allocator::transparent_huge_pages_enabled(gateway.child.id());
+    assert_ne!(on, Some(true), "PR_SET_THP_DISABLE at the start of main");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
     let broker = shared_broker();
     let (category, _) = support::fresh_topic("logs").await;
