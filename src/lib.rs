@@ -15,7 +15,7 @@
 //! * `wire`: the response body and codes;
 //! * `domain`: the validated client values;
 //! * `kafka`, `geoip`, `telemetry`, `metrics`, `config`: one concern each;
-//! * `allocator`: no transparent huge pages (both binaries, first thing).
+//! * `allocator`: no transparent huge pages (the gateway, first thing).
 
 pub mod admission;
 pub mod allocator;

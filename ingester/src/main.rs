@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// The gateway's allocator, for the same reasons (its `main.rs`); see
-/// `venus::allocator` for the one setting both need.
+/// The gateway's allocator, for the same reasons (its `main.rs`). Unlike
+/// the gateway, the ingester keeps transparent huge pages (see
+/// `venus::allocator`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -22,7 +23,6 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    venus::allocator::disable_transparent_huge_pages();
     let cli = Cli::parse();
     let settings = match venus_ingester::config::Settings::load(&cli.config) {
         Ok(settings) => settings,
