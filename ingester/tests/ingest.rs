@@ -332,13 +332,6 @@ async fn every_ingester_metric_the_dashboard_queries_is_exported() {
         IngesterProcess::free_port(),
     ));
     ingester.wait_assigned();
-    // Like the gateway (tests/binary.rs): no transparent huge pages.
-    let huge_pages = venus::allocator::transparent_huge_pages_enabled(ingester.pid() as u32);
-    assert_ne!(
-        huge_pages,
-        Some(true),
-        "PR_SET_THP_DISABLE at the start of main"
-    );
     let app = common::gateway(broker, &ns).await;
     common::upload_events(&app, "m", 3, 3, "d").await;
     wait_for_rows(&ns, "m", 3).await;
