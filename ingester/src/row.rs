@@ -85,6 +85,10 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("ingested_at", "DateTime"),
 ];
 
+/// How deep a message value may nest: the gateway's limit for a whole
+/// batch document.
+const MAX_NESTING: usize = venus::pipeline::split_and_validate::MAX_NESTING;
+
 /// Appends values in `RowBinary`.
 struct RowBinary<'a>(&'a mut Vec<u8>);
 
@@ -154,6 +158,15 @@ pub fn trace_id(traceparent: Option<&str>) -> &str {
 /// Appends the row of `record` in `RowBinary` to `out`, or says why the
 /// message can never be inserted. `out` is left as it was on error.
 pub fn write_row(out: &mut Vec<u8>, record: &Record, ingested_at: u64) -> Result<(), Poison> {
+    // First the gateway's own pre-parse scan: sonic-rs skips nested values
+    // by recursion with no limit, so a value nested a million deep would
+    // overflow the stack and abort the process, and the restarted ingester
+    // would read it again (a crash loop on one message). Everything the
+    // gateway writes is within its document limit (a value nests one level
+    // less than its document did), and the scan's escape rules keep it and
+    // the parser agreeing on where every string ends.
+    venus::json_scan::scan(record.payload(), MAX_NESTING)
+        .map_err(|e| Poison::Shape(e.to_string()))?;
     // sonic-rs: SIMD parsing and skipping, the same JSON rules as
     // serde_json (the whole value is checked, UTF-8 included).
     let message: Message<'_> =
@@ -399,6 +412,57 @@ mod tests {
                     | (Poison::BackendId(_), "backend_id")
             );
             assert!(matches, "{payload}: {err}");
+        }
+    }
+
+    #[test]
+    fn crafted_values_are_poison_and_never_a_crash() {
+        let message = |data: &[u8]| {
+            let mut payload = format!(
+                r#"{{"backend_id":"0190a0e0-0000-7000-8000-000000000001","upload_time":1,"ip":"::1","meta":{META},"data":"#
+            )
+            .into_bytes();
+            payload.extend_from_slice(data);
+            payload.push(b'}');
+            let source = record("").source;
+            Record::new(source, &payload, None, std::iter::empty())
+        };
+        let deep = [
+            "[".repeat(1_000_000).into_bytes(),
+            "]".repeat(1_000_000).into_bytes(),
+        ]
+        .concat();
+        let deep_object = format!(r#"{{"id":"e","n":{}}}"#, "[".repeat(100_000));
+        // As deep as a message of the gateway can be is still a row.
+        let deepest = format!(
+            r#"{{"id":"e","x":{}1{}}}"#,
+            "[".repeat(MAX_NESTING - 2),
+            "]".repeat(MAX_NESTING - 2)
+        );
+        let mut out = Vec::new();
+        write_row(&mut out, &message(deepest.as_bytes()), 0).unwrap();
+        for (name, data) in [
+            ("one level deeper", format!("[{deepest}]").into_bytes()),
+            ("a million nested arrays", deep),
+            (
+                "deep and unclosed inside an object",
+                deep_object.into_bytes(),
+            ),
+            (
+                "invalid UTF-8 in a string",
+                b"{\"id\":\"\xff\xfe\"}".to_vec(),
+            ),
+            ("an unterminated string", b"{\"id\":\"abc}".to_vec()),
+            (
+                "a control character in a string",
+                b"{\"id\":\"a\x01b\"}".to_vec(),
+            ),
+            ("a bad escape", b"{\"id\":\"\\q\"}".to_vec()),
+        ] {
+            let mut out = b"kept".to_vec();
+            let result = write_row(&mut out, &message(&data), 0);
+            assert!(result.is_err(), "{name} was taken as a row");
+            assert_eq!(out, b"kept", "{name}");
         }
     }
 
