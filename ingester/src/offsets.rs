@@ -36,21 +36,18 @@ impl Inner {
     /// A fresh marker for `topic`/`partition` under a new epoch.
     fn start(&mut self, topic: &str, partition: i32) -> &mut Partition {
         self.next_epoch += 1;
-        let epoch = self.next_epoch;
-        if !self.topics.contains_key(topic) {
-            self.topics.insert(Arc::from(topic), Topic::new());
-        }
-        let partitions = self.topics.get_mut(topic).expect("inserted above");
-        partitions.insert(
-            partition,
-            Partition {
-                epoch,
+        // An assignment, not a message: the key's allocation is fine here.
+        self.topics
+            .entry(Arc::from(topic))
+            .or_default()
+            .entry(partition)
+            .insert_entry(Partition {
+                epoch: self.next_epoch,
                 marker: OffsetMarker::default(),
                 stored: None,
                 last_read: None,
-            },
-        );
-        partitions.get_mut(&partition).expect("inserted above")
+            })
+            .into_mut()
     }
 }
 
