@@ -167,10 +167,15 @@ pub fn write_row(out: &mut Vec<u8>, record: &Record, ingested_at: u64) -> Result
     // the parser agreeing on where every string ends.
     venus::json_scan::scan(record.payload(), MAX_NESTING)
         .map_err(|e| Poison::Shape(e.to_string()))?;
+    // JSON text is UTF-8; checking it whole first, as the gateway does,
+    // keeps the lazy parser from ever handing out a `&str` over invalid
+    // bytes (sonic-rs asserts against that in debug builds).
+    let text = std::str::from_utf8(record.payload())
+        .map_err(|e| Poison::Shape(format!("not UTF-8 (at byte {})", e.valid_up_to())))?;
     // sonic-rs: SIMD parsing and skipping, the same JSON rules as
-    // serde_json (the whole value is checked, UTF-8 included).
+    // serde_json.
     let message: Message<'_> =
-        sonic_rs::from_slice(record.payload()).map_err(|e| Poison::Shape(e.to_string()))?;
+        sonic_rs::from_str(text).map_err(|e| Poison::Shape(e.to_string()))?;
     let (meta, data) = (&message.meta, &message.data);
     if !meta.is_object() {
         return Err(Poison::Meta("not an object".into()));
