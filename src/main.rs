@@ -33,6 +33,7 @@ enum Command {
 
 fn main() -> ExitCode {
     venus::allocator::disable_transparent_huge_pages();
+    venus::allocator::return_freed_memory_promptly();
     let cli = Cli::parse();
     if let Some(Command::HashKey) = cli.command {
         return hash_key();
