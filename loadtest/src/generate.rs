@@ -195,6 +195,23 @@ impl<'a> Batch<'a> {
         format!("{}-{}-{}", self.generator.seed, self.request, index)
     }
 
+    /// Whether `text` is the id of event `index`, without building it: the
+    /// check runs for every part of every answer, beside the gateway on the
+    /// same cores.
+    pub fn is_event_id(&self, index: usize, text: &str) -> bool {
+        let mut number = itoa::Buffer::new();
+        let Some(rest) = text.strip_prefix(number.format(self.generator.seed)) else {
+            return false;
+        };
+        let Some(rest) = rest.strip_prefix('-') else {
+            return false;
+        };
+        let Some(rest) = rest.strip_prefix(number.format(self.request)) else {
+            return false;
+        };
+        rest.strip_prefix('-') == Some(number.format(index))
+    }
+
     /// Appends event `index`'s JSON to `out`.
     pub fn write_event(&self, index: usize, out: &mut Vec<u8>) {
         let event = &self.template.events[index];
@@ -665,6 +682,10 @@ mod tests {
             for (index, event) in events.iter().enumerate() {
                 let id = event["id"].as_str().unwrap();
                 assert_eq!(id, batch.event_id(index));
+                assert!(batch.is_event_id(index, id));
+                assert!(!batch.is_event_id(index + 1, id));
+                assert!(!batch.is_event_id(index, &format!("{id}0")));
+                assert!(!batch.is_event_id(index, &id[..id.len() - 1]));
                 assert!(ids.insert(id.to_owned()), "duplicate id {id}");
                 assert!(event["timestamp"].as_u64().is_some());
             }
