@@ -411,10 +411,13 @@ struct PickedFields(String);
 
 impl tracing::field::Visit for PickedFields {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.push(field.name(), value);
+        if LOG_SPAN_FIELDS.contains(&field.name()) {
+            self.push(field.name(), value);
+        }
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        // Formatted only when picked.
         if LOG_SPAN_FIELDS.contains(&field.name()) {
             self.push(field.name(), &format!("{value:?}"));
         }
@@ -423,9 +426,6 @@ impl tracing::field::Visit for PickedFields {
 
 impl PickedFields {
     fn push(&mut self, name: &'static str, value: &str) {
-        if !LOG_SPAN_FIELDS.contains(&name) {
-            return;
-        }
         if !self.0.is_empty() {
             self.0.push(',');
         }
@@ -459,16 +459,13 @@ impl<'writer> FormatFields<'writer> for LogSpanFields {
         if picked.0.is_empty() {
             return Ok(());
         }
-        // `current` is an object this type wrote: open it at its end.
+        // `current` is the object `format_fields` wrote (the log layer
+        // makes it so before any `record`): open it at its end.
         let text = &mut current.fields;
-        if text.ends_with('}') {
-            text.pop();
-            if text.len() > 1 {
-                text.push(',');
-            }
-        } else {
-            text.clear();
-            text.push('{');
+        debug_assert!(text.starts_with('{') && text.ends_with('}'), "{text}");
+        text.pop();
+        if text.len() > 1 {
+            text.push(',');
         }
         text.push_str(&picked.0);
         text.push('}');

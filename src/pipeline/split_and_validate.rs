@@ -672,6 +672,13 @@ mod tests {
             );
         }
         assert!(rejected(&format!(r#"{{{META},"data":null}}"#)).contains("data is required"));
+        // `data` itself is read as a value: a number no parser can hold is
+        // named as such.
+        let infinite = rejected(&format!(r#"{{{META},"data":1e999}}"#));
+        assert!(
+            infinite.contains("not valid JSON") && infinite.contains("finite"),
+            "{infinite}"
+        );
         let twice = format!(r#"{{{META},"data":[{{"id":"a"}}],"data":[{{"id":"b"}}]}}"#);
         assert!(rejected(&twice).contains("duplicate field `data`"));
         let twice = format!(r#"{{{META},{META},"data":[{{"id":"a"}}]}}"#);
