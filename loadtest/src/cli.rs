@@ -21,7 +21,8 @@ use crate::config::{
 #[derive(Debug, Parser)]
 #[command(name = "venus-loadtest", version)]
 pub struct Cli {
-    /// Upload URL of the gateway.
+    /// Upload URL of the gateway (plain `http://`: the load generator speaks
+    /// HTTP/1.1 without TLS).
     #[arg(long, default_value = DEFAULT_URL, help_heading = "Load")]
     pub url: String,
 

@@ -2,19 +2,21 @@
 //!
 //! The response body is checked against what was sent: one part per event,
 //! in order, with the event's id, and a part code that fits the generated
-//! event (valid → 0 or 1004, bad ip → 1002, broken event → 1001). The
-//! backend_id of every accepted event is kept for the Kafka read-back.
+//! event (valid → 0 or 1004, bad ip → 1002, broken event → 1001). With
+//! `--verify`, the backend_id of every accepted event is kept for the Kafka
+//! read-back.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use anyhow::Context;
-use reqwest::header::CONTENT_TYPE;
+use hyper::header::HeaderValue;
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::generate::{self, Batch, Generator};
+use crate::http_client::Client;
 use crate::load::Target;
 use crate::report::Outcome;
 
@@ -36,11 +38,12 @@ struct Part<'a> {
 
 /// Sends batches to the gateway's upload URL.
 pub(crate) struct HttpTarget {
-    client: reqwest::Client,
-    /// Parsed once: reqwest would parse (and IDNA-map) a string per request.
-    url: reqwest::Url,
+    client: Client,
+    content_type: HeaderValue,
     /// `Bearer <key>`, when the gateway wants a key.
-    authorization: Option<reqwest::header::HeaderValue>,
+    authorization: Option<HeaderValue>,
+    /// Keep the backend_ids of the answers (for `--verify`).
+    keep_ids: bool,
     generator: Arc<Generator>,
 }
 
@@ -51,26 +54,18 @@ impl HttpTarget {
             Some(_) => config.max_in_flight,
             None => config.connections,
         };
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .pool_max_idle_per_host(idle)
-            .tcp_nodelay(true)
-            // Loopback tests must not go through an HTTP_PROXY of the environment.
-            .no_proxy()
-            .build()
-            .context("cannot build the HTTP client")?;
+        let client = Client::new(&config.url, idle, config.timeout)?;
         let authorization = config
             .key
             .as_ref()
-            .map(|key| reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")))
+            .map(|key| HeaderValue::from_str(&format!("Bearer {key}")))
             .transpose()
             .context("--key must be printable ASCII")?;
-        let url = reqwest::Url::parse(&config.url)
-            .with_context(|| format!("--url {} is not a URL", config.url))?;
         Ok(Self {
             client,
+            content_type: HeaderValue::from_static(generate::CONTENT_TYPE),
             authorization,
-            url,
+            keep_ids: config.verify,
             generator,
         })
     }
@@ -86,51 +81,37 @@ impl Target for HttpTarget {
             category: batch.category_index(),
             ..Outcome::default()
         };
-        let mut request = self
+        let answer = self
             .client
-            .post(self.url.clone())
-            .header(CONTENT_TYPE, generate::CONTENT_TYPE);
-        if let Some(authorization) = &self.authorization {
-            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
-        }
-        let response = request.body(body).send().await;
-        let response = match response {
-            Ok(response) => response,
-            Err(error) => {
-                outcome.count_error(error_kind(&error), 1);
-                return outcome;
-            }
-        };
-        let status = response.status().as_u16();
-        match response.bytes().await {
-            Ok(body) => {
-                outcome.status = Some(status);
+            .post(&self.content_type, self.authorization.as_ref(), body)
+            .await;
+        match answer {
+            Ok(answer) => {
+                outcome.status = Some(answer.status);
                 outcome.record_latency = true;
-                check_response(status, &body, &batch, &mut outcome);
+                check_response(
+                    answer.status,
+                    &answer.body,
+                    &batch,
+                    &mut outcome,
+                    self.keep_ids,
+                );
             }
-            Err(error) => outcome.count_error(error_kind(&error), 1),
+            Err(failure) => outcome.count_error(failure.kind(), 1),
         }
         outcome
     }
 }
 
-/// A short name for what went wrong with a request.
-fn error_kind(error: &reqwest::Error) -> &'static str {
-    if error.is_timeout() {
-        "timeout"
-    } else if error.is_connect() {
-        "connect"
-    } else if error.is_body() || error.is_decode() {
-        "body"
-    } else if error.is_request() {
-        "request"
-    } else {
-        "other"
-    }
-}
-
-/// Counts the part codes of a response and checks them against the batch.
-pub(crate) fn check_response(status: u16, body: &[u8], batch: &Batch<'_>, outcome: &mut Outcome) {
+/// Counts the part codes of a response and checks them against the batch;
+/// with `keep_ids`, keeps the backend_ids for the read-back.
+pub(crate) fn check_response(
+    status: u16,
+    body: &[u8],
+    batch: &Batch<'_>,
+    outcome: &mut Outcome,
+    keep_ids: bool,
+) {
     let Ok(response) = serde_json::from_slice::<UploadResponse>(body) else {
         outcome.bad_response = true;
         return;
@@ -143,6 +124,9 @@ pub(crate) fn check_response(status: u16, body: &[u8], batch: &Batch<'_>, outcom
     }
     if response.parts.len() != batch.len() {
         outcome.bad_response = true;
+    }
+    if keep_ids {
+        outcome.accepted_ids.reserve(batch.len());
     }
     for ((index, part), expect) in response.parts.iter().enumerate().zip(batch.expectations()) {
         outcome.count_code(part.code);
@@ -165,14 +149,16 @@ pub(crate) fn check_response(status: u16, body: &[u8], batch: &Batch<'_>, outcom
         match (part.code, backend_id) {
             (0, Some(id)) => {
                 outcome.accepted += 1;
-                outcome.accepted_ids.push(id.as_u128());
+                if keep_ids {
+                    outcome.accepted_ids.push(id.as_u128());
+                }
             }
             (0, None) => {
                 // Accepted without a usable backend_id: cannot be verified.
                 outcome.accepted += 1;
                 outcome.bad_response = true;
             }
-            (1004, Some(id)) => outcome.failed_ids.push(id.as_u128()),
+            (1004, Some(id)) if keep_ids => outcome.failed_ids.push(id.as_u128()),
             _ => {}
         }
     }
@@ -235,20 +221,32 @@ mod tests {
             .find(|b| b.expectations().all(|e| e == generate::Expect::Accepted))
             .expect("a fully valid batch");
         let mut outcome = Outcome::default();
-        check_response(200, &answer(&batch, &[0, 0, 0, 0]), &batch, &mut outcome);
+        check_response(
+            200,
+            &answer(&batch, &[0, 0, 0, 0]),
+            &batch,
+            &mut outcome,
+            true,
+        );
         assert!(!outcome.bad_response);
         assert_eq!(outcome.accepted, 4);
         assert_eq!(outcome.accepted_ids.len(), 4);
         assert_eq!(outcome.unexpected_codes, 0);
 
         let mut outcome = Outcome::default();
-        check_response(206, &answer(&batch, &[0, 1001, 0, 0]), &batch, &mut outcome);
+        check_response(
+            206,
+            &answer(&batch, &[0, 1001, 0, 0]),
+            &batch,
+            &mut outcome,
+            true,
+        );
         assert_eq!(outcome.unexpected_codes, 1);
         assert_eq!(outcome.accepted, 3);
         assert!(!outcome.bad_response);
 
         let mut outcome = Outcome::default();
-        check_response(200, &answer(&batch, &[0, 0, 0]), &batch, &mut outcome);
+        check_response(200, &answer(&batch, &[0, 0, 0]), &batch, &mut outcome, true);
         assert!(outcome.bad_response, "a missing part is a bad response");
 
         let mut outcome = Outcome::default();
@@ -257,12 +255,38 @@ mod tests {
             br#"{"code":2,"data":"busy","parts":[]}"#,
             &batch,
             &mut outcome,
+            true,
         );
         assert!(!outcome.bad_response);
         assert_eq!(outcome.accepted, 0);
 
         let mut outcome = Outcome::default();
-        check_response(200, b"<html>", &batch, &mut outcome);
+        check_response(200, b"<html>", &batch, &mut outcome, true);
         assert!(outcome.bad_response);
+
+        // Without --verify the ids are checked but not kept.
+        let mut outcome = Outcome::default();
+        check_response(
+            206,
+            &answer(&batch, &[0, 1004, 0, 0]),
+            &batch,
+            &mut outcome,
+            false,
+        );
+        assert!(!outcome.bad_response);
+        assert_eq!(outcome.accepted, 3);
+        assert!(outcome.accepted_ids.is_empty() && outcome.failed_ids.is_empty());
+        let mut outcome = Outcome::default();
+        check_response(
+            206,
+            &answer(&batch, &[0, 1004, 0, 0]),
+            &batch,
+            &mut outcome,
+            true,
+        );
+        assert_eq!(
+            (outcome.accepted_ids.len(), outcome.failed_ids.len()),
+            (3, 1)
+        );
     }
 }

@@ -35,6 +35,7 @@
 pub mod cli;
 pub mod config;
 pub mod generate;
+mod http_client;
 mod http_load;
 mod load;
 mod progress;
@@ -150,6 +151,7 @@ where
                 &settings,
                 generator.clone(),
                 topics.clone(),
+                config.verify,
             )?);
             // The gateway's producer is long-lived: get this one past its
             // start-up (an idempotent producer first waits for its producer

@@ -95,6 +95,8 @@ pub(crate) struct RawKafkaTarget {
     generator: Arc<Generator>,
     /// Topic of each category, by category index.
     topics: Vec<String>,
+    /// Keep the backend_ids of what was produced (for `--verify`).
+    keep_ids: bool,
 }
 
 impl RawKafkaTarget {
@@ -104,6 +106,7 @@ impl RawKafkaTarget {
         settings: &BTreeMap<String, String>,
         generator: Arc<Generator>,
         topics: Vec<String>,
+        keep_ids: bool,
     ) -> anyhow::Result<Self> {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", brokers);
@@ -117,6 +120,7 @@ impl RawKafkaTarget {
             producer,
             generator,
             topics,
+            keep_ids,
         })
     }
 
@@ -230,20 +234,24 @@ impl Target for RawKafkaTarget {
                 Err((error, _)) => outcome.count_error(&error_kind(&error), 1),
             }
         }
+        if self.keep_ids {
+            outcome.accepted_ids.reserve(deliveries.len());
+        }
         for (backend_id, delivery) in deliveries {
-            match delivery.await {
+            let failed = match delivery.await {
                 Ok(Ok(_)) => {
                     outcome.accepted += 1;
-                    outcome.accepted_ids.push(backend_id.as_u128());
+                    if self.keep_ids {
+                        outcome.accepted_ids.push(backend_id.as_u128());
+                    }
+                    continue;
                 }
-                Ok(Err((error, _))) => {
-                    outcome.count_error(&error_kind(&error), 1);
-                    outcome.failed_ids.push(backend_id.as_u128());
-                }
-                Err(_) => {
-                    outcome.count_error("kafka: delivery canceled", 1);
-                    outcome.failed_ids.push(backend_id.as_u128());
-                }
+                Ok(Err((error, _))) => error_kind(&error),
+                Err(_) => "kafka: delivery canceled".to_owned(),
+            };
+            outcome.count_error(&failed, 1);
+            if self.keep_ids {
+                outcome.failed_ids.push(backend_id.as_u128());
             }
         }
         outcome
