@@ -82,6 +82,12 @@ fn pipeline(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(EVENTS as u64));
 
+    // The depth and escape scan split_and_validate (and the ingester, per
+    // message) runs before parsing; here alone.
+    group.bench_function("json_scan", |b| {
+        b.iter(|| venus::json_scan::scan(black_box(&document), 128).is_ok())
+    });
+
     group.bench_function("split_and_validate", |b| {
         b.iter(|| {
             let mut ctx = context(&document);
