@@ -1,5 +1,7 @@
 //! One pass over a batch document before any parser sees it: how deep it
-//! nests, and whether every string is JSON as RFC 8259 writes it.
+//! nests, and whether every string is JSON as RFC 8259 writes it. And, once
+//! the parser has accepted it, where an event's few wanted fields are
+//! ([`object_fields`]), without a second validating parse.
 //!
 //! Why a separate pass: sonic-rs skips nested values by recursion with no
 //! depth limit of its own, so a body of deeply nested brackets overflows a
@@ -21,6 +23,7 @@
 //! event (or the `meta`) that carries it.
 
 use std::fmt;
+use std::ops::Range;
 
 /// Why a document was refused; `offset` is a byte offset into it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +235,127 @@ fn skip_plain(json: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Why [`object_fields`] gave no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldsError {
+    /// The field of this name appears more than once.
+    Duplicate(&'static str),
+    /// A key has an escape (it might spell a wanted name), or the text is
+    /// not the object it should be: leave it to a parser.
+    Unreadable,
+}
+
+/// Where the values of the top-level fields `names` of `object` are (byte
+/// ranges of `object`), each `None` when absent.
+///
+/// For an object a validating parser has already accepted (and [`scan`]
+/// with it): this only finds where keys and values start and end, without
+/// checking them again, which is what made reading three fields of an event
+/// cost more than parsing the whole batch. On text that is not such an
+/// object it returns an error or a wrong answer, never panics.
+pub fn object_fields<const N: usize>(
+    object: &[u8],
+    names: [&'static str; N],
+) -> Result<[Option<Range<usize>>; N], FieldsError> {
+    use FieldsError::Unreadable;
+    let mut found = std::array::from_fn(|_| None);
+    let mut i = skip_whitespace(object, 0);
+    if object.get(i) != Some(&b'{') {
+        return Err(Unreadable);
+    }
+    i = skip_whitespace(object, i + 1);
+    if object.get(i) == Some(&b'}') {
+        return Ok(found);
+    }
+    loop {
+        if object.get(i) != Some(&b'"') {
+            return Err(Unreadable);
+        }
+        let key_end = closing_quote(object, i + 1).ok_or(Unreadable)?;
+        let key = &object[i + 1..key_end];
+        if key.contains(&b'\\') {
+            return Err(Unreadable);
+        }
+        i = skip_whitespace(object, key_end + 1);
+        if object.get(i) != Some(&b':') {
+            return Err(Unreadable);
+        }
+        let start = skip_whitespace(object, i + 1);
+        i = value_end(object, start).ok_or(Unreadable)?;
+        if let Some(slot) = names.iter().position(|name| name.as_bytes() == key) {
+            if found[slot].is_some() {
+                return Err(FieldsError::Duplicate(names[slot]));
+            }
+            found[slot] = Some(start..i);
+        }
+        i = skip_whitespace(object, i);
+        match object.get(i) {
+            Some(b',') => i = skip_whitespace(object, i + 1),
+            Some(b'}') => return Ok(found),
+            _ => return Err(Unreadable),
+        }
+    }
+}
+
+fn skip_whitespace(json: &[u8], mut i: usize) -> usize {
+    while matches!(json.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// The index of the quote that ends the string whose text starts at `i`.
+fn closing_quote(json: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i = skip_plain(json, i);
+        match json.get(i)? {
+            b'"' => return Some(i),
+            // Any escape is at least two bytes, and no byte after its
+            // backslash is a quote or a backslash that ends or escapes.
+            b'\\' => i += 2,
+            // A raw control character: the parser refused it already.
+            _ => i += 1,
+        }
+    }
+}
+
+/// The index just after the value starting at `i`.
+fn value_end(json: &[u8], mut i: usize) -> Option<usize> {
+    match json.get(i)? {
+        b'"' => closing_quote(json, i + 1).map(|end| end + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            loop {
+                match json.get(i)? {
+                    b'"' => {
+                        i = closing_quote(json, i + 1)?;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        b',' | b'}' | b']' | b':' => None,
+        // A number or a literal: up to the next delimiter.
+        _ => {
+            while !matches!(
+                json.get(i),
+                None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            ) {
+                i += 1;
+            }
+            Some(i)
+        }
+    }
+}
+
 /// The value of four hex digits, if they are four hex digits.
 fn hex4(digits: &[u8]) -> Option<u16> {
     digits.iter().try_fold(0u16, |value, &digit| {
@@ -341,6 +465,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// On text no parser accepted, the field finder answers something and
+    /// never panics or loops.
+    #[test]
+    fn the_field_finder_survives_any_text() {
+        const BYTES: &[u8] = b"{}[]\"\\:, a1\n\xff";
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut answered = 0;
+        for _ in 0..50_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let text: Vec<u8> = (0..state % 40)
+                .map(|k| BYTES[((state >> (k % 56)) as usize + k as usize) % BYTES.len()])
+                .collect();
+            let _ = object_fields(&text, ["a", "1"]);
+            answered += 1;
+        }
+        assert_eq!(answered, 50_000);
+        assert_eq!(
+            object_fields(br#"{"a":1,"b":[{"a":2}],"a":3}"#, ["a", "b"]),
+            Err(FieldsError::Duplicate("a"))
+        );
+        assert_eq!(
+            object_fields(br#" { "b" : [ "]" ] , "a" : "x\"}" } "#, ["a", "b"]),
+            Ok([Some(25..31), Some(9..16)])
+        );
+        assert_eq!(object_fields(b"[1]", ["a"]), Err(FieldsError::Unreadable));
+        assert_eq!(object_fields(b"{}", ["a"]), Ok([None]));
     }
 
     #[test]

@@ -443,6 +443,49 @@ impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
     }
 }
 
+/// `id`, `ip` and `timestamp` of an event, each as sent or `None`.
+///
+/// The document's parse has already validated the event, so
+/// [`json_scan::object_fields`] only finds where they are; an event with an
+/// escaped key (which might spell one of them) is read by serde instead.
+fn event_fields(raw: &str) -> Result<[Option<LazyValue<'_>>; 3], String> {
+    match json_scan::object_fields(raw.as_bytes(), ["id", "ip", "timestamp"]) {
+        Ok(ranges) => {
+            let mut values = [None, None, None];
+            for (value, range) in values.iter_mut().zip(ranges) {
+                if let Some(range) = range {
+                    // Ranges end at ASCII delimiters: always on a char boundary.
+                    let text = raw.get(range).ok_or_else(|| not_valid_json(&"not UTF-8"))?;
+                    *value = Some(
+                        sonic_rs::from_str(text).map_err(|e| not_valid_json(&first_line(&e)))?,
+                    );
+                }
+            }
+            Ok(values)
+        }
+        Err(json_scan::FieldsError::Duplicate(name)) => Err(appears_twice(name)),
+        Err(json_scan::FieldsError::Unreadable) => event_fields_by_serde(raw),
+    }
+}
+
+/// [`event_fields`] by a full parse of the event.
+fn event_fields_by_serde(raw: &str) -> Result<[Option<LazyValue<'_>>; 3], String> {
+    let fields: EventFields =
+        sonic_rs::from_str(raw).map_err(|e| match duplicate_field(&e.to_string()) {
+            Some(name) => appears_twice(name),
+            None => not_valid_json(&first_line(&e)),
+        })?;
+    Ok([fields.id.0, fields.ip.0, fields.timestamp.0])
+}
+
+fn appears_twice(name: &str) -> String {
+    format!("field {name:?} appears more than once")
+}
+
+fn not_valid_json(reason: &dyn std::fmt::Display) -> String {
+    format!("the event is not valid JSON: {reason}")
+}
+
 /// The name in serde's "duplicate field `name`" error.
 fn duplicate_field(message: &str) -> Option<&str> {
     let rest = message.split("duplicate field `").nth(1)?;
@@ -456,13 +499,7 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
             type_name(item.get_type())
         ));
     }
-    let fields: EventFields = sonic_rs::from_str(item.as_raw_str()).map_err(|e| {
-        match duplicate_field(&e.to_string()) {
-            Some(name) => format!("field {name:?} appears more than once"),
-            None => format!("the event is not valid JSON: {}", first_line(&e)),
-        }
-    })?;
-    let (id, ip, timestamp) = (fields.id.0, fields.ip.0, fields.timestamp.0);
+    let [id, ip, timestamp] = event_fields(item.as_raw_str())?;
 
     let id = id.ok_or_else(|| "id is required".to_owned())?;
     let id_text = id.as_str().ok_or_else(|| not_a_string("id", &id))?;
@@ -560,6 +597,92 @@ fn share(document: &Bytes, part: &str) -> Bytes {
 mod tests {
     use super::*;
     use crate::pipeline::UploadRequest;
+
+    /// The quick field finder and a full serde parse read the same fields,
+    /// and fail with the same message, on events of every shape the
+    /// document's parse lets through: escaped and repeated keys, nested
+    /// values with brackets and quotes in strings, any whitespace.
+    #[test]
+    fn the_field_finder_reads_what_a_full_parse_reads() {
+        const KEYS: &[&str] = &[
+            r#""id""#,
+            r#""ip""#,
+            r#""timestamp""#,
+            r#""x""#,
+            r#""idd""#,
+            r#""""#,
+            r#""i\u0064""#,
+            r#""t\"s""#,
+            r#""ip ""#,
+        ];
+        const VALUES: &[&str] = &[
+            r#""evt-1""#,
+            r#""a\"b}""#,
+            r#""\u00e9[""#,
+            r#""81.2.69.142""#,
+            "0",
+            "-1.5e3",
+            "1763779200000",
+            "true",
+            "false",
+            "null",
+            "{}",
+            "[]",
+            r#"{"a":["}",{"b":"]\\"}],"c":null}"#,
+            r#"[1,"x",[{}],{"y":[]}]"#,
+        ];
+        const SPACE: &[&str] = &["", " ", "\n\t ", "\r\n"];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let (mut found, mut failed) = (0, 0);
+        for _ in 0..5_000 {
+            let mut event = format!("{}{{", SPACE[next(SPACE.len())]);
+            let mut escaped_key = false;
+            for field in 0..next(6) {
+                if field > 0 {
+                    event.push_str(SPACE[next(SPACE.len())]);
+                    event.push(',');
+                }
+                let (space, key, value) = (
+                    SPACE[next(SPACE.len())],
+                    KEYS[next(KEYS.len())],
+                    VALUES[next(VALUES.len())],
+                );
+                escaped_key |= key.contains('\\');
+                event.push_str(&format!("{space}{key}{space}:{space}{value}"));
+            }
+            event.push_str(SPACE[next(SPACE.len())]);
+            event.push('}');
+            assert!(
+                sonic_rs::from_str::<sonic_rs::Value>(&event).is_ok(),
+                "{event}"
+            );
+            let raw = |values: Result<[Option<LazyValue>; 3], String>| {
+                values.map(|v| v.map(|v| v.map(|v| v.as_raw_str().to_owned())))
+            };
+            // Only an escaped key sends an event to the full parse.
+            if !escaped_key {
+                let finder = json_scan::object_fields(event.as_bytes(), ["id", "ip", "timestamp"]);
+                assert_ne!(finder, Err(json_scan::FieldsError::Unreadable), "{event}");
+            }
+            let quick = raw(event_fields(&event));
+            assert_eq!(quick, raw(event_fields_by_serde(&event)), "{event}");
+            match quick {
+                Ok(_) => found += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        // Both outcomes were exercised.
+        assert!(
+            found > 1_000 && failed > 500,
+            "{found} read, {failed} refused"
+        );
+    }
 
     fn limits(max_events: usize) -> BatchLimits {
         BatchLimits {
