@@ -85,6 +85,9 @@ impl Client {
         let Some(authority) = uri.authority() else {
             bail!("--url {url} names no host");
         };
+        if authority.as_str().contains('@') {
+            bail!("--url {url}: credentials in the URL are not sent; a write key goes in --key");
+        }
         let authority = match authority.port() {
             Some(_) => authority.as_str().to_owned(),
             None => format!("{}:80", authority.host()),
@@ -317,6 +320,10 @@ mod tests {
         let timeout = Duration::from_secs(1);
         assert!(Client::new("https://example.com/", 1, timeout).is_err());
         assert!(Client::new("example.com/upload", 1, timeout).is_err());
+        assert!(Client::new("http://user:pw@example.com/", 1, timeout).is_err());
+        let client = Client::new("http://[::1]/x?y=1", 1, timeout).unwrap();
+        assert_eq!(client.authority, "[::1]:80");
+        assert_eq!(client.target, "/x?y=1");
         let client = Client::new("http://example.com/api/v1/upload", 1, timeout).unwrap();
         assert_eq!(client.authority, "example.com:80");
         assert_eq!(client.host, "example.com");
