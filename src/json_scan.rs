@@ -419,26 +419,20 @@ mod tests {
             b"!",
             b"#",
         ];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1d);
         let mut compared = 0;
         for _ in 0..20_000 {
             let mut doc = b"[\"".to_vec();
             for _ in 0..next() % 24 {
                 // Mostly plain text, so runs of eight clean bytes occur.
-                let piece = if next() % 3 == 0 {
+                let piece = if next().is_multiple_of(3) {
                     PIECES[(next() % PIECES.len() as u64) as usize]
                 } else {
                     b"plain"
                 };
                 doc.extend_from_slice(piece);
             }
-            if next() % 4 != 0 {
+            if !next().is_multiple_of(4) {
                 doc.extend_from_slice(b"\",[[\"x\"]]]");
             }
             assert_eq!(
@@ -472,12 +466,10 @@ mod tests {
     #[test]
     fn the_field_finder_survives_any_text() {
         const BYTES: &[u8] = b"{}[]\"\\:, a1\n\xff";
-        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut next = crate::xorshift(0x1234_5678_9abc_def1);
         let mut answered = 0;
         for _ in 0..50_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = next();
             let text: Vec<u8> = (0..state % 40)
                 .map(|k| BYTES[((state >> (k % 56)) as usize + k as usize) % BYTES.len()])
                 .collect();

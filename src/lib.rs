@@ -35,4 +35,16 @@ pub mod telemetry;
 pub mod upload_body;
 pub mod wire;
 
+/// A seeded xorshift64 sequence for tests that generate many inputs: the
+/// same inputs on every run, so a failure names a case that can be rerun.
+#[cfg(test)]
+pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 pub use server::Application;

@@ -212,6 +212,13 @@ mod tests {
         serde_json::to_vec(&serde_json::json!({"code": 0, "data": "", "parts": parts})).unwrap()
     }
 
+    /// `check_response` on a fresh outcome.
+    fn checked(status: u16, body: &[u8], batch: &Batch<'_>, keep_ids: bool) -> Outcome {
+        let mut outcome = Outcome::default();
+        check_response(status, body, batch, &mut outcome, keep_ids);
+        outcome
+    }
+
     #[test]
     fn a_fitting_answer_is_counted_and_ids_are_kept() {
         let generator = generator(0.0);
@@ -220,70 +227,33 @@ mod tests {
             .map(|n| generator.batch(n))
             .find(|b| b.expectations().all(|e| e == generate::Expect::Accepted))
             .expect("a fully valid batch");
-        let mut outcome = Outcome::default();
-        check_response(
-            200,
-            &answer(&batch, &[0, 0, 0, 0]),
-            &batch,
-            &mut outcome,
-            true,
-        );
+        let outcome = checked(200, &answer(&batch, &[0, 0, 0, 0]), &batch, true);
         assert!(!outcome.bad_response);
         assert_eq!(outcome.accepted, 4);
         assert_eq!(outcome.accepted_ids.len(), 4);
         assert_eq!(outcome.unexpected_codes, 0);
 
-        let mut outcome = Outcome::default();
-        check_response(
-            206,
-            &answer(&batch, &[0, 1001, 0, 0]),
-            &batch,
-            &mut outcome,
-            true,
-        );
+        let outcome = checked(206, &answer(&batch, &[0, 1001, 0, 0]), &batch, true);
         assert_eq!(outcome.unexpected_codes, 1);
         assert_eq!(outcome.accepted, 3);
         assert!(!outcome.bad_response);
 
-        let mut outcome = Outcome::default();
-        check_response(200, &answer(&batch, &[0, 0, 0]), &batch, &mut outcome, true);
+        let outcome = checked(200, &answer(&batch, &[0, 0, 0]), &batch, true);
         assert!(outcome.bad_response, "a missing part is a bad response");
 
-        let mut outcome = Outcome::default();
-        check_response(
-            503,
-            br#"{"code":2,"data":"busy","parts":[]}"#,
-            &batch,
-            &mut outcome,
-            true,
-        );
+        let outcome = checked(503, br#"{"code":2,"data":"busy","parts":[]}"#, &batch, true);
         assert!(!outcome.bad_response);
         assert_eq!(outcome.accepted, 0);
 
-        let mut outcome = Outcome::default();
-        check_response(200, b"<html>", &batch, &mut outcome, true);
+        let outcome = checked(200, b"<html>", &batch, true);
         assert!(outcome.bad_response);
 
         // Without --verify the ids are checked but not kept.
-        let mut outcome = Outcome::default();
-        check_response(
-            206,
-            &answer(&batch, &[0, 1004, 0, 0]),
-            &batch,
-            &mut outcome,
-            false,
-        );
+        let outcome = checked(206, &answer(&batch, &[0, 1004, 0, 0]), &batch, false);
         assert!(!outcome.bad_response);
         assert_eq!(outcome.accepted, 3);
         assert!(outcome.accepted_ids.is_empty() && outcome.failed_ids.is_empty());
-        let mut outcome = Outcome::default();
-        check_response(
-            206,
-            &answer(&batch, &[0, 1004, 0, 0]),
-            &batch,
-            &mut outcome,
-            true,
-        );
+        let outcome = checked(206, &answer(&batch, &[0, 1004, 0, 0]), &batch, true);
         assert_eq!(
             (outcome.accepted_ids.len(), outcome.failed_ids.len()),
             (3, 1)

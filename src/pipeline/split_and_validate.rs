@@ -632,13 +632,8 @@ mod tests {
             r#"[1,"x",[{}],{"y":[]}]"#,
         ];
         const SPACE: &[&str] = &["", " ", "\n\t ", "\r\n"];
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
+        let mut rng = crate::xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |n: usize| (rng() % n as u64) as usize;
         let (mut found, mut failed) = (0, 0);
         for _ in 0..5_000 {
             let mut event = format!("{}{{", SPACE[next(SPACE.len())]);
