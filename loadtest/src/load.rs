@@ -15,6 +15,13 @@
 //! Both stop starting requests at the deadline, after the request limit, or
 //! when the shutdown future completes, then wait for what is in flight.
 //! Results flow over a channel to one collector task that owns the totals.
+//!
+//! In open loop the driver also records each request's *start lag*: how long
+//! after it was due its task first ran, where "due" is the intended start or,
+//! when the in-flight cap held it back, the moment a slot freed. That is the
+//! load generator's own delay (its timer, its runtime, the CPU it got),
+//! already inside the latency; reported apart, it tells a slow server from a
+//! starved load generator sharing the server's cores.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +35,16 @@ use crate::report::{Outcome, Stats};
 
 /// Closed loop: a worker's pause after a request that got no response.
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
+
+/// One finished request, as the driver hands it to the collector.
+struct Finished {
+    /// From the actual send (closed loop) or the intended start (open loop).
+    latency: Duration,
+    /// Open loop: from when the request was due (see the module doc) to its
+    /// task's first poll.
+    start_lag: Option<Duration>,
+    outcome: Outcome,
+}
 
 /// Something that carries out request number `n` (one batch).
 pub(crate) trait Target: Send + Sync + 'static {
@@ -96,7 +113,7 @@ where
         std::future::pending::<()>().await;
     });
 
-    let (tx, rx) = mpsc::unbounded_channel::<(Duration, Outcome)>();
+    let (tx, rx) = mpsc::unbounded_channel::<Finished>();
     let collector = tokio::spawn(collect(rx, Stats::new(categories), live));
 
     let schedule = match plan.rate {
@@ -115,11 +132,16 @@ where
 
 /// Totals the results until every sender is gone.
 async fn collect(
-    mut rx: mpsc::UnboundedReceiver<(Duration, Outcome)>,
+    mut rx: mpsc::UnboundedReceiver<Finished>,
     mut stats: Stats,
     live: Arc<Live>,
 ) -> Stats {
-    while let Some((latency, outcome)) = rx.recv().await {
+    while let Some(Finished {
+        latency,
+        start_lag,
+        outcome,
+    }) = rx.recv().await
+    {
         let failed = match outcome.status {
             Some(status) => u64::from(!(200..300).contains(&status)),
             None => outcome.errors.iter().map(|(_, n)| u64::from(*n)).sum(),
@@ -128,6 +150,9 @@ async fn collect(
         live.accepted
             .fetch_add(u64::from(outcome.accepted), Ordering::Relaxed);
         live.failed.fetch_add(failed, Ordering::Relaxed);
+        if let Some(lag) = start_lag {
+            stats.record_start_lag(lag);
+        }
         stats.record(latency, outcome);
     }
     stats
@@ -138,7 +163,7 @@ async fn closed_loop<T: Target>(
     target: Arc<T>,
     plan: &Plan,
     stop: watch::Receiver<bool>,
-    tx: mpsc::UnboundedSender<(Duration, Outcome)>,
+    tx: mpsc::UnboundedSender<Finished>,
 ) -> ScheduleFigures {
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..plan.connections)
@@ -160,7 +185,12 @@ async fn closed_loop<T: Target>(
                     let sent = Instant::now();
                     let outcome = target.send(request).await;
                     let no_response = !outcome.record_latency;
-                    if tx.send((sent.elapsed(), outcome)).is_err() {
+                    let finished = Finished {
+                        latency: sent.elapsed(),
+                        start_lag: None,
+                        outcome,
+                    };
+                    if tx.send(finished).is_err() {
                         break;
                     }
                     if no_response {
@@ -187,7 +217,7 @@ async fn open_loop<T: Target>(
     start: Instant,
     deadline: Option<Instant>,
     mut stop: watch::Receiver<bool>,
-    tx: mpsc::UnboundedSender<(Duration, Outcome)>,
+    tx: mpsc::UnboundedSender<Finished>,
 ) -> ScheduleFigures {
     let slots = Arc::new(Semaphore::new(plan.max_in_flight));
     let mut waits = 0u64;
@@ -206,13 +236,14 @@ async fn open_loop<T: Target>(
                 _ = stop.changed() => break,
             }
         }
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
+        let (permit, due) = match slots.clone().try_acquire_owned() {
+            Ok(permit) => (permit, intended),
             Err(_) => {
                 waits += 1;
                 tokio::select! {
                     permit = slots.clone().acquire_owned() => {
-                        permit.expect("the semaphore is never closed")
+                        let permit = permit.expect("the semaphore is never closed");
+                        (permit, Instant::now().max(intended))
                     }
                     _ = stop.changed() => break,
                 }
@@ -221,8 +252,13 @@ async fn open_loop<T: Target>(
         let target = target.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
+            let start_lag = due.elapsed();
             let outcome = target.send(request).await;
-            let _ = tx.send((intended.elapsed(), outcome));
+            let _ = tx.send(Finished {
+                latency: intended.elapsed(),
+                start_lag: Some(start_lag),
+                outcome,
+            });
             drop(permit);
         });
         request += 1;
@@ -296,6 +332,7 @@ mod tests {
         assert_eq!(driven.stats.accepted, 74);
         assert_eq!(live.requests.load(Ordering::Relaxed), 37);
         assert!(driven.stats.latency().p50 >= 1.0);
+        assert_eq!(driven.stats.start_lag(), None, "no schedule, no lag");
     }
 
     #[tokio::test]
@@ -329,6 +366,65 @@ mod tests {
         // The last requests were intended far earlier than they could go.
         assert!(latency.max > 200.0, "{latency:?}");
         assert!(driven.stats.requests >= 5, "{}", driven.stats.requests);
+        // ... but that was the cap, not the load generator: each task ran
+        // soon after its slot freed.
+        let lag = driven
+            .stats
+            .start_lag()
+            .expect("open loop records start lag");
+        assert_eq!(lag.samples, driven.stats.requests);
+        assert!(lag.max < 40.0, "{lag:?}");
+    }
+
+    /// A target whose first request blocks its thread: the one-thread
+    /// runtime cannot start the next ones on time.
+    struct Hog {
+        sent: AtomicU64,
+    }
+
+    impl Target for Hog {
+        async fn send(&self, _request: u64) -> Outcome {
+            if self.sent.fetch_add(1, Ordering::Relaxed) == 0 {
+                std::thread::sleep(Duration::from_millis(120));
+            }
+            Outcome {
+                events: 1,
+                accepted: 1,
+                status: Some(200),
+                record_latency: true,
+                ..Outcome::default()
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn open_loop_start_lag_shows_a_starved_load_generator() {
+        let plan = Plan {
+            connections: 1,
+            rate: Some(200.0),
+            max_in_flight: 100,
+            duration: Some(Duration::from_millis(300)),
+            requests: None,
+        };
+        let target = Arc::new(Hog {
+            sent: AtomicU64::new(0),
+        });
+        let driven = drive(
+            target,
+            &plan,
+            1,
+            Arc::new(Live::default()),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(driven.schedule.in_flight_waits, 0);
+        let lag = driven
+            .stats
+            .start_lag()
+            .expect("open loop records start lag");
+        // Requests due during the 120 ms block started up to ~115 ms late.
+        assert!(lag.max >= 80.0, "{lag:?}");
+        assert!(lag.p50 < 80.0, "{lag:?}");
     }
 
     #[tokio::test]

@@ -68,6 +68,8 @@ impl Outcome {
 #[derive(Debug)]
 pub(crate) struct Stats {
     histogram: Histogram<u64>,
+    /// Open loop: how late each request task started (see `load`).
+    start_lag: Histogram<u64>,
     pub requests: u64,
     pub events: u64,
     pub accepted: u64,
@@ -89,8 +91,8 @@ impl Stats {
     pub fn new(categories: usize) -> Self {
         Self {
             // 1 µs to 1 hour at 3 significant digits; grows if needed.
-            histogram: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                .expect("valid histogram bounds"),
+            histogram: micros_histogram(),
+            start_lag: micros_histogram(),
             requests: 0,
             events: 0,
             accepted: 0,
@@ -108,8 +110,12 @@ impl Stats {
 
     /// Adds a latency sample, in microsecond resolution.
     pub fn record_latency(&mut self, latency: Duration) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.histogram.saturating_record(micros.max(1));
+        record_micros(&mut self.histogram, latency);
+    }
+
+    /// Adds an open-loop request's start lag, in microsecond resolution.
+    pub fn record_start_lag(&mut self, lag: Duration) {
+        record_micros(&mut self.start_lag, lag);
     }
 
     /// Adds one finished request.
@@ -145,6 +151,21 @@ impl Stats {
     pub fn latency(&self) -> LatencyMs {
         LatencyMs::from_histogram(&self.histogram)
     }
+
+    /// The start-lag percentiles so far (`None` without open-loop samples).
+    pub fn start_lag(&self) -> Option<LatencyMs> {
+        (!self.start_lag.is_empty()).then(|| LatencyMs::from_histogram(&self.start_lag))
+    }
+}
+
+/// 1 µs to 1 hour at 3 significant digits; grows if needed.
+fn micros_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn record_micros(histogram: &mut Histogram<u64>, duration: Duration) {
+    let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+    histogram.saturating_record(micros.max(1));
 }
 
 /// Latency percentiles in milliseconds (microsecond resolution).
@@ -236,6 +257,11 @@ pub struct Report {
     /// Open loop: requests due before the end that never started because
     /// `max_in_flight` requests were outstanding (the server fell behind).
     pub behind_schedule: u64,
+    /// Open loop: how late request tasks started against their schedule,
+    /// the load generator's own delay (already inside `latency_ms`). A p99
+    /// near the latency's says the load generator, not the server, was slow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_lag_ms: Option<LatencyMs>,
     /// The read-back check, when `verify` was on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
@@ -284,6 +310,7 @@ impl Report {
             unexpected_codes: stats.unexpected_codes,
             in_flight_waits: schedule.in_flight_waits,
             behind_schedule: schedule.behind_schedule,
+            start_lag_ms: stats.start_lag(),
             verify: None,
             raw_kafka: None,
         }
@@ -398,6 +425,13 @@ impl fmt::Display for Report {
                 f,
                 "  {:<18}{}   requests behind schedule (never sent): {}",
                 "in-flight waits", self.in_flight_waits, self.behind_schedule
+            )?;
+        }
+        if let Some(lag) = &self.start_lag_ms {
+            writeln!(
+                f,
+                "  {:<18}p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms (the load generator's own delay)",
+                "start lag", lag.p50, lag.p99, lag.max
             )?;
         }
         if let Some(raw) = &self.raw_kafka {
