@@ -335,26 +335,29 @@ mod tests {
         assert_eq!(driven.stats.start_lag(), None, "no schedule, no lag");
     }
 
+    /// An open loop at `rate` with `max_in_flight` for `millis`, to its end.
+    async fn open_loop_for<T: Target>(
+        target: Arc<T>,
+        rate: f64,
+        max_in_flight: usize,
+        millis: u64,
+    ) -> Driven {
+        let plan = Plan {
+            connections: 1,
+            rate: Some(rate),
+            max_in_flight,
+            duration: Some(Duration::from_millis(millis)),
+            requests: None,
+        };
+        let live = Arc::new(Live::default());
+        drive(target, &plan, 1, live, std::future::pending()).await
+    }
+
     #[tokio::test]
     async fn open_loop_latency_counts_from_the_intended_time() {
         // 100 req/s for 0.5 s, each request takes 50 ms, at most 1 in
         // flight: the schedule falls behind and latency must show it.
-        let target = sleepy(50);
-        let plan = Plan {
-            connections: 1,
-            rate: Some(100.0),
-            max_in_flight: 1,
-            duration: Some(Duration::from_millis(500)),
-            requests: None,
-        };
-        let driven = drive(
-            target,
-            &plan,
-            1,
-            Arc::new(Live::default()),
-            std::future::pending(),
-        )
-        .await;
+        let driven = open_loop_for(sleepy(50), 100.0, 1, 500).await;
         let latency = driven.stats.latency();
         assert!(driven.schedule.in_flight_waits > 0);
         // 50 were due, about 10 could go (1 at a time, 50 ms each).
@@ -399,24 +402,10 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn open_loop_start_lag_shows_a_starved_load_generator() {
-        let plan = Plan {
-            connections: 1,
-            rate: Some(200.0),
-            max_in_flight: 100,
-            duration: Some(Duration::from_millis(300)),
-            requests: None,
-        };
         let target = Arc::new(Hog {
             sent: AtomicU64::new(0),
         });
-        let driven = drive(
-            target,
-            &plan,
-            1,
-            Arc::new(Live::default()),
-            std::future::pending(),
-        )
-        .await;
+        let driven = open_loop_for(target, 200.0, 100, 300).await;
         assert_eq!(driven.schedule.in_flight_waits, 0);
         let lag = driven
             .stats
