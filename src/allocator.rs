@@ -17,24 +17,24 @@
 //!
 //! Then [`return_freed_memory_promptly`]: under 256 connections the
 //! gateway's memory rises with the uploads in flight and falls back as they
-//! are answered, and by default mimalloc (v3) purges a freed region only
-//! after a second. Purging at once took the peak RSS under 256 connections
-//! from 96-102 MB to 89-93 MB, with no more CPU per event (docs/BENCHMARKS.md,
-//! issue 11).
+//! are answered. By default neither allocator gives back what falls: mimalloc
+//! (v3) purges a freed region only after a second, and glibc's malloc, which
+//! librdkafka's C code uses, gives each thread that allocates its own 64 MiB
+//! arena to fill and fragment (librdkafka's broker threads, and the tokio
+//! workers that hand it messages). With mimalloc purging at once and glibc
+//! keeping one arena, the peak RSS under 256 connections fell from 96-102 MB
+//! to 89-93 MB, with no more CPU per event (docs/BENCHMARKS.md, issue 11).
 //!
-//! C code allocates from mimalloc too: every binary builds it with its
-//! `override` feature, so `malloc` and `free` in the executable are
-//! mimalloc's, and librdkafka (linked in statically) calls them. glibc's
-//! malloc guards each arena with a lock, and librdkafka allocates a message
-//! (and its headers) on the tokio worker that produces it and frees it on its
-//! broker thread once acknowledged: the threads met on that lock for every
-//! message. At half of peak the gateway's two workers made 7,000 `futex`
-//! calls a second each, a third of them that lock, and raw produce from
-//! `venus-loadtest` was 294-337k events/s on glibc's malloc against
-//! 414-427k on mimalloc (docs/BENCHMARKS.md, issue 12). mimalloc frees
-//! another thread's block without a lock (it goes on a list its owner
-//! collects). glibc's one-arena limit, which this module set before, has
-//! nothing left to limit.
+//! librdkafka's own allocations stay on glibc's malloc. Handing them to
+//! mimalloc (its `override` feature, issue 12) took the gateway's tokio
+//! workers from 7,000 `futex` calls a second to 1,350 at half of peak, most
+//! of the difference glibc's arena lock that a message's allocation on a
+//! worker and its free on librdkafka's broker thread meet on. But with
+//! mimalloc purging at once, librdkafka's freed pages went back to the kernel
+//! and were faulted in again: CPU per event at peak rose 3-28% over seven
+//! alternated rounds, and the half-peak tail did not move
+//! (docs/BENCHMARKS.md). `venus-loadtest` does hand them over (its raw
+//! produce, which has no memory target, read a quarter more).
 //!
 //! The ingester keeps huge pages: its memory has no target of that kind,
 //! and catching up on a full topic it did 7% fewer rows/s without them
@@ -60,31 +60,25 @@ pub fn disable_transparent_huge_pages() -> bool {
 /// options). A test checks it is the option `MIMALLOC_PURGE_DELAY` sets.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Has mimalloc purge freed memory at once (instead of after 1 s), so
-/// memory that uploads in flight used goes back when they are answered.
+/// Has mimalloc purge freed memory at once (instead of after 1 s) and
+/// glibc's malloc keep a single arena (instead of up to eight per core),
+/// so memory that uploads in flight used goes back when they are answered.
 /// Call it first in `main`, before any thread starts: mimalloc's options
-/// are not thread-safe to set.
-pub fn return_freed_memory_promptly() {
+/// are not thread-safe to set, and glibc's limit only stops new arenas.
+/// Returns whether glibc took the limit (`false` off glibc).
+pub fn return_freed_memory_promptly() -> bool {
     // SAFETY: sets one of mimalloc's integer options, before other threads
     // exist (see above).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-}
-
-/// Whether a block from C's `malloc` (what librdkafka calls) comes from
-/// mimalloc's heap, that is whether this executable was built with
-/// mimalloc's `override` feature.
-pub fn c_malloc_is_mimalloc() -> bool {
-    // SAFETY: a plain malloc/free pair; the pointer is only inspected
-    // (mi_is_in_heap_region reads mimalloc's own bookkeeping) before the
-    // free.
-    unsafe {
-        let block = libc::malloc(64);
-        if block.is_null() {
-            return false;
-        }
-        let ours = libmimalloc_sys::mi_is_in_heap_region(block);
-        libc::free(block);
-        ours
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt takes two integers and sets a limit of glibc's
+        // allocator; it returns 1 on success.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
     }
 }
 
@@ -151,22 +145,10 @@ mod tests {
 
     #[test]
     fn freed_memory_is_purged_at_once_after_the_call() {
-        return_freed_memory_promptly();
+        let took = return_freed_memory_promptly();
         assert_eq!(mimalloc_purge_delay_ms(), 0);
-    }
-
-    /// This test binary links mimalloc as the binaries do (the crate's
-    /// dependency carries the `override` feature), so C's `malloc` is
-    /// mimalloc's: librdkafka's messages do not go through glibc's arena
-    /// lock.
-    #[test]
-    fn c_malloc_comes_from_mimalloc() {
-        assert!(c_malloc_is_mimalloc());
-        // And a block mimalloc did not hand out is not taken for one.
-        let on_stack = 0u64;
-        // SAFETY: only reads mimalloc's bookkeeping about the address.
-        assert!(!unsafe {
-            libmimalloc_sys::mi_is_in_heap_region(std::ptr::addr_of!(on_stack).cast())
-        });
+        if cfg!(all(target_os = "linux", target_env = "gnu")) {
+            assert!(took, "glibc refused M_ARENA_MAX");
+        }
     }
 }

@@ -32,6 +32,7 @@
 //! `report.rs` (totals, histogram, output), `progress.rs` (live bar),
 //! `rng.rs` (the seeded generator).
 
+pub mod c_malloc;
 pub mod cli;
 pub mod config;
 pub mod generate;

@@ -13,6 +13,85 @@ use venus_loadtest::Report;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// C's `malloc` family, on mimalloc, for librdkafka (linked into this
+/// binary) and libc: on glibc's malloc, raw produce is bound by an arena
+/// lock its threads meet on for every message (`venus_loadtest::c_malloc`
+/// says what it cost). Defined here, in the binary, and not in the library,
+/// so that no test binary gets them. The executable's definitions take
+/// precedence over libc's for every caller (ELF symbol interposition, the
+/// way glibc documents replacing its malloc); `c_malloc` in every report
+/// checks it.
+mod c_malloc_on_mimalloc {
+    use std::ffi::{c_int, c_void};
+
+    use libmimalloc_sys as mi;
+
+    const PAGE: usize = 4096;
+
+    #[no_mangle]
+    pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+        mi::mi_malloc(size)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn calloc(count: usize, size: usize) -> *mut c_void {
+        mi::mi_calloc(count, size)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn realloc(block: *mut c_void, size: usize) -> *mut c_void {
+        mi::mi_realloc(block, size)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn reallocarray(
+        block: *mut c_void,
+        count: usize,
+        size: usize,
+    ) -> *mut c_void {
+        mi::mi_reallocn(block, count, size)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn free(block: *mut c_void) {
+        mi::mi_free(block)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn posix_memalign(
+        out: *mut *mut c_void,
+        alignment: usize,
+        size: usize,
+    ) -> c_int {
+        mi::mi_posix_memalign(out, alignment, size)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn aligned_alloc(alignment: usize, size: usize) -> *mut c_void {
+        mi::mi_aligned_alloc(alignment, size)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn memalign(alignment: usize, size: usize) -> *mut c_void {
+        mi::mi_malloc_aligned(size, alignment)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+        mi::mi_malloc_aligned(size, PAGE)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+        mi::mi_malloc_aligned(size.div_ceil(PAGE).max(1) * PAGE, PAGE)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn malloc_usable_size(block: *mut c_void) -> usize {
+        mi::mi_usable_size(block)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(path) = &cli.write_body {

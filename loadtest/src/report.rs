@@ -268,6 +268,10 @@ pub struct Report {
     /// The raw Kafka target's own figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_kafka: Option<RawKafkaReport>,
+    /// Whose `malloc` C code (librdkafka) had in this process: `mimalloc`
+    /// in the `venus-loadtest` binary, `libc` elsewhere (crate::c_malloc).
+    #[serde(default)]
+    pub c_malloc: String,
 }
 
 impl Report {
@@ -313,6 +317,7 @@ impl Report {
             start_lag_ms: stats.start_lag(),
             verify: None,
             raw_kafka: None,
+            c_malloc: crate::c_malloc::c_malloc().to_owned(),
         }
     }
 
@@ -342,8 +347,8 @@ impl fmt::Display for Report {
         };
         writeln!(
             f,
-            "venus-loadtest: {}, {load}, {:.2} s",
-            self.target, self.duration_secs
+            "venus-loadtest: {}, {load}, {:.2} s, C malloc: {}",
+            self.target, self.duration_secs, self.c_malloc
         )?;
         writeln!(f)?;
         let unit = if self.target == "http" {

@@ -160,3 +160,26 @@ async fn open_loop_against_the_fake_gateway() {
     assert_eq!(report.bad_responses, 0, "{report}");
     assert_eq!(report.unexpected_codes, 0, "{report}");
 }
+
+/// The `venus-loadtest` binary hands C's `malloc` to mimalloc (src/main.rs),
+/// so librdkafka's messages in the raw Kafka target do not go through
+/// glibc's arena lock; its report says so. (This test binary itself keeps
+/// libc's: see `c_malloc`'s own test.)
+#[test]
+fn the_binary_gives_c_code_mimalloc() {
+    let url = fake_gateway();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_venus-loadtest"))
+        .args(["--url", &url, "--requests", "5", "--connections", "1"])
+        .args(["--json", "--quiet"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: venus_loadtest::Report = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report.requests, 5, "{stdout}");
+    assert_eq!(report.c_malloc, "mimalloc", "{stdout}");
+}
