@@ -1,5 +1,6 @@
-//! The `venus-loadtest` binary: parse the command line, run, print the
-//! report (table or JSON) and exit 1 when verification found missing events.
+//! The `venus-loadtest` binary: mimalloc for Rust's and C's allocations,
+//! then parse the command line, run, print the report (table or JSON) and
+//! exit 1 when verification found missing events.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -20,7 +21,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// so that no test binary gets them. The executable's definitions take
 /// precedence over libc's for every caller (ELF symbol interposition, the
 /// way glibc documents replacing its malloc); `c_malloc` in every report
-/// checks it.
+/// checks it. Each function hands its arguments to the mimalloc function
+/// with the same contract, so its callers' obligations are C's.
 mod c_malloc_on_mimalloc {
     use std::ffi::{c_int, c_void};
 
