@@ -90,7 +90,6 @@ impl Stats {
     /// Empty totals for `categories` categories.
     pub fn new(categories: usize) -> Self {
         Self {
-            // 1 µs to 1 hour at 3 significant digits; grows if needed.
             histogram: micros_histogram(),
             start_lag: micros_histogram(),
             requests: 0,
