@@ -392,7 +392,7 @@ fn meta_string(field: &str, value: Option<LazyValue>) -> Result<String, Malforme
     value
         .as_str()
         .map(str::to_owned)
-        .ok_or_else(|| Malformed(not_a_string(&format!("meta.{field}"), &value)))
+        .ok_or_else(|| Malformed(not_a_string(&format!("meta.{field}"), value.get_type())))
 }
 
 /// One element of `data` as an event slot: pending, or failed with the rule
@@ -443,12 +443,86 @@ impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
     }
 }
 
+/// The value of one of an event's fields, as the checks read it.
+///
+/// The usual forms, a string with no escape, `null` and an unsigned integer,
+/// are read straight from the text the document's parse validated; anything
+/// else goes through sonic-rs. A `from_str` per field cost more than finding
+/// the three fields (docs/BENCHMARKS.md, change 19).
+enum FieldValue<'a> {
+    /// A string with no escape, quotes included.
+    Text(&'a str),
+    Null,
+    /// Only ASCII digits.
+    Unsigned(&'a str),
+    Parsed(LazyValue<'a>),
+}
+
+impl<'a> FieldValue<'a> {
+    /// The value whose JSON text is `text` (already validated).
+    fn read(text: &'a str) -> Result<Self, String> {
+        let bytes = text.as_bytes();
+        let plain_string = bytes.len() >= 2
+            && bytes[0] == b'"'
+            && bytes[bytes.len() - 1] == b'"'
+            && !bytes[1..bytes.len() - 1].contains(&b'\\');
+        if plain_string {
+            return Ok(Self::Text(text));
+        }
+        if text == "null" {
+            return Ok(Self::Null);
+        }
+        if !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) {
+            return Ok(Self::Unsigned(text));
+        }
+        sonic_rs::from_str(text)
+            .map(Self::Parsed)
+            .map_err(|e| not_valid_json(&first_line(&e)))
+    }
+
+    fn json_type(&self) -> JsonType {
+        match self {
+            Self::Text(_) => JsonType::String,
+            Self::Null => JsonType::Null,
+            Self::Unsigned(_) => JsonType::Number,
+            Self::Parsed(value) => value.get_type(),
+        }
+    }
+
+    /// The text of a string; `None` for other types and for a string whose
+    /// escapes do not make text (a lone surrogate).
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Text(raw) => Some(&raw[1..raw.len() - 1]),
+            Self::Parsed(value) => value.as_str(),
+            Self::Null | Self::Unsigned(_) => None,
+        }
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Self::Unsigned(digits) => digits.parse().ok(),
+            Self::Parsed(value) => value.as_u64(),
+            Self::Text(_) | Self::Null => None,
+        }
+    }
+
+    /// The value as sent.
+    fn raw(&self) -> &str {
+        match self {
+            Self::Text(raw) | Self::Unsigned(raw) => raw,
+            Self::Null => "null",
+            Self::Parsed(value) => value.as_raw_str(),
+        }
+    }
+}
+
 /// `id`, `ip` and `timestamp` of an event, each as sent or `None`.
 ///
 /// The document's parse has already validated the event, so
 /// [`json_scan::object_fields`] only finds where they are; an event with an
 /// escaped key (which might spell one of them) is read by serde instead.
-fn event_fields(raw: &str) -> Result<[Option<LazyValue<'_>>; 3], String> {
+fn event_fields(raw: &str) -> Result<[Option<FieldValue<'_>>; 3], String> {
     match json_scan::object_fields(raw.as_bytes(), ["id", "ip", "timestamp"]) {
         Ok(ranges) => {
             let mut values = [None, None, None];
@@ -456,9 +530,7 @@ fn event_fields(raw: &str) -> Result<[Option<LazyValue<'_>>; 3], String> {
                 if let Some(range) = range {
                     // Ranges end at ASCII delimiters: always on a char boundary.
                     let text = raw.get(range).ok_or_else(|| not_valid_json(&"not UTF-8"))?;
-                    *value = Some(
-                        sonic_rs::from_str(text).map_err(|e| not_valid_json(&first_line(&e)))?,
-                    );
+                    *value = Some(FieldValue::read(text)?);
                 }
             }
             Ok(values)
@@ -469,13 +541,13 @@ fn event_fields(raw: &str) -> Result<[Option<LazyValue<'_>>; 3], String> {
 }
 
 /// [`event_fields`] by a full parse of the event.
-fn event_fields_by_serde(raw: &str) -> Result<[Option<LazyValue<'_>>; 3], String> {
+fn event_fields_by_serde(raw: &str) -> Result<[Option<FieldValue<'_>>; 3], String> {
     let fields: EventFields =
         sonic_rs::from_str(raw).map_err(|e| match duplicate_field(&e.to_string()) {
             Some(name) => appears_twice(name),
             None => not_valid_json(&first_line(&e)),
         })?;
-    Ok([fields.id.0, fields.ip.0, fields.timestamp.0])
+    Ok([fields.id.0, fields.ip.0, fields.timestamp.0].map(|v| v.map(FieldValue::Parsed)))
 }
 
 fn appears_twice(name: &str) -> String {
@@ -502,7 +574,9 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
     let [id, ip, timestamp] = event_fields(item.as_raw_str())?;
 
     let id = id.ok_or_else(|| "id is required".to_owned())?;
-    let id_text = id.as_str().ok_or_else(|| not_a_string("id", &id))?;
+    let id_text = id
+        .as_str()
+        .ok_or_else(|| not_a_string("id", id.json_type()))?;
     match EventId::parse(id_text) {
         Ok(valid) => event.id = Some(valid.into_string()),
         Err(error) => {
@@ -512,18 +586,20 @@ fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
     }
 
     match ip {
-        Some(ip) if ip.get_type() != JsonType::Null => {
-            let text = ip.as_str().ok_or_else(|| not_a_string("ip", &ip))?;
+        Some(ip) if ip.json_type() != JsonType::Null => {
+            let text = ip
+                .as_str()
+                .ok_or_else(|| not_a_string("ip", ip.json_type()))?;
             event.ip = SentIp::Text(text.to_owned());
         }
         _ => event.ip = SentIp::Absent,
     }
 
     if let Some(timestamp) = timestamp {
-        if timestamp.get_type() != JsonType::Null && timestamp.as_u64().is_none() {
+        if timestamp.json_type() != JsonType::Null && timestamp.as_u64().is_none() {
             return Err(format!(
                 "timestamp must be a non-negative integer (milliseconds since the epoch), not {}",
-                trimmed(timestamp.as_raw_str())
+                trimmed(timestamp.raw())
             ));
         }
     }
@@ -550,9 +626,9 @@ pub fn trimmed(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Why `value` of `field` is not usable as a string.
-fn not_a_string(field: &str, value: &LazyValue) -> String {
-    match value.get_type() {
+/// Why a value of `field` of this type is not usable as a string.
+fn not_a_string(field: &str, json_type: JsonType) -> String {
+    match json_type {
         // A JSON string whose escapes do not make text (a lone surrogate).
         JsonType::String => format!("{field} is not a valid string (bad escape sequence)"),
         other => format!("{field} must be a string, not {}", type_name(other)),
@@ -599,7 +675,8 @@ mod tests {
     use crate::pipeline::UploadRequest;
 
     /// The quick field finder and a full serde parse read the same fields,
-    /// and fail with the same message, on events of every shape the
+    /// the quick reading of a value reads what sonic-rs does (type, text,
+    /// unsigned integer), and both fail with the same message, on events of every shape the
     /// document's parse lets through: escaped and repeated keys, nested
     /// values with brackets and quotes in strings, any whitespace.
     #[test]
@@ -623,6 +700,14 @@ mod tests {
             "0",
             "-1.5e3",
             "1763779200000",
+            "18446744073709551615",
+            "18446744073709551616",
+            "1.0",
+            "-0",
+            "1e2",
+            r#""""#,
+            r#""\ud800""#,
+            r#""1763779200000""#,
             "true",
             "false",
             "null",
@@ -635,6 +720,8 @@ mod tests {
         let mut rng = crate::xorshift(0x9e37_79b9_7f4a_7c15);
         let mut next = move |n: usize| (rng() % n as u64) as usize;
         let (mut found, mut failed) = (0, 0);
+        // A lazy value is validated: the check below can fail.
+        assert!(sonic_rs::from_str::<LazyValue>(r#"{"a":[1,]}"#).is_err());
         for _ in 0..5_000 {
             let mut event = format!("{}{{", SPACE[next(SPACE.len())]);
             let mut escaped_key = false;
@@ -653,12 +740,19 @@ mod tests {
             }
             event.push_str(SPACE[next(SPACE.len())]);
             event.push('}');
-            assert!(
-                sonic_rs::from_str::<sonic_rs::Value>(&event).is_ok(),
-                "{event}"
-            );
-            let raw = |values: Result<[Option<LazyValue>; 3], String>| {
-                values.map(|v| v.map(|v| v.map(|v| v.as_raw_str().to_owned())))
+            // Valid as the document's parse reads an event (a lazy value:
+            // an integer too large for u64 is valid JSON).
+            assert!(sonic_rs::from_str::<LazyValue>(&event).is_ok(), "{event}");
+            // Each value as sent and as the checks read it.
+            let raw = |values: Result<[Option<FieldValue>; 3], String>| {
+                values.map(|v| {
+                    v.map(|v| {
+                        v.map(|v| {
+                            let read = (v.json_type(), v.as_str().map(str::to_owned), v.as_u64());
+                            (v.raw().to_owned(), read)
+                        })
+                    })
+                })
             };
             // Only an escaped key sends an event to the full parse.
             if !escaped_key {
