@@ -1,5 +1,6 @@
 //! The per-request state the handlers share.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -95,18 +96,18 @@ impl Event {
 
     fn part(&self) -> Part {
         let (code, data) = match &self.status {
-            EventStatus::Accepted => (PartCode::Accepted, "accepted".to_owned()),
-            EventStatus::Failed { code, reason } => (*code, reason.clone()),
+            EventStatus::Accepted => (PartCode::Accepted, Cow::Borrowed("accepted")),
+            EventStatus::Failed { code, reason } => (*code, Cow::Owned(reason.clone())),
             // A chain that ends with an event still pending never reached
             // Kafka with it: it must not be reported accepted.
-            EventStatus::Pending => (PartCode::KafkaDelivery, "not delivered to Kafka".to_owned()),
+            EventStatus::Pending => (
+                PartCode::KafkaDelivery,
+                Cow::Borrowed("not delivered to Kafka"),
+            ),
         };
         Part {
             id: self.id.clone(),
-            backend_id: self
-                .enrichment
-                .as_ref()
-                .map(|e| e.backend_id.hyphenated().to_string()),
+            backend_id: self.enrichment.as_ref().map(|e| e.backend_id),
             code,
             data,
         }
