@@ -517,8 +517,6 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
         http.request.body.size = field::Empty,
         http.response.status_code = field::Empty,
         request_id = %request_id,
-        trace_id = field::Empty,
-        span_id = field::Empty,
     );
     // The client's address as resolved behind trusted proxies, and the TCP
     // peer it came through; the upload uses the former.
@@ -534,7 +532,6 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
         span.record("http.request.body.size", size);
     }
     let _ = span.set_parent(telemetry::extract_parent(request.headers()));
-    telemetry::record_ids(&span);
 
     state.metrics.request_started();
     let _active = ActiveRequest(state.metrics.clone());

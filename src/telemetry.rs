@@ -7,7 +7,8 @@
 //! * Propagation: W3C `traceparent`/`tracestate` and `baggage`, read from the
 //!   request and written into every Kafka message.
 //! * Logs: `tracing-subscriber`, JSON or pretty; lines inside a request carry
-//!   the `trace_id` and `span_id` of the span they were logged in.
+//!   the `trace_id` and `span_id` of the span they were logged in
+//!   ([`log_lines`]).
 //! * Metrics: a meter provider per application, read by the Prometheus
 //!   registry behind `/metrics` and, with an endpoint, pushed over OTLP.
 
@@ -33,15 +34,16 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::filter::{EnvFilter, Targets};
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use crate::config::{LogFormat, TelemetrySettings};
+
+mod log_lines;
+
+use log_lines::{DispatchHandle, IdsAt, LogSpanFields, WithTraceIds};
 
 /// Spans lost on the way to the collector, since the process started.
 static DROPPED_SPANS: AtomicU64 = AtomicU64::new(0);
@@ -192,18 +194,6 @@ pub fn propagation_headers(request_id: &str) -> Vec<(&'static str, String)> {
         BaggagePropagator::new().inject_context(&context, &mut injector);
     }
     injector.0
-}
-
-/// Records the OpenTelemetry ids of `span` as its `trace_id` and `span_id`
-/// fields, so that log lines inside it carry them.
-pub fn record_ids(span: &tracing::Span) {
-    let context = span.context();
-    let otel = context.span();
-    let ids = otel.span_context();
-    if ids.is_valid() {
-        span.record("trace_id", tracing::field::display(ids.trace_id()));
-        span.record("span_id", tracing::field::display(ids.span_id()));
-    }
 }
 
 /// An exporter that counts the spans of every batch it failed to deliver.
@@ -366,6 +356,7 @@ pub fn install_subscriber(
         .with_tracked_inactivity(false)
         .with_filter(Targets::new().with_target("venus", tracing::Level::INFO));
     let filter = EnvFilter::try_new(&settings.log_level)?;
+    let subscriber = DispatchHandle::default();
     let logs = match settings.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(writer)
@@ -374,103 +365,23 @@ pub fn install_subscriber(
             .with_current_span(true)
             .with_span_list(false)
             .fmt_fields(LogSpanFields)
+            .map_event_format(|json| WithTraceIds::new(json, IdsAt::SpanObject, subscriber.clone()))
             .with_filter(filter)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(writer)
+            .map_event_format(|pretty| {
+                WithTraceIds::new(pretty, IdsAt::LineEnd, subscriber.clone())
+            })
             .with_filter(filter)
             .boxed(),
     };
     tracing_subscriber::registry()
         .with(otel)
+        .with(subscriber)
         .with(logs)
         .try_init()?;
     Ok(LogGuard(guard))
-}
-
-/// The span fields a JSON log line carries under `span`: what finds the
-/// request (`request_id`) and its trace (`trace_id`, `span_id`), and which
-/// handler logged. The other fields of the gateway's spans (HTTP method,
-/// route, addresses, sizes, event counts) are attributes of the span in the
-/// trace.
-const LOG_SPAN_FIELDS: [&str; 4] = ["request_id", "trace_id", "span_id", "handler"];
-
-/// Formats a span's fields for the JSON log lines, keeping only
-/// [`LOG_SPAN_FIELDS`]. The log layer formats the fields of every span it
-/// sees when the span is made and again at every `record`, whether or not
-/// a line is ever logged inside it; tracing-subscriber's `JsonFields`
-/// re-parses and re-writes the whole object at each `record`, and at the
-/// default level (`info`) that cost 16% more gateway CPU per event than at
-/// `warn` (docs/BENCHMARKS.md). Writes a JSON object, as the JSON event
-/// format expects.
-struct LogSpanFields;
-
-/// The picked fields of one `new_span` or `record`, as JSON members.
-#[derive(Default)]
-struct PickedFields(String);
-
-impl tracing::field::Visit for PickedFields {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if LOG_SPAN_FIELDS.contains(&field.name()) {
-            self.push(field.name(), value);
-        }
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        // Formatted only when picked.
-        if LOG_SPAN_FIELDS.contains(&field.name()) {
-            self.push(field.name(), &format!("{value:?}"));
-        }
-    }
-}
-
-impl PickedFields {
-    fn push(&mut self, name: &'static str, value: &str) {
-        if !self.0.is_empty() {
-            self.0.push(',');
-        }
-        self.0.push('"');
-        self.0.push_str(name);
-        self.0.push_str("\":");
-        // A string always serializes; the request id is the client's.
-        self.0
-            .push_str(&sonic_rs::to_string(value).unwrap_or_else(|_| "\"\"".into()));
-    }
-}
-
-impl<'writer> FormatFields<'writer> for LogSpanFields {
-    fn format_fields<R: RecordFields>(
-        &self,
-        mut writer: Writer<'writer>,
-        fields: R,
-    ) -> std::fmt::Result {
-        let mut picked = PickedFields::default();
-        fields.record(&mut picked);
-        write!(writer, "{{{}}}", picked.0)
-    }
-
-    fn add_fields(
-        &self,
-        current: &'writer mut FormattedFields<Self>,
-        fields: &tracing::span::Record<'_>,
-    ) -> std::fmt::Result {
-        let mut picked = PickedFields::default();
-        fields.record(&mut picked);
-        if picked.0.is_empty() {
-            return Ok(());
-        }
-        // `current` is the object `format_fields` wrote (the log layer
-        // makes it so before any `record`): open it at its end.
-        let text = &mut current.fields;
-        debug_assert!(text.starts_with('{') && text.ends_with('}'), "{text}");
-        text.pop();
-        if text.len() > 1 {
-            text.push(',');
-        }
-        text.push_str(&picked.0);
-        text.push('}');
-        Ok(())
-    }
 }
 
 /// At most one line a second for a warning that can repeat per request
@@ -566,76 +477,6 @@ impl Metering {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A writer the test reads back.
-    #[derive(Clone, Default)]
-    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn json_log_lines_carry_only_the_picked_span_fields() {
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(move || writer.clone())
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(false)
-                .fmt_fields(LogSpanFields),
-        );
-        tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!(
-                "request",
-                http.route = "/api",
-                request_id = "a \"quoted\" \\ id\n",
-                trace_id = tracing::field::Empty,
-                span_id = tracing::field::Empty,
-                handler = tracing::field::Empty,
-                size = tracing::field::Empty,
-            );
-            // Not picked: leaves the object as it was.
-            span.record("size", 42);
-            span.record("trace_id", "0af7651916cd43dd8448eb211c80319c");
-            span.record("span_id", tracing::field::display("b7ad6b7169203331"));
-            span.in_scope(|| tracing::info!("inside"));
-            let bare = tracing::info_span!("bare", count = 3);
-            bare.record("count", 4);
-            bare.in_scope(|| tracing::info!("in a span without picked fields"));
-        });
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect();
-        assert_eq!(lines.len(), 2, "{text}");
-        assert_eq!(
-            lines[0]["span"],
-            serde_json::json!({
-                "request_id": "a \"quoted\" \\ id\n",
-                "trace_id": "0af7651916cd43dd8448eb211c80319c",
-                "span_id": "b7ad6b7169203331",
-                "name": "request",
-            }),
-            "{text}"
-        );
-        assert_eq!(
-            lines[1]["span"],
-            serde_json::json!({"name": "bare"}),
-            "{text}"
-        );
-    }
 
     #[test]
     fn a_rate_limited_log_lets_one_line_through_a_second() {

@@ -14,7 +14,6 @@ use tracing::{field, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::pipeline::{ErrorOrigin, Handler, Outcome, UploadContext};
-use crate::telemetry;
 use crate::telemetry::RateLimitedLog;
 
 pub struct TraceWrapper<H> {
@@ -43,10 +42,7 @@ impl<H: Handler> TraceWrapper<H> {
             handler = name,
             venus.events.in = field::Empty,
             venus.events.failed = field::Empty,
-            trace_id = field::Empty,
-            span_id = field::Empty,
         );
-        telemetry::record_ids(&span);
         let outcome = self.inner.handle(ctx).instrument(span.clone()).await;
 
         // The first handler creates the events: what it received is what it
