@@ -34,6 +34,14 @@ pub enum ScanError {
     BadEscape { offset: usize, found: String },
     /// A raw control character (below U+0020) inside a string.
     ControlCharacter { offset: usize, byte: u8 },
+    /// Not JSON: something else than `expected` at `offset` (the length of
+    /// the document when it ends too soon).
+    Syntax {
+        offset: usize,
+        expected: &'static str,
+    },
+    /// `meta` or `data` twice at the top of a batch.
+    DuplicateKey(&'static str),
 }
 
 impl fmt::Display for ScanError {
@@ -52,6 +60,14 @@ impl fmt::Display for ScanError {
                 f,
                 "the batch is not valid JSON: control character 0x{byte:02x} inside a string \
                  at byte {offset} (escape it)"
+            ),
+            Self::Syntax { offset, expected } => write!(
+                f,
+                "the batch is not valid JSON: expected {expected} at byte {offset}"
+            ),
+            Self::DuplicateKey(key) => write!(
+                f,
+                "the batch is not valid: duplicate field `{key}` at its top level"
             ),
         }
     }
@@ -106,11 +122,11 @@ fn scan_with<const SKIP: bool>(json: &[u8], max_depth: usize) -> Result<Strings,
     while i < json.len() {
         match CLASS[json[i] as usize] {
             QUOTE => {
-                let (end, lone) = string_end::<SKIP>(json, i + 1)?;
-                if lone {
+                let end = string_end::<SKIP>(json, i + 1)?;
+                if end.lone {
                     strings = Strings::LoneSurrogate;
                 }
-                i = end;
+                i = end.next;
                 continue;
             }
             OPEN => {
@@ -135,10 +151,318 @@ pub fn has_lone_surrogate(json: &[u8]) -> bool {
     scan(json, usize::MAX).map_or(true, |s| s == Strings::LoneSurrogate)
 }
 
-/// Reads a string whose opening quote is just before `start`. Returns the
-/// index after its closing quote (or the end of input, for the parser to
-/// report) and whether it held an unpaired surrogate.
-fn string_end<const SKIP: bool>(json: &[u8], start: usize) -> Result<(usize, bool), ScanError> {
+/// A batch document as the gateway reads it: where `meta` and each event of
+/// `data` are (byte ranges of the document).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchDocument {
+    /// `meta`'s value; `None` when absent or `null`.
+    pub meta: Option<Range<usize>>,
+    /// `None` when absent or `null`.
+    pub data: Option<Data>,
+    pub strings: Strings,
+}
+
+/// What `data` held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// An array: its first `max_events` elements, and how many it held.
+    Events {
+        items: Vec<Range<usize>>,
+        count: usize,
+    },
+    /// Anything but an array or `null`.
+    NotAnArray,
+}
+
+/// Reads a batch document in one validating pass: it must be one JSON
+/// object (RFC 8259, with the escape rule above), nested at most
+/// `max_depth` deep, with `meta` and `data` at most once each at its top
+/// level (other keys are skipped). Keeps the ranges of the first
+/// `max_events` elements of `data`; the rest are only checked and counted,
+/// so a huge array of tiny values costs no memory.
+///
+/// This replaced a parse by sonic-rs after [`scan`]: two passes over every
+/// byte where one does, and the second was the larger part of reading a
+/// batch (docs/BENCHMARKS.md, change 21). It recurses once per level, at
+/// most `max_depth` deep.
+pub fn batch_document(
+    json: &[u8],
+    max_depth: usize,
+    max_events: usize,
+) -> Result<BatchDocument, ScanError> {
+    let mut parser = Parser {
+        json,
+        i: skip_whitespace(json, 0),
+        depth: 0,
+        max_depth,
+        strings: Strings::Clean,
+    };
+    if parser.peek() != Some(b'{') {
+        return Err(parser.expected("an object"));
+    }
+    let (mut meta, mut data) = (None, None);
+    let (mut seen_meta, mut seen_data) = (false, false);
+    parser.object_members(|parser, key| {
+        let start = parser.i;
+        match top_level_key(&json[key]) {
+            TopLevelKey::Meta => {
+                if std::mem::replace(&mut seen_meta, true) {
+                    return Err(ScanError::DuplicateKey("meta"));
+                }
+                parser.value()?;
+                // Only `null` starts with `n`.
+                meta = (json[start] != b'n').then_some(start..parser.i);
+            }
+            TopLevelKey::Data => {
+                if std::mem::replace(&mut seen_data, true) {
+                    return Err(ScanError::DuplicateKey("data"));
+                }
+                data = match json.get(start) {
+                    Some(b'[') => {
+                        let mut items = Vec::with_capacity(max_events.min(64));
+                        let mut count = 0usize;
+                        parser.array_elements(|parser| {
+                            let start = parser.i;
+                            parser.value()?;
+                            if count < max_events {
+                                items.push(start..parser.i);
+                            }
+                            count += 1;
+                            Ok(())
+                        })?;
+                        Some(Data::Events { items, count })
+                    }
+                    Some(b'n') => {
+                        parser.value()?;
+                        None
+                    }
+                    _ => {
+                        parser.value()?;
+                        Some(Data::NotAnArray)
+                    }
+                };
+            }
+            TopLevelKey::Other => parser.value()?,
+        }
+        Ok(())
+    })?;
+    parser.i = skip_whitespace(json, parser.i);
+    if parser.i != json.len() {
+        return Err(parser.expected("the end of the batch"));
+    }
+    Ok(BatchDocument {
+        meta,
+        data,
+        strings: parser.strings,
+    })
+}
+
+enum TopLevelKey {
+    Meta,
+    Data,
+    Other,
+}
+
+/// Which key a top-level key (a valid JSON string, quotes included) is,
+/// escapes read: `"m\u0065ta"` is `meta` to any parser downstream.
+fn top_level_key(key: &[u8]) -> TopLevelKey {
+    let text = &key[1..key.len() - 1];
+    let unescaped;
+    let text = if text.contains(&b'\\') {
+        unescaped = sonic_rs::from_slice::<String>(key).unwrap_or_default();
+        unescaped.as_bytes()
+    } else {
+        text
+    };
+    match text {
+        b"meta" => TopLevelKey::Meta,
+        b"data" => TopLevelKey::Data,
+        _ => TopLevelKey::Other,
+    }
+}
+
+/// A recursive-descent JSON validator over `json`, at index `i`.
+struct Parser<'a> {
+    json: &'a [u8],
+    i: usize,
+    depth: usize,
+    max_depth: usize,
+    strings: Strings,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.json.get(self.i).copied()
+    }
+
+    fn expected(&self, what: &'static str) -> ScanError {
+        ScanError::Syntax {
+            offset: self.i,
+            expected: what,
+        }
+    }
+
+    /// One value starting exactly at `i`; leaves `i` just after it.
+    fn value(&mut self) -> Result<(), ScanError> {
+        match self.peek() {
+            Some(b'"') => self.string().map(drop),
+            Some(b'{') => self.object_members(|parser, _| parser.value()),
+            Some(b'[') => self.array_elements(Self::value),
+            Some(b't') => self.literal("true"),
+            Some(b'f') => self.literal("false"),
+            Some(b'n') => self.literal("null"),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => Err(self.expected("a value")),
+        }
+    }
+
+    /// A string starting at `i`; its range, quotes included.
+    fn string(&mut self) -> Result<Range<usize>, ScanError> {
+        let start = self.i;
+        let end = string_end::<true>(self.json, start + 1)?;
+        if !end.closed {
+            self.i = self.json.len();
+            return Err(self.expected("the end of a string"));
+        }
+        if end.lone {
+            self.strings = Strings::LoneSurrogate;
+        }
+        self.i = end.next;
+        Ok(start..end.next)
+    }
+
+    fn literal(&mut self, word: &'static str) -> Result<(), ScanError> {
+        if self.json[self.i..].starts_with(word.as_bytes()) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            Err(self.expected(word))
+        }
+    }
+
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+    fn number(&mut self) -> Result<(), ScanError> {
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.expected("a digit")),
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.expected("a digit after the decimal point"));
+            }
+            self.digits();
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.i += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.expected("a digit in the exponent"));
+            }
+            self.digits();
+        }
+        Ok(())
+    }
+
+    fn digits(&mut self) {
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.i += 1;
+        }
+    }
+
+    /// One level deeper, if the limit allows.
+    fn enter(&mut self) -> Result<(), ScanError> {
+        self.depth += 1;
+        if self.depth > self.max_depth {
+            return Err(ScanError::TooDeep {
+                limit: self.max_depth,
+            });
+        }
+        self.i += 1;
+        self.i = skip_whitespace(self.json, self.i);
+        Ok(())
+    }
+
+    /// The object starting at `i`: `member` is called with each key's range
+    /// (quotes included) and must read the value, which starts at `i`.
+    fn object_members(
+        &mut self,
+        mut member: impl FnMut(&mut Self, Range<usize>) -> Result<(), ScanError>,
+    ) -> Result<(), ScanError> {
+        self.enter()?;
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            if self.peek() != Some(b'"') {
+                return Err(self.expected("a key in quotes"));
+            }
+            let key = self.string()?;
+            self.i = skip_whitespace(self.json, self.i);
+            if self.peek() != Some(b':') {
+                return Err(self.expected("':'"));
+            }
+            self.i = skip_whitespace(self.json, self.i + 1);
+            member(self, key)?;
+            self.i = skip_whitespace(self.json, self.i);
+            match self.peek() {
+                Some(b',') => self.i = skip_whitespace(self.json, self.i + 1),
+                Some(b'}') => break,
+                _ => return Err(self.expected("',' or '}'")),
+            }
+        }
+        self.i += 1;
+        self.depth -= 1;
+        Ok(())
+    }
+
+    /// The array starting at `i`: `element` must read each element, which
+    /// starts at `i`.
+    fn array_elements(
+        &mut self,
+        mut element: impl FnMut(&mut Self) -> Result<(), ScanError>,
+    ) -> Result<(), ScanError> {
+        self.enter()?;
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            element(self)?;
+            self.i = skip_whitespace(self.json, self.i);
+            match self.peek() {
+                Some(b',') => self.i = skip_whitespace(self.json, self.i + 1),
+                Some(b']') => break,
+                _ => return Err(self.expected("',' or ']'")),
+            }
+        }
+        self.i += 1;
+        self.depth -= 1;
+        Ok(())
+    }
+}
+
+/// Where a string ends, as [`string_end`] found it.
+struct StringEnd {
+    /// The index after its closing quote, or the end of input.
+    next: usize,
+    /// Whether it held an unpaired surrogate.
+    lone: bool,
+    /// Whether a closing quote was found before the end of input.
+    closed: bool,
+}
+
+/// Reads a string whose opening quote is just before `start`.
+fn string_end<const SKIP: bool>(json: &[u8], start: usize) -> Result<StringEnd, ScanError> {
     let mut lone = false;
     // A high surrogate was just read and waits for its low half.
     let mut pending_high = false;
@@ -156,7 +480,13 @@ fn string_end<const SKIP: bool>(json: &[u8], start: usize) -> Result<(usize, boo
             lone = true;
         }
         match class {
-            QUOTE => return Ok((i + 1, lone)),
+            QUOTE => {
+                return Ok(StringEnd {
+                    next: i + 1,
+                    lone,
+                    closed: true,
+                })
+            }
             CONTROL => {
                 return Err(ScanError::ControlCharacter {
                     offset: i,
@@ -189,16 +519,19 @@ fn string_end<const SKIP: bool>(json: &[u8], start: usize) -> Result<(usize, boo
                         }
                         i += 6;
                     }
-                    // Input ends after the backslash: unterminated, the
-                    // parser says so.
-                    None => return Ok((json.len(), lone || pending_high)),
+                    // Input ends after the backslash: unterminated.
+                    None => break,
                     Some(_) => return Err(bad_escape(json, escape_at)),
                 }
             }
             _ => i += 1,
         }
     }
-    Ok((json.len(), lone || pending_high))
+    Ok(StringEnd {
+        next: json.len(),
+        lone: lone || pending_high,
+        closed: false,
+    })
 }
 
 /// The index of the first quote, backslash or control character at or
@@ -487,6 +820,228 @@ mod tests {
         );
         assert_eq!(object_fields(b"[1]", ["a"]), Err(FieldsError::Unreadable));
         assert_eq!(object_fields(b"{}", ["a"]), Ok([None]));
+    }
+
+    /// A random JSON value, `depth` levels down, with whitespace, escapes
+    /// and numbers of every form between its tokens.
+    fn random_value(next: &mut impl FnMut() -> u64, depth: usize) -> String {
+        const SPACE: &[&str] = &["", "", " ", "\n", "\t ", "\r\n"];
+        const TEXT: &[&str] = &[
+            "a",
+            "é",
+            "\\n",
+            "\\\"",
+            "\\\\",
+            "\\/",
+            "\\u00e9",
+            "\\uD83D\\uDE00",
+            " ",
+            "[",
+            "]",
+            "{",
+            "}",
+            ":",
+            ",",
+            "😀",
+        ];
+        const NUMBERS: &[&str] = &[
+            "0",
+            "-0",
+            "12",
+            "-3.25",
+            "1e5",
+            "2E-3",
+            "0.5e+7",
+            "123456789012345678901",
+        ];
+        let mut pick = |options: &[&'static str]| options[(next() % options.len() as u64) as usize];
+        let space = pick(SPACE);
+        let string = |next: &mut dyn FnMut() -> u64| {
+            let pieces: String = (0..next() % 5)
+                .map(|_| TEXT[(next() % TEXT.len() as u64) as usize])
+                .collect();
+            format!("\"{pieces}\"")
+        };
+        let value = match next() % 10 {
+            0..=2 if depth < 5 => {
+                let members: Vec<String> = (0..next() % 4)
+                    .map(|_| {
+                        let key = string(next);
+                        format!("{key}{space}:{space}{}", random_value(next, depth + 1))
+                    })
+                    .collect();
+                format!("{{{space}{}{space}}}", members.join(&format!("{space},")))
+            }
+            3..=4 if depth < 5 => {
+                let elements: Vec<String> = (0..next() % 4)
+                    .map(|_| random_value(next, depth + 1))
+                    .collect();
+                format!("[{}{space}]", elements.join(","))
+            }
+            7 => NUMBERS[(next() % NUMBERS.len() as u64) as usize].to_owned(),
+            8 => ["true", "false", "null"][(next() % 3) as usize].to_owned(),
+            _ => string(next),
+        };
+        format!("{space}{value}")
+    }
+
+    /// How many times `meta` and `data` are keys of a top-level object.
+    struct TopKeys(usize, usize);
+
+    impl<'de> serde::Deserialize<'de> for TopKeys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Counter;
+            impl<'de> serde::de::Visitor<'de> for Counter {
+                type Value = TopKeys;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<TopKeys, A::Error> {
+                    let mut keys = TopKeys(0, 0);
+                    while let Some(key) = map.next_key::<String>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        keys.0 += usize::from(key == "meta");
+                        keys.1 += usize::from(key == "data");
+                    }
+                    Ok(keys)
+                }
+            }
+            d.deserialize_map(Counter)
+        }
+    }
+
+    /// The one-pass reader accepts exactly the batches serde_json accepts
+    /// (an object with `meta` and `data` at most once each), and finds the
+    /// same `meta` and events, on random documents and on every kind of
+    /// damage to them: a byte lost, a stray byte, a cut.
+    #[test]
+    fn the_batch_reader_agrees_with_serde_json() {
+        const STRAY: &[u8] = b"{}[]\",:0-.eE+ \\atn";
+        let mut next = crate::xorshift(0x51af_d7ed_558c_cd13);
+        let (mut accepted, mut refused, mut compared) = (0, 0, 0);
+        for round in 0..30_000 {
+            let mut members = Vec::new();
+            for _ in 0..1 + next() % 3 {
+                let member = match next() % 6 {
+                    0 | 1 => format!("\"meta\":{}", random_value(&mut next, 1)),
+                    2 => format!("\"m\\u0065ta\":{}", random_value(&mut next, 1)),
+                    3 => format!("\"x\":{}", random_value(&mut next, 1)),
+                    _ => {
+                        let events: Vec<String> = (0..next() % 5)
+                            .map(|_| random_value(&mut next, 2))
+                            .collect();
+                        format!("\"data\" : [{}]", events.join(" ,"))
+                    }
+                };
+                members.push(member);
+            }
+            let mut doc = format!("{{{}}}", members.join(",")).into_bytes();
+            if round % 2 == 1 {
+                let at = (next() % (doc.len() as u64 + 1)) as usize;
+                match next() % 3 {
+                    0 if at < doc.len() => {
+                        doc.remove(at);
+                    }
+                    1 => doc.insert(at, STRAY[(next() % STRAY.len() as u64) as usize]),
+                    _ => doc.truncate(at),
+                }
+            }
+            // The gateway checks UTF-8 first; unpaired surrogates are valid
+            // grammar here and are left out of the comparison.
+            if std::str::from_utf8(&doc).is_err() || scan(&doc, 64) == Ok(Strings::LoneSurrogate) {
+                continue;
+            }
+            let ours = batch_document(&doc, 32, 3);
+            let theirs = serde_json::from_slice::<serde::de::IgnoredAny>(&doc).is_ok()
+                && matches!(
+                    serde_json::from_slice::<TopKeys>(&doc),
+                    Ok(TopKeys(0..=1, 0..=1))
+                );
+            assert_eq!(
+                ours.is_ok(),
+                theirs,
+                "{}: {ours:?}",
+                String::from_utf8_lossy(&doc)
+            );
+            let Ok(found) = ours else {
+                refused += 1;
+                continue;
+            };
+            accepted += 1;
+            let Ok(whole) = serde_json::from_slice::<serde_json::Value>(&doc) else {
+                continue;
+            };
+            let value = |range: &Range<usize>| {
+                serde_json::from_slice::<serde_json::Value>(&doc[range.clone()]).unwrap()
+            };
+            let meta = whole.get("meta").filter(|v| !v.is_null());
+            assert_eq!(found.meta.as_ref().map(value).as_ref(), meta);
+            match (&found.data, whole.get("data")) {
+                (None, None | Some(serde_json::Value::Null)) => {}
+                (Some(Data::NotAnArray), Some(data)) => {
+                    assert!(!data.is_array() && !data.is_null())
+                }
+                (Some(Data::Events { items, count }), Some(serde_json::Value::Array(events))) => {
+                    assert_eq!(*count, events.len());
+                    let read: Vec<_> = items.iter().map(value).collect();
+                    assert_eq!(read[..], events[..events.len().min(3)]);
+                }
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(&doc)),
+            }
+            compared += 1;
+        }
+        assert!(
+            accepted > 10_000 && refused > 5_000 && compared > 10_000,
+            "{accepted} accepted, {refused} refused, {compared} compared"
+        );
+    }
+
+    #[test]
+    fn batch_errors_say_what_and_where() {
+        let refused = |doc: &str| {
+            batch_document(doc.as_bytes(), 4, 10)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            refused(r#"{"meta":{},"data":[1,]}"#),
+            "the batch is not valid JSON: expected a value at byte 21"
+        );
+        assert_eq!(
+            refused(r#"{"meta":"#),
+            "the batch is not valid JSON: expected a value at byte 8"
+        );
+        assert_eq!(
+            refused(r#"{"data":["abc"#),
+            "the batch is not valid JSON: expected the end of a string at byte 13"
+        );
+        assert_eq!(
+            refused(r#"{"data":[01]}"#),
+            "the batch is not valid JSON: expected ',' or ']' at byte 10"
+        );
+        assert_eq!(
+            refused(r#"{"data":[]} x"#),
+            "the batch is not valid JSON: expected the end of the batch at byte 12"
+        );
+        assert!(refused(r#"{"data":[],"d\u0061ta":[]}"#).contains("duplicate field `data`"));
+        assert_eq!(
+            batch_document(b"{\"a\":[[[[1]]]]}", 4, 10),
+            Err(ScanError::TooDeep { limit: 4 })
+        );
+        // Only the first `max_events` events are kept; all are counted.
+        let doc = br#"{"data":[{"id":1}, 2 ,"x",[]], "meta" : null}"#;
+        let read = batch_document(doc, 4, 2).unwrap();
+        assert_eq!(read.meta, None);
+        assert_eq!(
+            read.data,
+            Some(Data::Events {
+                items: vec![9..17, 19..20],
+                count: 4
+            })
+        );
     }
 
     #[test]

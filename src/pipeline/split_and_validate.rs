@@ -13,14 +13,11 @@ use std::collections::HashSet;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use serde::de::{
-    DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor,
-};
 use serde::Deserialize;
 use sonic_rs::{JsonType, JsonValueTrait, LazyValue};
 
 use crate::domain::{AppId, Category, EventId};
-use crate::json_scan::{self, Strings};
+use crate::json_scan::{self, Data, Strings};
 use crate::pipeline::context::{Batch, Event, EventStatus, SentIp};
 use crate::pipeline::{cpu_heavy, Handler, Outcome, UploadContext};
 use crate::wire::{PartCode, Reply};
@@ -58,163 +55,6 @@ impl Handler for SplitAndValidate {
 
     fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome> {
         Box::pin(async move { cpu_heavy(ctx.request.document.len(), || self.run(ctx)) })
-    }
-}
-
-/// The top level of the batch document, read in one pass: `meta` as sent
-/// and each event of `data` as its own slice. Reading `data` as one value
-/// and then iterating it walked every event's bytes once more (about 3% of
-/// the gateway's CPU at peak, docs/BENCHMARKS.md). Unknown top-level keys
-/// are skipped; `null` counts as absent.
-struct Document<'a> {
-    meta: Option<LazyValue<'a>>,
-    data: Option<Data<'a>>,
-}
-
-/// What `data` held.
-enum Data<'a> {
-    /// An array: its first `max_events` events, and how many it held.
-    Events {
-        items: Vec<LazyValue<'a>>,
-        count: usize,
-    },
-    /// Anything but an array or `null`.
-    NotAnArray,
-}
-
-impl<'a> Document<'a> {
-    /// Parses `text`, keeping at most `max_events` events (the rest are
-    /// only counted, so a huge array of tiny values costs nothing).
-    fn parse(text: &'a str, max_events: usize) -> sonic_rs::Result<Self> {
-        let mut deserializer = sonic_rs::Deserializer::from_str(text);
-        let document = DocumentSeed { max_events }.deserialize(&mut deserializer)?;
-        deserializer.end()?;
-        Ok(document)
-    }
-}
-
-/// The top-level keys the gateway reads.
-#[derive(Deserialize)]
-#[serde(field_identifier, rename_all = "lowercase")]
-enum Key {
-    Meta,
-    Data,
-    #[serde(other)]
-    Other,
-}
-
-struct DocumentSeed {
-    max_events: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for DocumentSeed {
-    type Value = Document<'de>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for DocumentSeed {
-    type Value = Document<'de>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object with \"meta\" and \"data\"")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let (mut meta, mut data) = (None, None);
-        let (mut seen_meta, mut seen_data) = (false, false);
-        while let Some(key) = map.next_key::<Key>()? {
-            match key {
-                Key::Meta if seen_meta => return Err(A::Error::duplicate_field("meta")),
-                Key::Meta => {
-                    seen_meta = true;
-                    meta = map.next_value::<Option<LazyValue<'de>>>()?;
-                }
-                Key::Data if seen_data => return Err(A::Error::duplicate_field("data")),
-                Key::Data => {
-                    seen_data = true;
-                    data = map.next_value_seed(DataSeed {
-                        max_events: self.max_events,
-                    })?;
-                }
-                Key::Other => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(Document { meta, data })
-    }
-}
-
-/// Reads `data`: `None` for `null`.
-struct DataSeed {
-    max_events: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for DataSeed {
-    type Value = Option<Data<'de>>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for DataSeed {
-    type Value = Option<Data<'de>>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an array of events")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items = Vec::new();
-        let mut count = 0usize;
-        while count < self.max_events {
-            match seq.next_element::<LazyValue<'de>>()? {
-                Some(item) => items.push(item),
-                None => return Ok(Some(Data::Events { items, count })),
-            }
-            count += 1;
-        }
-        while seq.next_element::<IgnoredAny>()?.is_some() {
-            count += 1;
-        }
-        Ok(Some(Data::Events { items, count }))
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Some(Data::NotAnArray))
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Some(Data::NotAnArray))
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Some(Data::NotAnArray))
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Some(Data::NotAnArray))
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Some(Data::NotAnArray))
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Some(Data::NotAnArray))
     }
 }
 
@@ -271,18 +111,17 @@ impl SplitAndValidate {
                 error.valid_up_to()
             ))
         })?;
-        // The parser skips nested values recursively without a depth limit:
-        // a body of deeply nested brackets would overflow the stack. The scan
-        // also refuses every escape on which parsers could disagree.
-        let strings =
-            json_scan::scan(document, MAX_NESTING).map_err(|e| Malformed(e.to_string()))?;
-        let parsed = Document::parse(text, self.limits.max_events)
-            .map_err(|e| Malformed(format!("the batch is not valid JSON: {}", first_line(&e))))?;
+        // One validating pass finds `meta` and every event; it also bounds
+        // the nesting for sonic-rs, which recurses without a limit of its
+        // own when it reads `meta` or an event with an escaped key below.
+        let parsed = json_scan::batch_document(document, MAX_NESTING, self.limits.max_events)
+            .map_err(|e| Malformed(e.to_string()))?;
+        let strings = parsed.strings;
 
         let meta = parsed
             .meta
             .ok_or_else(|| Malformed("meta is required".into()))?;
-        let batch = self.batch(document, &meta)?;
+        let batch = self.batch(document, &text[meta])?;
         if strings == Strings::LoneSurrogate && json_scan::has_lone_surrogate(&batch.meta) {
             return Err(Malformed(format!("meta {LONE_SURROGATE}")));
         }
@@ -295,8 +134,8 @@ impl SplitAndValidate {
             Some(Data::Events { items, count }) => (items, count),
         };
         let mut events: Vec<Event> = items
-            .iter()
-            .map(|item| event_of(document, item, strings))
+            .into_iter()
+            .map(|item| event_of(document, &text[item], strings))
             .collect();
         if count == 0 {
             return Err(Malformed("data must hold at least one event".into()));
@@ -330,11 +169,13 @@ impl SplitAndValidate {
         Ok((batch, events))
     }
 
-    fn batch(&self, document: &Bytes, meta: &LazyValue) -> Result<Batch, Malformed> {
-        if meta.get_type() != JsonType::Object {
+    /// The batch of `meta`, whose text (a part of `document`, valid JSON)
+    /// is `meta`.
+    fn batch(&self, document: &Bytes, meta: &str) -> Result<Batch, Malformed> {
+        if !meta.starts_with('{') {
             return Err(Malformed("meta must be a JSON object".into()));
         }
-        let meta_bytes = meta.as_raw_str().len();
+        let meta_bytes = meta.len();
         if meta_bytes > self.limits.max_meta_bytes {
             return Err(Malformed(format!(
                 "meta is {meta_bytes} bytes; at most {} are allowed (it is copied into every event's message)",
@@ -347,7 +188,7 @@ impl SplitAndValidate {
         let mut keys = HashSet::new();
         let mut app_id = None;
         let mut category = None;
-        for entry in meta.clone().into_object_iter().into_iter().flatten() {
+        for entry in sonic_rs::to_object_iter(meta) {
             let (key, value) = entry
                 .map_err(|e| Malformed(format!("meta is not valid JSON: {}", first_line(&e))))?;
             if keys.len() == MAX_META_FIELDS {
@@ -381,7 +222,7 @@ impl SplitAndValidate {
         Ok(Batch {
             app_id,
             category,
-            meta: share(document, meta.as_raw_str()),
+            meta: share(document, meta),
         })
     }
 }
@@ -397,9 +238,9 @@ fn meta_string(field: &str, value: Option<LazyValue>) -> Result<String, Malforme
 
 /// One element of `data` as an event slot: pending, or failed with the rule
 /// it broke.
-fn event_of(document: &Bytes, item: &LazyValue, strings: Strings) -> Event {
+fn event_of(document: &Bytes, item: &str, strings: Strings) -> Event {
     let mut event = Event {
-        raw: share(document, item.as_raw_str()),
+        raw: share(document, item),
         id: None,
         ip: SentIp::Absent,
         enrichment: None,
@@ -564,14 +405,23 @@ fn duplicate_field(message: &str) -> Option<&str> {
     rest.split('`').next()
 }
 
-fn check_event(item: &LazyValue, event: &mut Event) -> Result<(), String> {
-    if item.get_type() != JsonType::Object {
+/// Checks an event whose text (valid JSON) is `item`.
+fn check_event(item: &str, event: &mut Event) -> Result<(), String> {
+    let json_type = match item.as_bytes()[0] {
+        b'{' => JsonType::Object,
+        b'[' => JsonType::Array,
+        b'"' => JsonType::String,
+        b't' | b'f' => JsonType::Boolean,
+        b'n' => JsonType::Null,
+        _ => JsonType::Number,
+    };
+    if json_type != JsonType::Object {
         return Err(format!(
             "an event must be a JSON object, not {}",
-            type_name(item.get_type())
+            type_name(json_type)
         ));
     }
-    let [id, ip, timestamp] = event_fields(item.as_raw_str())?;
+    let [id, ip, timestamp] = event_fields(item)?;
 
     let id = id.ok_or_else(|| "id is required".to_owned())?;
     let id_text = id
@@ -884,13 +734,9 @@ mod tests {
             );
         }
         assert!(rejected(&format!(r#"{{{META},"data":null}}"#)).contains("data is required"));
-        // `data` itself is read as a value: a number no parser can hold is
-        // named as such.
+        // A number no parser can hold is valid JSON, and not an array.
         let infinite = rejected(&format!(r#"{{{META},"data":1e999}}"#));
-        assert!(
-            infinite.contains("not valid JSON") && infinite.contains("finite"),
-            "{infinite}"
-        );
+        assert!(infinite.contains("data must be an array"), "{infinite}");
         let twice = format!(r#"{{{META},"data":[{{"id":"a"}}],"data":[{{"id":"b"}}]}}"#);
         assert!(rejected(&twice).contains("duplicate field `data`"));
         let twice = format!(r#"{{{META},{META},"data":[{{"id":"a"}}]}}"#);
