@@ -1,24 +1,25 @@
-//! One pass over a batch document before any parser sees it: how deep it
-//! nests, and whether every string is JSON as RFC 8259 writes it. And, once
-//! the parser has accepted it, where an event's few wanted fields are
-//! ([`object_fields`]), without a second validating parse.
+//! The batch document's one validating pass ([`batch_document`]): JSON
+//! grammar, how deep it nests, and whether every string is JSON as RFC 8259
+//! writes it; it returns where `meta` and each event are. Then, per event,
+//! where its few wanted fields are ([`object_fields`]), without validating
+//! again.
 //!
-//! Why a separate pass: sonic-rs skips nested values by recursion with no
-//! depth limit of its own, so a body of deeply nested brackets overflows a
-//! worker's stack and aborts the process (a stack overflow cannot be caught).
-//! Bounding the depth beforehand only works if this scan and the parser agree
-//! on where every string ends, and they agree only on valid escapes: sonic-rs
-//! steps over `\u` plus any four bytes, so `"\u"abc"` is one string to it and
-//! a string followed by `abc"` to a scanner that reads `\u` as two bytes.
-//! Hence the rule here: any escape that is not exactly one of `\" \\ \/ \b
-//! \f \n \r \t \uXXXX` (four hex digits) makes the document invalid, so the
-//! only documents that reach the parser are those on which every reading of
-//! JSON agrees. The same rule keeps `"\uZZZZ"` from reaching Kafka, where
-//! standard JSON parsers would reject the message.
+//! sonic-rs still reads `meta`, and the rare event whose keys have escapes,
+//! after this pass. It skips nested values by recursion with no depth limit
+//! of its own, so a body of deeply nested brackets would overflow a worker's
+//! stack and abort the process (a stack overflow cannot be caught); the depth
+//! bound here protects it only if both agree on where every string ends, and
+//! they agree only on valid escapes: sonic-rs steps over `\u` plus any four
+//! bytes, so `"\u"abc"` is one string to it and a string followed by `abc"`
+//! to a reader that reads `\u` as two bytes. Hence the rule here: any escape
+//! that is not exactly one of `\" \\ \/ \b \f \n \r \t \uXXXX` (four hex
+//! digits) makes the document invalid. The same rule keeps `"\uZZZZ"` from
+//! reaching Kafka, where standard JSON parsers would reject the message.
+//! [`scan`] is that string and depth check alone, for parts of a document.
 //!
 //! One thing is valid JSON grammar and still poison downstream: a `\uD800`
 //! with no low surrogate after it (RFC 8259 §8.2 leaves its meaning open;
-//! serde_json and ClickHouse reject it). The scan reports that it saw one;
+//! serde_json and ClickHouse reject it). The pass reports that it saw one;
 //! the caller then asks [`has_lone_surrogate`] of each part to fail only the
 //! event (or the `meta`) that carries it.
 

@@ -1,6 +1,8 @@
 //! The batch parser (`split_and_validate`) on arbitrary bytes: it must never
 //! panic or overflow its stack, never answer 5xx, and every event it accepts
-//! must be a JSON object whose strings hold no invalid escape.
+//! must be a JSON object whose strings hold no invalid escape. It reads the
+//! JSON grammar as serde_json does: a body it calls not valid JSON is one
+//! serde_json refuses, and a body serde_json refuses yields no event.
 #![no_main]
 
 use bytes::Bytes;
@@ -19,17 +21,26 @@ fuzz_target!(|data: &[u8]| {
     );
     let mut ctx = UploadContext::new(UploadRequest {
         request_id: "fuzz".into(),
+        key: None,
         client_ip: "127.0.0.1".parse().unwrap(),
         document: Bytes::copy_from_slice(data),
     });
     let outcome = block_on(handler.handle(&mut ctx));
+    let json = serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok();
     if let Some(reply) = outcome.responder {
         assert!(reply.status.as_u16() < 500, "{}", reply.status);
+        if reply.body.data.starts_with("the batch is not valid JSON") {
+            assert!(!json, "{}", reply.body.data);
+        }
+    }
+    if !json {
+        assert!(ctx.events.is_empty());
     }
     for event in &ctx.events {
         if matches!(event.status, EventStatus::Pending) {
             assert!(event.raw.starts_with(b"{"));
             assert!(venus::json_scan::scan(&event.raw, usize::MAX).is_ok());
+            assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&event.raw).is_ok());
             assert!(!venus::json_scan::has_lone_surrogate(&event.raw));
         }
     }
