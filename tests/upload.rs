@@ -68,11 +68,17 @@ async fn an_all_valid_batch_is_200_and_every_event_reaches_kafka_with_its_enrich
     assert_eq!(parts.len(), events.len());
     let ids: Vec<&str> = parts.iter().map(|p| p["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["v4", "v6", "private", "mapped", "client"]);
+    let mut backend_ids = Vec::new();
     for part in parts {
         assert_eq!(part["code"], 0, "{part}");
         let backend_id = uuid::Uuid::parse_str(part["backend_id"].as_str().unwrap()).unwrap();
         assert_eq!(backend_id.get_version_num(), 7);
+        backend_ids.push(backend_id);
     }
+    assert!(
+        backend_ids.windows(2).all(|pair| pair[0] < pair[1]),
+        "ordered within the batch: {backend_ids:?}"
+    );
 
     let messages = broker.read(&topic, events.len(), IDLE);
     assert_eq!(
@@ -96,6 +102,12 @@ async fn an_all_valid_batch_is_200_and_every_event_reaches_kafka_with_its_enrich
         assert!(
             before <= upload_time && upload_time <= after,
             "{upload_time}"
+        );
+        let (seconds, nanos) = backend_ids[index].get_timestamp().unwrap().to_unix();
+        assert_eq!(
+            seconds * 1000 + u64::from(nanos) / 1_000_000,
+            upload_time,
+            "the id's time is the upload time"
         );
         assert_eq!(value["ip"], ip);
         assert_eq!(value["country"], country);

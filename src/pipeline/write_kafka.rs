@@ -67,6 +67,29 @@ fn push_json_str(out: &mut Vec<u8>, text: &str) {
     let _ = sonic_rs::to_writer(&mut *out, text);
 }
 
+/// Appends an address's text form, which needs no JSON escaping. IPv4
+/// octets are written directly: `Display` went through the formatting
+/// machinery for every event.
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    use std::io::Write;
+
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(digits.format(octet).as_bytes());
+            }
+        }
+        // Writing to a Vec cannot fail.
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// Writes the Kafka message value of one event into `out` (cleared first),
 /// so one buffer serves a whole batch: librdkafka copies each payload.
 pub fn write_message_value(
@@ -75,8 +98,6 @@ pub fn write_message_value(
     enrichment: &Enrichment,
     event: &[u8],
 ) {
-    use std::io::Write;
-
     let location = &enrichment.location;
     out.clear();
     out.extend_from_slice(b"{\"backend_id\":\"");
@@ -95,8 +116,7 @@ pub fn write_message_value(
             .as_bytes(),
     );
     out.extend_from_slice(b",\"ip\":\"");
-    // An IpAddr's text form needs no escaping; writing to a Vec cannot fail.
-    let _ = write!(out, "{}", enrichment.ip);
+    push_ip(out, enrichment.ip);
     out.extend_from_slice(b"\",\"country\":");
     push_json_str(out, &location.country);
     out.extend_from_slice(b",\"region\":");
@@ -368,5 +388,28 @@ impl WriteKafka {
             .with_attribute(KeyValue::new("messaging.destination.name", topic))
             .with_attribute(KeyValue::new("messaging.operation.type", "send"))
             .with_attribute(KeyValue::new("messaging.batch.message_count", sent as i64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_written_as_their_display_form() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.9.100",
+            "81.2.69.142",
+            "::1",
+            "2001:db8::ff00:42:8329",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = b"x".to_vec();
+            push_ip(&mut out, ip);
+            assert_eq!(out, format!("x{ip}").into_bytes());
+        }
     }
 }
