@@ -396,54 +396,47 @@ impl Parser<'_> {
         &mut self,
         mut member: impl FnMut(&mut Self, Range<usize>) -> Result<(), ScanError>,
     ) -> Result<(), ScanError> {
-        self.enter()?;
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            self.depth -= 1;
-            return Ok(());
-        }
-        loop {
-            if self.peek() != Some(b'"') {
-                return Err(self.expected("a key in quotes"));
+        self.items(b'}', "',' or '}'", |parser| {
+            if parser.peek() != Some(b'"') {
+                return Err(parser.expected("a key in quotes"));
             }
-            let key = self.string()?;
-            self.i = skip_whitespace(self.json, self.i);
-            if self.peek() != Some(b':') {
-                return Err(self.expected("':'"));
+            let key = parser.string()?;
+            parser.i = skip_whitespace(parser.json, parser.i);
+            if parser.peek() != Some(b':') {
+                return Err(parser.expected("':'"));
             }
-            self.i = skip_whitespace(self.json, self.i + 1);
-            member(self, key)?;
-            self.i = skip_whitespace(self.json, self.i);
-            match self.peek() {
-                Some(b',') => self.i = skip_whitespace(self.json, self.i + 1),
-                Some(b'}') => break,
-                _ => return Err(self.expected("',' or '}'")),
-            }
-        }
-        self.i += 1;
-        self.depth -= 1;
-        Ok(())
+            parser.i = skip_whitespace(parser.json, parser.i + 1);
+            member(parser, key)
+        })
     }
 
     /// The array starting at `i`: `element` must read each element, which
     /// starts at `i`.
     fn array_elements(
         &mut self,
-        mut element: impl FnMut(&mut Self) -> Result<(), ScanError>,
+        element: impl FnMut(&mut Self) -> Result<(), ScanError>,
+    ) -> Result<(), ScanError> {
+        self.items(b']', "',' or ']'", element)
+    }
+
+    /// The comma-separated items of the object or array opening at `i`,
+    /// each read by `item` from its first byte, up to `close`.
+    fn items(
+        &mut self,
+        close: u8,
+        expected: &'static str,
+        mut item: impl FnMut(&mut Self) -> Result<(), ScanError>,
     ) -> Result<(), ScanError> {
         self.enter()?;
-        if self.peek() == Some(b']') {
-            self.i += 1;
-            self.depth -= 1;
-            return Ok(());
-        }
-        loop {
-            element(self)?;
-            self.i = skip_whitespace(self.json, self.i);
-            match self.peek() {
-                Some(b',') => self.i = skip_whitespace(self.json, self.i + 1),
-                Some(b']') => break,
-                _ => return Err(self.expected("',' or ']'")),
+        if self.peek() != Some(close) {
+            loop {
+                item(self)?;
+                self.i = skip_whitespace(self.json, self.i);
+                match self.peek() {
+                    Some(b',') => self.i = skip_whitespace(self.json, self.i + 1),
+                    Some(byte) if byte == close => break,
+                    _ => return Err(self.expected(expected)),
+                }
             }
         }
         self.i += 1;
