@@ -1000,26 +1000,19 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        assert_eq!(
-            refused(r#"{"meta":{},"data":[1,]}"#),
-            "the batch is not valid JSON: expected a value at byte 21"
-        );
-        assert_eq!(
-            refused(r#"{"meta":"#),
-            "the batch is not valid JSON: expected a value at byte 8"
-        );
-        assert_eq!(
-            refused(r#"{"data":["abc"#),
-            "the batch is not valid JSON: expected the end of a string at byte 13"
-        );
-        assert_eq!(
-            refused(r#"{"data":[01]}"#),
-            "the batch is not valid JSON: expected ',' or ']' at byte 10"
-        );
-        assert_eq!(
-            refused(r#"{"data":[]} x"#),
-            "the batch is not valid JSON: expected the end of the batch at byte 12"
-        );
+        for (doc, expected) in [
+            (r#"{"meta":{},"data":[1,]}"#, "a value at byte 21"),
+            (r#"{"meta":"#, "a value at byte 8"),
+            (r#"{"data":["abc"#, "the end of a string at byte 13"),
+            (r#"{"data":[01]}"#, "',' or ']' at byte 10"),
+            (r#"{"data":[]} x"#, "the end of the batch at byte 12"),
+        ] {
+            assert_eq!(
+                refused(doc),
+                format!("the batch is not valid JSON: expected {expected}"),
+                "{doc}"
+            );
+        }
         assert!(refused(r#"{"data":[],"d\u0061ta":[]}"#).contains("duplicate field `data`"));
         assert_eq!(
             batch_document(b"{\"a\":[[[[1]]]]}", 4, 10),
