@@ -379,7 +379,7 @@ pub fn install_subscriber(
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(writer)
             .map_event_format(|pretty| {
-                WithTraceIds::new(pretty, IdsAt::LineEnd, subscriber.clone())
+                WithTraceIds::new(pretty, IdsAt::LineStart, subscriber.clone())
             })
             .with_filter(filter)
             .boxed(),

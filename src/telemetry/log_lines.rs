@@ -22,7 +22,7 @@
 //!   and again as OpenTelemetry attributes, about 3% of the gateway's CPU at
 //!   peak (docs/BENCHMARKS.md, change 20).
 
-use std::fmt::Write as _;
+use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
 use opentelemetry::trace::TraceContextExt;
@@ -114,13 +114,15 @@ impl<'writer> FormatFields<'writer> for LogSpanFields {
     }
 }
 
-/// How [`WithTraceIds`] adds the ids to a line its inner format wrote.
+/// How [`WithTraceIds`] adds the ids to a line its inner format writes.
 #[derive(Clone, Copy, Debug)]
 pub enum IdsAt {
     /// As the first members of the line's `span` object (JSON lines).
     SpanObject,
-    /// As `trace_id=… span_id=…` at the end of the line (pretty lines).
-    LineEnd,
+    /// As `trace_id=… span_id=…` before the line (pretty lines). Not at its
+    /// end: the line would have to be written into a buffer first, and a
+    /// buffer's `Writer` has no colours.
+    LineStart,
 }
 
 /// The subscriber the log layer is part of, for [`WithTraceIds`] to reach
@@ -183,20 +185,48 @@ where
             .parent()
             .and_then(|id| ctx.span(id))
             .or_else(|| ctx.lookup_current());
+        // The OpenTelemetry SDK may log while tracing-opentelemetry holds a
+        // span's lock (when it starts the span), and so may anything this
+        // lookup calls: reading the ids then would take that lock again.
+        // Such lines go out without ids.
+        let own_event = event.metadata().target().starts_with("opentelemetry");
         let ids = span
             .zip(self.subscriber.get())
+            .filter(|_| !own_event)
             .and_then(|(span, subscriber)| {
-                let context = tracing_opentelemetry::get_otel_context(&span.id(), &subscriber)?;
+                let context = IN_LOOKUP.with(|busy| {
+                    (!busy.replace(true)).then(|| {
+                        let context =
+                            tracing_opentelemetry::get_otel_context(&span.id(), &subscriber);
+                        busy.set(false);
+                        context
+                    })
+                })??;
                 trace_ids(&context)
             });
         let Some(ids) = ids else {
             return self.inner.format_event(ctx, writer, event);
         };
-        let mut line = String::new();
-        self.inner
-            .format_event(ctx, Writer::new(&mut line), event)?;
-        writer.write_str(&with_ids(&line, &ids, self.at))
+        match self.at {
+            IdsAt::LineStart => {
+                let [trace_id, span_id] = &ids;
+                write!(writer, "trace_id={trace_id} span_id={span_id} ")?;
+                self.inner.format_event(ctx, writer, event)
+            }
+            IdsAt::SpanObject => {
+                let mut line = String::new();
+                self.inner
+                    .format_event(ctx, Writer::new(&mut line), event)?;
+                writer.write_str(&in_span_object(&line, &ids))
+            }
+        }
     }
+}
+
+thread_local! {
+    /// Set while this thread looks up a span's OpenTelemetry context for a
+    /// line, so that a line logged meanwhile does not look up again.
+    static IN_LOOKUP: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The trace and span ids of a span's context, as hex, when it is valid.
@@ -207,33 +237,25 @@ fn trace_ids(context: &opentelemetry::Context) -> Option<[String; 2]> {
         .then(|| [ids.trace_id().to_string(), ids.span_id().to_string()])
 }
 
-/// `line` with the ids added where `at` says.
-fn with_ids(line: &str, [trace_id, span_id]: &[String; 2], at: IdsAt) -> String {
+/// A JSON `line` with the ids as the first members of its `span` object;
+/// unchanged if it has none.
+fn in_span_object(line: &str, [trace_id, span_id]: &[String; 2]) -> String {
+    // `"span":{` can only be the key of the span object: inside a JSON
+    // string every quote is escaped, so no string holds a quote right after
+    // `span`. The span object is the line's last object (no span list),
+    // hence the last match.
+    const KEY: &str = "\"span\":{";
+    let Some(at) = line.rfind(KEY).map(|at| at + KEY.len()) else {
+        return line.to_owned();
+    };
     let mut ids = String::new();
-    match at {
-        IdsAt::SpanObject => {
-            // `"span":{` can only be the key of the span object: inside a
-            // JSON string every quote is escaped, so no string holds a
-            // quote right after `span`. The span object is the line's last
-            // object (no span list), hence the last match.
-            const KEY: &str = "\"span\":{";
-            let Some(at) = line.rfind(KEY).map(|at| at + KEY.len()) else {
-                return line.to_owned();
-            };
-            push_member(&mut ids, "trace_id", trace_id);
-            ids.push(',');
-            push_member(&mut ids, "span_id", span_id);
-            // The object is never empty: the JSON format adds the span's
-            // name after its fields.
-            ids.push(',');
-            format!("{}{ids}{}", &line[..at], &line[at..])
-        }
-        IdsAt::LineEnd => {
-            let body = line.trim_end_matches('\n');
-            let _ = write!(ids, " trace_id={trace_id} span_id={span_id}");
-            format!("{body}{ids}{}", &line[body.len()..])
-        }
-    }
+    push_member(&mut ids, "trace_id", trace_id);
+    ids.push(',');
+    push_member(&mut ids, "span_id", span_id);
+    // The object is never empty: the JSON format adds the span's name after
+    // its fields.
+    ids.push(',');
+    format!("{}{ids}{}", &line[..at], &line[at..])
 }
 
 #[cfg(test)]
@@ -360,19 +382,58 @@ mod tests {
     }
 
     #[test]
-    fn pretty_lines_end_with_the_ids() {
+    fn a_json_line_without_a_span_object_is_left_alone() {
         let ids = [
             "0af7651916cd43dd8448eb211c80319c".to_owned(),
             "b7ad6b7169203331".to_owned(),
         ];
         assert_eq!(
-            with_ids("INFO request: inside\n", &ids, IdsAt::LineEnd),
-            "INFO request: inside trace_id=0af7651916cd43dd8448eb211c80319c span_id=b7ad6b7169203331\n"
+            in_span_object("{\"message\":\"no span\"}\n", &ids),
+            "{\"message\":\"no span\"}\n"
         );
-        assert_eq!(
-            with_ids("{\"message\":\"no span\"}\n", &ids, IdsAt::SpanObject),
-            "{\"message\":\"no span\"}\n",
-            "a line without a span object is left alone"
-        );
+    }
+
+    /// Pretty lines start with the ids and keep their colours; the SDK's own
+    /// events get no ids.
+    #[test]
+    fn pretty_lines_start_with_the_ids_in_colour() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = DispatchHandle::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(subscriber.clone())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || writer.clone())
+                    .with_ansi(true)
+                    .map_event_format(|pretty| {
+                        WithTraceIds::new(pretty, IdsAt::LineStart, subscriber)
+                    }),
+            );
+        let mut ids = String::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request");
+            span.in_scope(|| {
+                tracing::info!("inside");
+                tracing::info!(target: "opentelemetry_sdk", "the SDK's own");
+            });
+            let context = tracing_opentelemetry::OpenTelemetrySpanExt::context(&span);
+            let span = context.span();
+            let context = span.span_context();
+            ids = format!(
+                "trace_id={} span_id={} ",
+                context.trace_id(),
+                context.span_id()
+            );
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with(&ids), "{text}");
+        assert!(lines[0].contains('\x1b'), "colours kept: {text:?}");
+        assert!(!lines[1].contains("trace_id="), "{text}");
+        assert!(lines[1].contains("the SDK's own"), "{text}");
     }
 }
