@@ -526,9 +526,10 @@ mod tests {
 
     /// The quick field finder and a full serde parse read the same fields,
     /// the quick reading of a value reads what sonic-rs does (type, text,
-    /// unsigned integer), and both fail with the same message, on events of every shape the
-    /// document's parse lets through: escaped and repeated keys, nested
-    /// values with brackets and quotes in strings, any whitespace.
+    /// unsigned integer), and both fail with the same message, on events of
+    /// every shape the document's parse lets through: escaped and repeated
+    /// keys, nested values with brackets and quotes in strings, any
+    /// whitespace.
     #[test]
     fn the_field_finder_reads_what_a_full_parse_reads() {
         const KEYS: &[&str] = &[

@@ -193,17 +193,7 @@ where
         let ids = span
             .zip(self.subscriber.get())
             .filter(|_| !own_event)
-            .and_then(|(span, subscriber)| {
-                let context = IN_LOOKUP.with(|busy| {
-                    (!busy.replace(true)).then(|| {
-                        let context =
-                            tracing_opentelemetry::get_otel_context(&span.id(), &subscriber);
-                        busy.set(false);
-                        context
-                    })
-                })??;
-                trace_ids(&context)
-            });
+            .and_then(|(span, subscriber)| span_ids(&span.id(), &subscriber));
         let Some(ids) = ids else {
             return self.inner.format_event(ctx, writer, event);
         };
@@ -229,8 +219,15 @@ thread_local! {
     static IN_LOOKUP: Cell<bool> = const { Cell::new(false) };
 }
 
-/// The trace and span ids of a span's context, as hex, when it is valid.
-fn trace_ids(context: &opentelemetry::Context) -> Option<[String; 2]> {
+/// The trace and span ids of span `id`, as hex, when its context is valid;
+/// `None` for a line logged while this thread is already looking them up.
+fn span_ids(id: &tracing::span::Id, subscriber: &Dispatch) -> Option<[String; 2]> {
+    if IN_LOOKUP.with(|busy| busy.replace(true)) {
+        return None;
+    }
+    let context = tracing_opentelemetry::get_otel_context(id, subscriber);
+    IN_LOOKUP.with(|busy| busy.set(false));
+    let context = context?;
     let span = context.span();
     let ids = span.span_context();
     ids.is_valid()
