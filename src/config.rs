@@ -412,8 +412,9 @@ pub struct GeoIpSettings {
     /// turns the look off (SIGHUP still reloads).
     #[serde(default = "defaults::geoip_reload_interval_ms")]
     pub reload_interval_ms: u64,
-    /// Slots of the cache of recent lookups (rounded up to a power of two;
-    /// 0: no cache). Each holds one address and its location, about 130
+    /// Slots of the cache of recent lookups (rounded up to a power of two,
+    /// in sets of four, the least recently used of a set replaced first; 0:
+    /// no cache). Each holds one address and its location, about 130
     /// bytes when taken; a reload starts an empty cache with the new data.
     #[serde(default = "defaults::geoip_cache_entries")]
     pub cache_entries: usize,
