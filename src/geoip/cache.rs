@@ -32,7 +32,7 @@ use super::Location;
 
 /// Slots per set. Four keep a set's lock and its slots in about two cache
 /// lines, and make eviction by a collision rare at any load short of full.
-pub const WAYS: usize = 4;
+const WAYS: usize = 4;
 
 /// One remembered answer: the address, where it is (empty strings when the
 /// database has no record) and whether the database had a record.
@@ -72,9 +72,7 @@ impl LookupCache {
     /// had a record. A hit becomes its set's most recently used.
     pub fn get(&self, ip: IpAddr) -> Option<(Arc<Location>, bool)> {
         let mut set = self.set(ip)?.try_lock().ok()?;
-        let way = set
-            .iter()
-            .position(|slot| matches!(slot, Some((cached, _, _)) if *cached == ip))?;
+        let way = way_of(&set, ip)?;
         set[..=way].rotate_right(1);
         set[0]
             .as_ref()
@@ -88,10 +86,7 @@ impl LookupCache {
         let Some(Ok(mut set)) = self.set(ip).map(Mutex::try_lock) else {
             return;
         };
-        let way = set
-            .iter()
-            .position(|slot| matches!(slot, Some((cached, _, _)) if *cached == ip))
-            .unwrap_or(WAYS - 1);
+        let way = way_of(&set, ip).unwrap_or(WAYS - 1);
         set[..=way].rotate_right(1);
         set[0] = Some((ip, Arc::clone(location), found));
     }
@@ -112,6 +107,12 @@ impl LookupCache {
         let hash = (bits.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize;
         Some(&self.sets[hash & self.mask])
     }
+}
+
+/// Where in `set` the answer for `ip` is, if it is there.
+fn way_of(set: &Set, ip: IpAddr) -> Option<usize> {
+    set.iter()
+        .position(|slot| matches!(slot, Some((cached, _, _)) if *cached == ip))
 }
 
 #[cfg(test)]
