@@ -67,9 +67,25 @@ pub const OPENAPI_ROUTE: &str = "/api/v1/openapi.yaml";
 pub const OPENAPI: &str = include_str!("../docs/openapi.yaml");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// What every request handler shares.
+/// What every request handler shares, behind one `Arc`.
+///
+/// axum clones the state for each extractor and layer that takes it, four
+/// times per upload, and drops each clone again. As a struct of a dozen
+/// `Arc`s that was two dozen atomic operations per clone, on counters that
+/// both workers write, so most of them missed the cache
+/// (docs/BENCHMARKS.md). Behind one `Arc` a clone is one.
 #[derive(Clone)]
-struct AppState {
+struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+struct Shared {
     chain: Arc<Chain>,
     sink: Arc<KafkaSink>,
     geoip: Arc<GeoIp>,
@@ -169,7 +185,7 @@ impl Application {
             &settings.server.forwarding_header,
         )
         .map_err(|e| anyhow::anyhow!("configuration key `server.trusted_proxies`: {e}"))?;
-        let state = AppState {
+        let state = AppState(Arc::new(Shared {
             chain: Arc::new(chain),
             sink,
             geoip,
@@ -186,7 +202,7 @@ impl Application {
             drain,
             apps,
             _gauges: gauges,
-        };
+        }));
         let cors = cors_layer(&settings.server.cors);
         let router = router(state.clone(), settings.server.max_body_bytes, cors);
         let listener = listen(settings.listen_addr())?;
