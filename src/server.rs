@@ -85,24 +85,27 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// Its fields need no `Arc` of their own unless something outside the
+/// state holds them too (the producer, the GeoIP data, the semaphore whose
+/// permits outlive a borrow).
 struct Shared {
-    chain: Arc<Chain>,
+    chain: Chain,
     sink: Arc<KafkaSink>,
     geoip: Arc<GeoIp>,
     metrics: Metrics,
-    metering: Arc<Metering>,
+    metering: Metering,
     in_flight: Arc<Semaphore>,
     budget: MemoryBudget,
     max_body_bytes: usize,
     body_timeout: Duration,
     min_body_rate: u64,
     body_rate_grace: Duration,
-    client_ip: Arc<ClientIpResolver>,
-    readiness: Arc<ReadinessCache>,
+    client_ip: ClientIpResolver,
+    readiness: ReadinessCache,
     drain: Drain,
     apps: Apps,
     /// Keeps the observable instruments (and their callbacks) alive.
-    _gauges: Arc<Gauges>,
+    _gauges: Gauges,
 }
 
 /// The request id of a request: its `X-Request-ID`, or a generated one.
@@ -136,7 +139,7 @@ impl Application {
             &settings.geoip.database,
             settings.geoip.cache_entries,
         )?);
-        let metering = Arc::new(Metering::new(&settings.telemetry)?);
+        let metering = Metering::new(&settings.telemetry)?;
         let metrics = Metrics::new(
             &metering.provider,
             &settings.categories,
@@ -162,7 +165,7 @@ impl Application {
             crate::apps::reload::spawn(apps.clone(), loader, metrics.clone());
         }
         let budget = MemoryBudget::new(settings.server.max_in_flight_bytes);
-        let gauges = Arc::new(register_gauges(&metering, &sink, &budget, &geoip, &apps));
+        let gauges = register_gauges(&metering, &sink, &budget, &geoip, &apps);
 
         let (drain_control, drain) = DrainControl::new();
         let limits = BatchLimits {
@@ -186,7 +189,7 @@ impl Application {
         )
         .map_err(|e| anyhow::anyhow!("configuration key `server.trusted_proxies`: {e}"))?;
         let state = AppState(Arc::new(Shared {
-            chain: Arc::new(chain),
+            chain,
             sink,
             geoip,
             metrics,
@@ -197,8 +200,8 @@ impl Application {
             body_timeout: Duration::from_millis(settings.server.body_timeout_ms),
             min_body_rate: settings.server.min_body_rate_bytes_per_sec,
             body_rate_grace: Duration::from_millis(settings.server.body_rate_grace_ms),
-            client_ip: Arc::new(client_ip),
-            readiness: Arc::new(ReadinessCache::default()),
+            client_ip,
+            readiness: ReadinessCache::default(),
             drain,
             apps,
             _gauges: gauges,
