@@ -321,6 +321,10 @@ impl Config {
         self.generator.validate()?;
         ensure!(self.connections > 0, "connections must be > 0");
         ensure!(self.max_in_flight > 0, "max in flight must be > 0");
+        ensure!(
+            self.max_in_flight <= 1 << 20,
+            "max in flight must be at most 1048576"
+        );
         if let Some(rate) = self.rate {
             ensure!(
                 rate.is_finite() && rate > 0.0,

@@ -14,7 +14,10 @@
 //!
 //! Both stop starting requests at the deadline, after the request limit, or
 //! when the shutdown future completes, then wait for what is in flight.
-//! Results flow over a channel to one collector task that owns the totals.
+//! Each request adds its result to the totals itself, under a lock held for
+//! the few counters and the histogram: a channel to a collector task woke
+//! that task for every request, often on the other worker thread, and the
+//! load generator's CPU is taken from the gateway it measures.
 //!
 //! In open loop the driver also records each request's *start lag*: how long
 //! after it was due its task first ran, where "due" is the intended start or,
@@ -25,10 +28,10 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 use crate::progress::Live;
 use crate::report::{Outcome, Stats};
@@ -113,14 +116,32 @@ where
         std::future::pending::<()>().await;
     });
 
-    let (tx, rx) = mpsc::unbounded_channel::<Finished>();
-    let collector = tokio::spawn(collect(rx, Stats::new(categories), live));
+    let collector = Arc::new(Collector {
+        stats: Mutex::new(Stats::new(categories)),
+        live,
+    });
 
     let schedule = match plan.rate {
-        None => closed_loop(target, plan, stop_rx, tx).await,
-        Some(rate) => open_loop(target, plan, rate, start, deadline, stop_rx, tx).await,
+        None => closed_loop(target, plan, stop_rx, collector.clone()).await,
+        Some(rate) => {
+            open_loop(
+                target,
+                plan,
+                rate,
+                start,
+                deadline,
+                stop_rx,
+                collector.clone(),
+            )
+            .await
+        }
     };
-    let stats = collector.await.expect("the collector does not panic");
+    // Every request has recorded its result by now, and every worker and
+    // request task has dropped its reference before giving back its slot.
+    let stats = match Arc::try_unwrap(collector) {
+        Ok(collector) => collector.into_stats(),
+        Err(shared) => std::mem::replace(&mut *shared.lock(), Stats::new(categories)),
+    };
     let elapsed = start.elapsed();
     stopper.abort();
     Driven {
@@ -130,32 +151,44 @@ where
     }
 }
 
-/// Totals the results until every sender is gone.
-async fn collect(
-    mut rx: mpsc::UnboundedReceiver<Finished>,
-    mut stats: Stats,
+/// The run's totals, added to by every finished request.
+struct Collector {
+    stats: Mutex<Stats>,
     live: Arc<Live>,
-) -> Stats {
-    while let Some(Finished {
-        latency,
-        start_lag,
-        outcome,
-    }) = rx.recv().await
-    {
+}
+
+impl Collector {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stats> {
+        // A request that panicked while holding the lock left the totals
+        // whole (each record is one call): go on with them.
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, finished: Finished) {
+        let Finished {
+            latency,
+            start_lag,
+            outcome,
+        } = finished;
         let failed = match outcome.status {
             Some(status) => u64::from(!(200..300).contains(&status)),
             None => outcome.errors.iter().map(|(_, n)| u64::from(*n)).sum(),
         };
-        live.requests.fetch_add(1, Ordering::Relaxed);
-        live.accepted
+        self.live.requests.fetch_add(1, Ordering::Relaxed);
+        self.live
+            .accepted
             .fetch_add(u64::from(outcome.accepted), Ordering::Relaxed);
-        live.failed.fetch_add(failed, Ordering::Relaxed);
+        self.live.failed.fetch_add(failed, Ordering::Relaxed);
+        let mut stats = self.lock();
         if let Some(lag) = start_lag {
             stats.record_start_lag(lag);
         }
         stats.record(latency, outcome);
     }
-    stats
+
+    fn into_stats(self) -> Stats {
+        self.stats.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// `connections` workers sending back to back.
@@ -163,7 +196,7 @@ async fn closed_loop<T: Target>(
     target: Arc<T>,
     plan: &Plan,
     stop: watch::Receiver<bool>,
-    tx: mpsc::UnboundedSender<Finished>,
+    collector: Arc<Collector>,
 ) -> ScheduleFigures {
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..plan.connections)
@@ -171,7 +204,7 @@ async fn closed_loop<T: Target>(
             let target = target.clone();
             let next = next.clone();
             let stop = stop.clone();
-            let tx = tx.clone();
+            let collector = collector.clone();
             let limit = plan.requests;
             tokio::spawn(async move {
                 loop {
@@ -185,14 +218,11 @@ async fn closed_loop<T: Target>(
                     let sent = Instant::now();
                     let outcome = target.send(request).await;
                     let no_response = !outcome.record_latency;
-                    let finished = Finished {
+                    collector.record(Finished {
                         latency: sent.elapsed(),
                         start_lag: None,
                         outcome,
-                    };
-                    if tx.send(finished).is_err() {
-                        break;
-                    }
+                    });
                     if no_response {
                         // A refused connection fails at once: do not spin.
                         tokio::time::sleep(ERROR_PAUSE).await;
@@ -201,7 +231,6 @@ async fn closed_loop<T: Target>(
             })
         })
         .collect();
-    drop(tx);
     for worker in workers {
         // A panicking worker loses its own results only.
         let _ = worker.await;
@@ -217,7 +246,7 @@ async fn open_loop<T: Target>(
     start: Instant,
     deadline: Option<Instant>,
     mut stop: watch::Receiver<bool>,
-    tx: mpsc::UnboundedSender<Finished>,
+    collector: Arc<Collector>,
 ) -> ScheduleFigures {
     let slots = Arc::new(Semaphore::new(plan.max_in_flight));
     let mut waits = 0u64;
@@ -250,27 +279,32 @@ async fn open_loop<T: Target>(
             }
         };
         let target = target.clone();
-        let tx = tx.clone();
+        let collector = collector.clone();
         tokio::spawn(async move {
             let start_lag = due.elapsed();
             let outcome = target.send(request).await;
-            let _ = tx.send(Finished {
+            collector.record(Finished {
                 latency: intended.elapsed(),
                 start_lag: Some(start_lag),
                 outcome,
             });
+            drop(collector);
             drop(permit);
         });
         request += 1;
     }
-    // The collector ends when the last request task drops its sender.
-    drop(tx);
     // Requests due by now (or by the deadline) that never started.
     let end = deadline.map_or_else(Instant::now, |d| d.min(Instant::now()));
     let mut due = (end.duration_since(start).as_secs_f64() * rate).ceil() as u64;
     if let Some(limit) = plan.requests {
         due = due.min(limit);
     }
+    // Wait for what is in flight: each task records its result, then gives
+    // its slot back.
+    let _all = slots
+        .acquire_many(u32::try_from(plan.max_in_flight).unwrap_or(u32::MAX))
+        .await
+        .expect("the semaphore is never closed");
     ScheduleFigures {
         in_flight_waits: waits,
         behind_schedule: due.saturating_sub(request),
@@ -377,6 +411,19 @@ mod tests {
             .expect("open loop records start lag");
         assert_eq!(lag.samples, driven.stats.requests);
         assert!(lag.max < 40.0, "{lag:?}");
+    }
+
+    #[tokio::test]
+    async fn open_loop_waits_for_every_request_in_flight() {
+        // 10 requests start in the first 100 ms and each takes 300 ms: all
+        // are still out when the schedule ends, and all must be counted.
+        let target = sleepy(300);
+        let driven = open_loop_for(target.clone(), 100.0, 100, 100).await;
+        let sent = target.sent.load(Ordering::Relaxed);
+        assert!(sent >= 9, "{sent}");
+        assert_eq!(driven.stats.requests, sent);
+        assert_eq!(driven.stats.accepted, 2 * sent);
+        assert!(driven.elapsed >= Duration::from_millis(300));
     }
 
     /// A target whose first request blocks its thread: the one-thread

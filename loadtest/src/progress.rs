@@ -1,6 +1,6 @@
 //! The live progress bar on stderr: requests/s, accepted events/s, failures.
 //!
-//! Counters are plain atomics that the result collector bumps; a ticker
+//! Counters are plain atomics that each finished request bumps; a ticker
 //! task turns them into rates a few times a second. When the bar is off (not
 //! asked for, or stderr is not a terminal) nothing is drawn and no ticker
 //! runs.
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinHandle;
 
-/// Totals so far, shared with the collector.
+/// Totals so far, bumped by each finished request.
 #[derive(Debug, Default)]
 pub(crate) struct Live {
     pub requests: AtomicU64,
@@ -77,7 +77,7 @@ impl Progress {
         }
     }
 
-    /// The counters the collector bumps.
+    /// The counters each finished request bumps.
     pub fn live(&self) -> Arc<Live> {
         self.live.clone()
     }
