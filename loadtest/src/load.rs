@@ -136,12 +136,8 @@ where
             .await
         }
     };
-    // Every request has recorded its result by now, and every worker and
-    // request task has dropped its reference before giving back its slot.
-    let stats = match Arc::try_unwrap(collector) {
-        Ok(collector) => collector.into_stats(),
-        Err(shared) => std::mem::replace(&mut *shared.lock(), Stats::new(categories)),
-    };
+    // Every request has recorded its result by now.
+    let stats = std::mem::replace(&mut *collector.lock(), Stats::new(0));
     let elapsed = start.elapsed();
     stopper.abort();
     Driven {
@@ -184,10 +180,6 @@ impl Collector {
             stats.record_start_lag(lag);
         }
         stats.record(latency, outcome);
-    }
-
-    fn into_stats(self) -> Stats {
-        self.stats.into_inner().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -288,7 +280,6 @@ async fn open_loop<T: Target>(
                 start_lag: Some(start_lag),
                 outcome,
             });
-            drop(collector);
             drop(permit);
         });
         request += 1;
