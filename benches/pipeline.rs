@@ -75,6 +75,7 @@ fn pipeline(c: &mut Criterion) {
             max_meta_bytes: 16 * 1024,
         },
         &[],
+        None,
     );
     let geoip = Arc::new(GeoIp::from_bytes(test_support::city_database()).unwrap());
     let enrich = IpEnrich::new(geoip, Metrics::noop());
@@ -153,6 +154,8 @@ fn pipeline(c: &mut Criterion) {
         }],
         default_limits: RateLimit::default(),
         max_tracked_apps: 10_000,
+        client_limits: RateLimit::default(),
+        max_tracked_clients: 100_000,
     });
     let authorize = Authorize::new(apps.clone(), Metrics::noop());
     let mut headers = axum::http::HeaderMap::new();
@@ -181,7 +184,13 @@ fn pipeline(c: &mut Criterion) {
     group.bench_function("authorize_check_only", |b| {
         b.iter(|| {
             let key = keys::presented(&headers, &uri);
-            let admitted = registry.admit("com.example.shop", "page_view", key.as_ref(), EVENTS);
+            let admitted = registry.admit(
+                "com.example.shop",
+                "page_view",
+                key.as_ref(),
+                [203, 0, 113, 7].into(),
+                EVENTS,
+            );
             assert!(admitted.is_ok());
             black_box(admitted.is_ok())
         })

@@ -8,35 +8,73 @@
 //!   is held until the upload is answered. A body that would pass the budget
 //!   ends at once with 503. A client that trickles a byte a second holds a
 //!   byte, not a slot.
+//! * **Memory, per client address.** One address ([`PeerKey`]: the client
+//!   address resolved behind `server.trusted_proxies`) holds at most
+//!   `server.max_in_flight_bytes_per_client` of the budget; past it its own
+//!   upload ends with 429, and every other client still has the rest.
 //! * **Rate.** [`BodyMeter`] counts what arrived, so the upload handler can
 //!   end a body slower than `server.min_body_rate_bytes_per_sec`.
 //! * **Processing slots.** Only once the whole body is in does an upload take
 //!   one of `server.max_in_flight_requests` slots (parsing, Kafka), so slow
 //!   bodies never hold them.
 
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
+use dashmap::DashMap;
 use http_body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::peers::PeerKey;
 
 /// The byte budget shared by every upload in flight.
 #[derive(Clone)]
 pub struct MemoryBudget {
     semaphore: Arc<Semaphore>,
     total: usize,
+    /// Bytes held per client address, each at most `per_client`.
+    clients: Arc<DashMap<PeerKey, usize>>,
+    /// 0: no share per client.
+    per_client: usize,
 }
 
+/// Why a charge was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The whole budget is in use: the gateway is overloaded (503).
+    Budget,
+    /// This client address holds its share already (429).
+    ClientShare,
+}
+
+const NOT_REFUSED: u8 = 0;
+const REFUSED_BUDGET: u8 = 1;
+const REFUSED_CLIENT: u8 = 2;
+
 impl MemoryBudget {
-    pub fn new(total_bytes: usize) -> Self {
+    /// A budget of `total_bytes`, of which one client address may hold at
+    /// most `per_client_bytes` (0: no share per client).
+    pub fn new(total_bytes: usize, per_client_bytes: usize) -> Self {
         Self {
             semaphore: Arc::new(Semaphore::new(total_bytes.min(Semaphore::MAX_PERMITS))),
             total: total_bytes,
+            clients: Arc::new(DashMap::new()),
+            per_client: if per_client_bytes >= total_bytes {
+                0
+            } else {
+                per_client_bytes
+            },
         }
+    }
+
+    /// The share one client address may hold (0: none).
+    pub fn per_client(&self) -> usize {
+        self.per_client
     }
 
     /// Bytes of the budget held right now.
@@ -45,39 +83,78 @@ impl MemoryBudget {
             .saturating_sub(self.semaphore.available_permits())
     }
 
-    /// Starts an upload's account: nothing charged yet.
-    pub fn account(&self) -> Arc<Account> {
+    /// Starts the account of an upload from `client`: nothing charged yet.
+    pub fn account(&self, client: IpAddr) -> Arc<Account> {
         Arc::new(Account {
-            budget: self.semaphore.clone(),
+            budget: self.clone(),
+            client: PeerKey::of(client),
             held: Mutex::new(None),
             received: AtomicU64::new(0),
-            exhausted: AtomicBool::new(false),
+            refused: AtomicU8::new(NOT_REFUSED),
         })
+    }
+
+    /// Adds `bytes` to `client`'s share; `false` (and nothing added) past it.
+    fn take_share(&self, client: PeerKey, bytes: usize) -> bool {
+        if self.per_client == 0 {
+            return true;
+        }
+        let mut held = self.clients.entry(client).or_insert(0);
+        if held.saturating_add(bytes) > self.per_client {
+            return false;
+        }
+        *held += bytes;
+        true
+    }
+
+    /// Gives `bytes` of `client`'s share back, forgetting a client that
+    /// holds nothing.
+    fn return_share(&self, client: PeerKey, bytes: usize) {
+        if self.per_client == 0 || bytes == 0 {
+            return;
+        }
+        self.clients.remove_if_mut(&client, |_, held| {
+            *held = held.saturating_sub(bytes);
+            *held == 0
+        });
     }
 }
 
 /// What one upload holds of the budget and how much of its body arrived.
 /// Dropping it gives the bytes back.
 pub struct Account {
-    budget: Arc<Semaphore>,
+    budget: MemoryBudget,
+    client: PeerKey,
     held: Mutex<Option<OwnedSemaphorePermit>>,
     received: AtomicU64,
-    exhausted: AtomicBool,
+    refused: AtomicU8,
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        let held = self.held();
+        self.budget.return_share(self.client, held);
+    }
 }
 
 impl Account {
-    /// Charges `bytes` more; `false` (and nothing charged) when the budget
-    /// cannot give them now. Never waits: an overloaded gateway answers 503
-    /// rather than queueing bodies.
+    /// Charges `bytes` more; `false` (and nothing charged) when the budget,
+    /// or the client's share of it, cannot give them now. Never waits: an
+    /// overloaded gateway answers at once rather than queueing bodies.
     pub fn charge(&self, bytes: usize) -> bool {
         if bytes == 0 {
             return true;
         }
+        if !self.budget.take_share(self.client, bytes) {
+            self.refused.store(REFUSED_CLIENT, Ordering::Relaxed);
+            return false;
+        }
         let granted = u32::try_from(bytes)
             .ok()
-            .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
+            .and_then(|n| self.budget.semaphore.clone().try_acquire_many_owned(n).ok());
         let Some(permit) = granted else {
-            self.exhausted.store(true, Ordering::Relaxed);
+            self.budget.return_share(self.client, bytes);
+            self.refused.store(REFUSED_BUDGET, Ordering::Relaxed);
             return false;
         };
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
@@ -95,7 +172,16 @@ impl Account {
 
     /// Whether a charge was refused (the reason a body ended early).
     pub fn exhausted(&self) -> bool {
-        self.exhausted.load(Ordering::Relaxed)
+        self.refusal().is_some()
+    }
+
+    /// Why a charge was refused, if one was.
+    pub fn refusal(&self) -> Option<Refused> {
+        match self.refused.load(Ordering::Relaxed) {
+            REFUSED_BUDGET => Some(Refused::Budget),
+            REFUSED_CLIENT => Some(Refused::ClientShare),
+            _ => None,
+        }
     }
 
     /// Bytes charged so far.
@@ -162,16 +248,21 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
+    fn client(n: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, n])
+    }
+
     #[test]
     fn charges_add_up_and_come_back_on_drop() {
-        let budget = MemoryBudget::new(100);
-        let a = budget.account();
+        let budget = MemoryBudget::new(100, 0);
+        let a = budget.account(client(1));
         assert!(a.charge(60));
         assert!(a.charge(30));
         assert_eq!(a.held(), 90);
         assert_eq!(budget.in_use(), 90);
-        let b = budget.account();
+        let b = budget.account(client(1));
         assert!(!b.charge(20), "only 10 bytes are left");
+        assert_eq!(b.refusal(), Some(Refused::Budget));
         assert!(b.exhausted());
         assert!(b.charge(10));
         drop(a);
@@ -180,10 +271,45 @@ mod tests {
         assert_eq!(budget.in_use(), 0);
     }
 
+    #[test]
+    fn one_client_holds_at_most_its_share_and_others_keep_the_rest() {
+        let budget = MemoryBudget::new(100, 40);
+        let a = budget.account(client(1));
+        assert!(a.charge(30));
+        let a2 = budget.account(client(1));
+        assert!(!a2.charge(20), "30 + 20 is past the share of 40");
+        assert_eq!(a2.refusal(), Some(Refused::ClientShare));
+        assert!(a2.charge(10), "up to the share is fine");
+        let b = budget.account(client(2));
+        assert!(b.charge(40), "another client has its own share");
+        let c = budget.account(client(3));
+        assert!(!c.charge(40), "but not more than the whole budget");
+        assert_eq!(c.refusal(), Some(Refused::Budget));
+        assert!(c.charge(20));
+        assert_eq!(budget.in_use(), 100);
+        drop((a, a2));
+        assert_eq!(budget.in_use(), 60);
+        let a3 = budget.account(client(1));
+        assert!(a3.charge(40), "the share came back with the bytes");
+        drop((a3, b, c));
+        assert_eq!(budget.in_use(), 0);
+        assert!(
+            budget.clients.is_empty(),
+            "clients holding nothing are forgotten"
+        );
+    }
+
+    #[test]
+    fn a_share_as_large_as_the_budget_is_no_share() {
+        let budget = MemoryBudget::new(100, 100);
+        assert_eq!(budget.per_client(), 0);
+        assert!(budget.account(client(1)).charge(100));
+    }
+
     #[tokio::test]
     async fn a_body_past_the_budget_fails_and_says_why() {
-        let budget = MemoryBudget::new(8);
-        let account = budget.account();
+        let budget = MemoryBudget::new(8, 0);
+        let account = budget.account(client(1));
         let body = MeteredBody::wrap(Body::from("0123456789"), account.clone());
         let error = body.collect().await.unwrap_err();
         assert!(account.exhausted());
@@ -191,7 +317,7 @@ mod tests {
         assert_eq!(account.received(), 10);
         assert_eq!(budget.in_use(), 0, "nothing charged for the refused frame");
 
-        let account = budget.account();
+        let account = budget.account(client(1));
         let body = MeteredBody::wrap(Body::from("01234567"), account.clone());
         assert_eq!(body.collect().await.unwrap().to_bytes(), "01234567");
         assert_eq!(budget.in_use(), 8);

@@ -83,9 +83,10 @@ pub struct Settings {
     #[serde(default)]
     pub telemetry: TelemetrySettings,
     /// The ingester's section (`venus-ingester` reads and checks it); the
-    /// gateway accepts it so that one file configures both binaries.
+    /// gateway accepts it so that one file configures both binaries, and
+    /// reads its dead-letter topic, which no upload may write to.
     #[serde(default)]
-    pub ingester: Option<serde::de::IgnoredAny>,
+    pub ingester: IngesterView,
     /// Who may upload: `auth.mode`.
     #[serde(default)]
     pub auth: AuthSettings,
@@ -100,6 +101,15 @@ pub struct Settings {
     /// again.
     #[serde(skip)]
     pub origin: Option<ConfigOrigin>,
+}
+
+/// What the gateway reads of the `ingester` section: only the name of the
+/// dead-letter topic (every other key is the ingester's to check).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct IngesterView {
+    /// `ingester.dead_letter_topic`; absent: the ingester's default.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
 }
 
 /// The file and environment a [`Settings`] was loaded from.
@@ -175,6 +185,19 @@ pub struct ServerSettings {
     /// file descriptors and buffers stay bounded.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Open connections one TCP peer (an IPv4 address, an IPv6 /64) may
+    /// hold; more from it are closed as soon as accepted, so that one peer
+    /// cannot take every connection. Behind a load balancer the balancer is
+    /// the peer: raise this to `max_connections` or set 0 (no per-peer
+    /// limit) and let the balancer limit its clients.
+    #[serde(default = "defaults::max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// Bytes of `max_in_flight_bytes` one client address (resolved behind
+    /// `trusted_proxies`; an IPv6 /64) may hold; its uploads past it are
+    /// answered 429. At least twice `max_body_bytes` plus 64 KiB; 0 or a
+    /// value at or above `max_in_flight_bytes`: no share per client.
+    #[serde(default = "defaults::max_in_flight_bytes_per_client")]
+    pub max_in_flight_bytes_per_client: usize,
     /// How long a client has to send its whole body.
     #[serde(default = "defaults::body_timeout_ms")]
     pub body_timeout_ms: u64,
@@ -186,6 +209,11 @@ pub struct ServerSettings {
     /// How long a body may arrive at any rate before the minimum applies.
     #[serde(default = "defaults::body_rate_grace_ms")]
     pub body_rate_grace_ms: u64,
+    /// How long a body may make no progress at all (not one byte) before it
+    /// is answered 408 and its share of the memory budget given back,
+    /// whatever its average rate so far.
+    #[serde(default = "defaults::body_stall_timeout_ms")]
+    pub body_stall_timeout_ms: u64,
     /// How long a client has to send a request's headers (HTTP/1), from the
     /// first byte of the request; the connection is closed after that.
     #[serde(default = "defaults::header_read_timeout_ms")]
@@ -538,6 +566,15 @@ mod defaults {
     pub fn max_header_bytes() -> usize {
         64 * 1024
     }
+    pub fn max_connections_per_peer() -> usize {
+        512
+    }
+    pub fn max_in_flight_bytes_per_client() -> usize {
+        64 * 1024 * 1024
+    }
+    pub fn body_stall_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn max_connections() -> usize {
         4096
     }
@@ -676,6 +713,21 @@ impl Settings {
                 ),
             ));
         }
+        let per_client = self.server.max_in_flight_bytes_per_client;
+        if per_client != 0 && per_client < one_upload {
+            return Err(invalid(
+                "server.max_in_flight_bytes_per_client",
+                format!(
+                    "must be 0 (no share per client) or at least {one_upload} (twice server.max_body_bytes plus 64 KiB), or the largest upload could never be taken"
+                ),
+            ));
+        }
+        if self.server.body_stall_timeout_ms == 0 {
+            return Err(invalid(
+                "server.body_stall_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
         if self.server.max_header_bytes < 1024 {
             return Err(invalid("server.max_header_bytes", "must be at least 1024"));
         }
@@ -791,9 +843,45 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level)
             .map_err(|e| invalid("telemetry.log_level", e.to_string()))?;
-        self.access_policy()?;
+        let policy = self.access_policy()?;
+        if let Some(reserved) = self.reserved_category() {
+            let named = self.categories.iter().any(|c| c == reserved.as_str())
+                || policy
+                    .apps
+                    .iter()
+                    .any(|app| app.categories.contains(reserved.as_str()));
+            if named {
+                return Err(invalid(
+                    "categories",
+                    format!(
+                        "{:?} would write into the dead-letter topic {:?} (ingester.dead_letter_topic); choose another category or topic",
+                        reserved.as_str(),
+                        self.dead_letter_topic()
+                    ),
+                ));
+            }
+        }
         check_origins(&self.server.cors.allowed_origins)?;
         Ok(self)
+    }
+
+    /// The ingester's dead-letter topic, as configured or by default.
+    pub fn dead_letter_topic(&self) -> &str {
+        self.ingester
+            .dead_letter_topic
+            .as_deref()
+            .unwrap_or(crate::kafka::DEFAULT_DEAD_LETTER_TOPIC)
+    }
+
+    /// The category (outside the reserved `__` names) whose topic would be
+    /// the dead-letter topic, if `kafka.topic_template` makes one: uploads
+    /// of it are refused like those of reserved names.
+    pub fn reserved_category(&self) -> Option<crate::domain::Category> {
+        crate::kafka::category_of_topic(&self.kafka.topic_template, self.dead_letter_topic())
+            .filter(|c| {
+                !c.as_str()
+                    .starts_with(crate::domain::Category::RESERVED_PREFIX)
+            })
     }
 
     /// `auth`, `apps` and `rate_limits`, parsed.

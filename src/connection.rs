@@ -13,7 +13,10 @@
 //! * an **idle timer** (`server.idle_timeout_ms`): no request in progress and
 //!   no byte received since the last response;
 //! * a **head timer** (`server.header_read_timeout_ms`), from the first byte
-//!   of a request until its head is complete (the handler is called).
+//!   of a request until its head is complete (the handler is called); for
+//!   a connection's first request it runs from the accept, so a socket that
+//!   never sends a byte is closed at the head timeout, not the idle one (a
+//!   new connection is no keep-alive connection a balancer is waiting on).
 //!
 //! While a request is being handled neither runs; the body has its own
 //! timeout and minimum rate in the upload handler.
@@ -58,9 +61,11 @@ pub struct Activity {
 }
 
 impl Activity {
+    /// A connection just accepted: waiting for its first request head,
+    /// with the head timer running from now.
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            phase: AtomicU8::new(IDLE),
+            phase: AtomicU8::new(HEAD),
             since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             changed: Notify::new(),
@@ -212,16 +217,30 @@ mod tests {
     };
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_connection_lasts_the_idle_timeout_not_the_head_timeout() {
+    async fn a_new_connection_that_sends_nothing_lasts_the_head_timeout() {
         let activity = Activity::new();
         let started = Instant::now();
+        assert_eq!(activity.expired(TIMEOUTS).await, Expired::Head);
+        assert_eq!(started.elapsed().as_secs(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_lasts_the_idle_timeout_not_the_head_timeout() {
+        let activity = Activity::new();
+        activity.bytes_received();
+        activity.request_started();
+        activity.response_ready();
+        let answered = Instant::now();
         assert_eq!(activity.expired(TIMEOUTS).await, Expired::Idle);
-        assert_eq!(started.elapsed().as_secs(), 75);
+        assert_eq!(answered.elapsed().as_secs(), 75);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_head_timer_starts_at_the_first_byte() {
         let activity = Activity::new();
+        activity.bytes_received();
+        activity.request_started();
+        activity.response_ready();
         let watchdog = tokio::spawn({
             let activity = activity.clone();
             async move { activity.expired(TIMEOUTS).await }

@@ -67,15 +67,33 @@ impl AppId {
     }
 }
 
-/// `meta.category`: 1..=64 characters from `[A-Za-z0-9_]`. It becomes part of
-/// a Kafka topic name, which is why the alphabet is so narrow.
+/// `meta.category`: 1..=64 characters from `[A-Za-z0-9_]`, not starting
+/// with `__`. It becomes part of a Kafka topic name, which is why the
+/// alphabet is so narrow; names starting with `__` are the system's own (the
+/// ingester's dead-letter topic is `to_analyzer__0.__dead_letter`, and the
+/// ingester consumes no `__` topic), so no client may write to one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Category(String);
 
 impl Category {
     pub const MAX_LEN: usize = 64;
+    /// Categories starting with this name the system's own topics.
+    pub const RESERVED_PREFIX: &'static str = "__";
 
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
+        let category = Self::parse_unreserved(value)?;
+        if value.starts_with(Self::RESERVED_PREFIX) {
+            return Err(InvalidValue::new(format!(
+                "meta.category {value:?} starts with {:?}, which is reserved for the system's own topics",
+                Self::RESERVED_PREFIX
+            )));
+        }
+        Ok(category)
+    }
+
+    /// The alphabet and length checks alone, for naming the system's own
+    /// topics (`kafka::category_of_topic`); never for a client's value.
+    pub(crate) fn parse_unreserved(value: &str) -> Result<Self, InvalidValue> {
         check_token(
             "meta.category",
             value,
@@ -168,6 +186,18 @@ mod tests {
         for bad in ["page-view", "page.view", "a b", "x/y", "ü"] {
             let err = Category::parse(bad).unwrap_err().to_string();
             assert!(err.contains("meta.category"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn category_refuses_the_reserved_prefix() {
+        for reserved in ["__dead_letter", "__anything", "__"] {
+            let err = Category::parse(reserved).unwrap_err().to_string();
+            assert!(err.contains("reserved"), "{reserved}: {err}");
+        }
+        // One underscore is an ordinary category (the ingester consumes it).
+        for fine in ["_", "_x", "a__b", "x__"] {
+            assert!(Category::parse(fine).is_ok(), "{fine}");
         }
     }
 

@@ -5,7 +5,9 @@
 //! * `server`: routes, request id, server span, the accept loop, shutdown;
 //! * `connection`: one connection's idle and request-head timers;
 //! * `client_ip`: the client's address behind trusted proxies;
-//! * `admission`: the memory budget in bytes, body rate, processing slots;
+//! * `peers`: fair shares per client address (connections per peer);
+//! * `admission`: the memory budget in bytes (and each client's share of
+//!   it), body rate, processing slots;
 //! * `apps`: who may write and how fast (app keys, categories, rate limits);
 //! * `drain`: the phases of a shutdown that handlers listen to;
 //! * `upload_body`: multipart / JSON / gzip into the batch document;
@@ -29,6 +31,7 @@ pub mod geoip;
 pub mod json_scan;
 pub mod kafka;
 pub mod metrics;
+pub mod peers;
 pub mod pipeline;
 pub mod server;
 pub mod telemetry;

@@ -143,6 +143,8 @@ struct Instruments {
     auth_checks: Counter<u64>,
     rate_limited: Counter<u64>,
     config_reloads: Counter<u64>,
+    connections_refused: Counter<u64>,
+    body_stalls: Counter<u64>,
     categories: CategoryLabels,
 }
 
@@ -234,11 +236,19 @@ impl Metrics {
                 .build(),
             auth_checks: meter
                 .u64_counter("venus.auth.checks")
-                .with_description("Uploads checked against the app policy, by result: ok, missing_key, wrong_key, unknown_app, category_not_allowed, rate_limited")
+                .with_description("Uploads checked against the app policy, by result: ok, missing_key, wrong_key, unknown_app, category_not_allowed, rate_limited, client_rate_limited")
                 .build(),
             rate_limited: meter
                 .u64_counter("venus.rate_limited")
-                .with_description("Uploads refused 429 by an app's rate limit, by app (listed apps by id, others as `unlisted`) and limit (requests, events)")
+                .with_description("Uploads refused 429 by a rate limit, by app (listed apps by id, others as `unlisted`) and limit (the app's requests, events; the client address's client_requests, client_events)")
+                .build(),
+            connections_refused: meter
+                .u64_counter("venus.connections.refused")
+                .with_description("Connections closed as soon as accepted, by limit: max_connections (all open), max_connections_per_peer (the peer holds its share)")
+                .build(),
+            body_stalls: meter
+                .u64_counter("venus.upload.body_stalls")
+                .with_description("Uploads answered 408 because no body byte arrived for server.body_stall_timeout_ms")
                 .build(),
             config_reloads: meter
                 .u64_counter("venus.config.reloads")
@@ -294,6 +304,12 @@ impl Metrics {
         }
         inner.delivery_errors.add(0, &[]);
         inner.panics.add(0, &[]);
+        inner.body_stalls.add(0, &[]);
+        for limit in ["max_connections", "max_connections_per_peer"] {
+            inner
+                .connections_refused
+                .add(0, &[KeyValue::new("limit", limit)]);
+        }
         inner.missing_topic.add(0, &[]);
         for result in ["loaded", "rejected"] {
             inner
@@ -310,6 +326,7 @@ impl Metrics {
             "unknown_app",
             "category_not_allowed",
             "rate_limited",
+            "client_rate_limited",
         ] {
             inner.auth_checks.add(0, &[KeyValue::new("result", result)]);
         }
@@ -346,6 +363,17 @@ impl Metrics {
                 KeyValue::new("limit", kind.as_str()),
             ],
         );
+    }
+
+    /// A connection closed at once, for `limit`.
+    pub fn connection_refused(&self, limit: &'static str) {
+        self.inner
+            .connections_refused
+            .add(1, &[KeyValue::new("limit", limit)]);
+    }
+
+    pub fn body_stall(&self) {
+        self.inner.body_stalls.add(1, &[]);
     }
 
     pub fn config_reload(&self, result: &'static str) {

@@ -42,7 +42,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::{field, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::admission::{Account, MemoryBudget, MeteredBody};
+use crate::admission::{Account, MemoryBudget, MeteredBody, Refused};
 use crate::apps::Apps;
 use crate::client_ip::ClientIpResolver;
 use crate::config::{CorsSettings, Settings};
@@ -51,6 +51,7 @@ use crate::drain::{Drain, DrainControl, Phase};
 use crate::geoip::GeoIp;
 use crate::kafka::{KafkaSink, ProducerStatistics};
 use crate::metrics::{Metrics, UploadType};
+use crate::peers::ConnectionShares;
 use crate::pipeline::authorize::{refusal_reply, Authorize};
 use crate::pipeline::ip_enrich::IpEnrich;
 use crate::pipeline::split_and_validate::{BatchLimits, SplitAndValidate};
@@ -100,6 +101,7 @@ struct Shared {
     body_timeout: Duration,
     min_body_rate: u64,
     body_rate_grace: Duration,
+    body_stall: Duration,
     client_ip: ClientIpResolver,
     readiness: ReadinessCache,
     drain: Drain,
@@ -127,6 +129,7 @@ pub struct Application {
 #[derive(Clone, Copy)]
 struct ConnectionLimits {
     max_connections: usize,
+    max_connections_per_peer: usize,
     timeouts: Timeouts,
     max_header_bytes: usize,
 }
@@ -164,7 +167,10 @@ impl Application {
             });
             crate::apps::reload::spawn(apps.clone(), loader, metrics.clone());
         }
-        let budget = MemoryBudget::new(settings.server.max_in_flight_bytes);
+        let budget = MemoryBudget::new(
+            settings.server.max_in_flight_bytes,
+            settings.server.max_in_flight_bytes_per_client,
+        );
         let gauges = register_gauges(&metering, &sink, &budget, &geoip, &apps);
 
         let (drain_control, drain) = DrainControl::new();
@@ -173,7 +179,11 @@ impl Application {
             max_meta_bytes: settings.server.max_meta_bytes,
         };
         let chain = Chain::new(vec![
-            Box::new(SplitAndValidate::new(limits, &settings.categories)),
+            Box::new(SplitAndValidate::new(
+                limits,
+                &settings.categories,
+                settings.reserved_category(),
+            )),
             Box::new(Authorize::new(apps.clone(), metrics.clone())),
             Box::new(IpEnrich::new(geoip.clone(), metrics.clone())),
             Box::new(WriteKafka::new(
@@ -200,6 +210,7 @@ impl Application {
             body_timeout: Duration::from_millis(settings.server.body_timeout_ms),
             min_body_rate: settings.server.min_body_rate_bytes_per_sec,
             body_rate_grace: Duration::from_millis(settings.server.body_rate_grace_ms),
+            body_stall: Duration::from_millis(settings.server.body_stall_timeout_ms),
             client_ip,
             readiness: ReadinessCache::default(),
             drain,
@@ -218,6 +229,7 @@ impl Application {
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
             connections: ConnectionLimits {
                 max_connections: settings.server.max_connections,
+                max_connections_per_peer: settings.server.max_connections_per_peer,
                 timeouts: Timeouts {
                     idle: Duration::from_millis(settings.server.idle_timeout_ms),
                     head: Duration::from_millis(settings.server.header_read_timeout_ms),
@@ -255,7 +267,16 @@ impl Application {
             );
             tokio::time::sleep(shutdown_delay).await;
         };
-        accept_until(listener, router, limits, &connections, stop_accepting).await;
+        let metrics = state.metrics.clone();
+        accept_until(
+            listener,
+            router,
+            limits,
+            &metrics,
+            &connections,
+            stop_accepting,
+        )
+        .await;
 
         // One deadline for the whole drain. Shortly before it, whatever is
         // still in flight is answered, so that no client loses its reply.
@@ -293,6 +314,7 @@ async fn accept_until(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    metrics: &Metrics,
     connections: &GracefulShutdown,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -307,6 +329,7 @@ async fn accept_until(
         // handler (and the memory budget) as they come.
         .max_buf_size(limits.max_header_bytes + 8 * 1024);
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let shares = ConnectionShares::new(limits.max_connections_per_peer);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -323,10 +346,19 @@ async fn accept_until(
             },
             _ = &mut shutdown => return,
         };
+        // Past the peer's share, close at once: one peer cannot hold every
+        // connection (the share is taken first, so that a peer at its share
+        // takes no place of the global limit either).
+        let Some(share) = shares.open(peer.ip()) else {
+            tracing::debug!(%peer, "the peer holds its share of connections, closing");
+            metrics.connection_refused("max_connections_per_peer");
+            continue;
+        };
         // Past the connection limit, close at once: file descriptors and
         // per-connection buffers stay bounded.
         let Ok(permit) = open.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "connection limit reached, closing");
+            metrics.connection_refused("max_connections");
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -349,7 +381,7 @@ async fn accept_until(
         let connection = connections.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             connection::serve(connection, activity, limits.timeouts).await;
-            drop(permit);
+            drop((permit, share));
         });
     }
 }
@@ -604,7 +636,7 @@ async fn upload(
     }
     // Bytes are charged to the memory budget as they arrive; the charge is
     // held (with `account`) until the reply is built.
-    let account = state.budget.account();
+    let account = state.budget.account(client_ip);
     let request = request.map(|body| MeteredBody::wrap(body, account.clone()));
     let document = match receive(&state, &account, request).await {
         Ok(document) => document,
@@ -639,9 +671,24 @@ fn overloaded(state: &AppState, what: &str) -> Reply {
     )
 }
 
+/// The 429 of a client address that holds its share of the memory budget
+/// (`server.max_in_flight_bytes_per_client`): its own uploads wait, the
+/// others' go on. Counted as `rate_limited`, like every 429.
+fn over_client_share(state: &AppState) -> Reply {
+    let mut reply = Reply::error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "this client address holds its share of the gateway's memory for uploads ({} bytes of request bodies in flight); retry when its other uploads are answered",
+            state.budget.per_client()
+        ),
+    );
+    reply.retry_after = Some(1);
+    reply
+}
+
 /// Reads the body into the batch document, within the body timeout, at the
-/// minimum rate, within the memory budget, and no longer than the drain
-/// allows.
+/// minimum rate, never stalled longer than the stall timeout, within the
+/// memory budget, and no longer than the drain allows.
 async fn receive(
     state: &AppState,
     account: &Arc<Account>,
@@ -653,19 +700,23 @@ async fn receive(
     tokio::pin!(read);
     let answer_now = state.drain.answer_now();
     tokio::pin!(answer_now);
-    // One timer: the first rate check, then every second, never past the
-    // deadline.
-    let check = tokio::time::sleep_until(deadline.min(started + state.body_rate_grace));
+    // Progress: the bytes seen at the last check and when they last grew.
+    // A stall is measured between checks, so it is noticed within a check
+    // interval of the stall timeout.
+    let mut progress = (account.received(), started);
+    let interval = Duration::from_secs(1)
+        .min(state.body_stall / 2)
+        .max(Duration::from_millis(10));
+    // One timer: every check interval, never past the deadline.
+    let check = tokio::time::sleep_until(deadline.min(started + interval));
     tokio::pin!(check);
     loop {
         tokio::select! {
             read = &mut read => {
-                return read.map_err(|reply| {
-                    if account.exhausted() {
-                        overloaded(state, "memory budget for uploads")
-                    } else {
-                        reply
-                    }
+                return read.map_err(|reply| match account.refusal() {
+                    Some(Refused::Budget) => overloaded(state, "memory budget for uploads"),
+                    Some(Refused::ClientShare) => over_client_share(state),
+                    None => reply,
                 });
             }
             _ = &mut answer_now => {
@@ -685,9 +736,25 @@ async fn receive(
                         ),
                     ));
                 }
+                let received = account.received();
+                if received != progress.0 {
+                    progress = (received, now);
+                } else if now - progress.1 >= state.body_stall {
+                    state.metrics.body_stall();
+                    return Err(Reply::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the body made no progress for {} ms (server.body_stall_timeout_ms)",
+                            state.body_stall.as_millis()
+                        ),
+                    ));
+                }
                 let elapsed = now - started;
-                let rate = account.received() as f64 / elapsed.as_secs_f64();
-                if state.min_body_rate > 0 && rate < state.min_body_rate as f64 {
+                let rate = received as f64 / elapsed.as_secs_f64();
+                if state.min_body_rate > 0
+                    && elapsed >= state.body_rate_grace
+                    && rate < state.min_body_rate as f64
+                {
                     return Err(Reply::error(
                         StatusCode::REQUEST_TIMEOUT,
                         format!(
@@ -696,7 +763,7 @@ async fn receive(
                         ),
                     ));
                 }
-                check.as_mut().reset(deadline.min(now + Duration::from_secs(1)));
+                check.as_mut().reset(deadline.min(now + interval));
             }
         }
     }

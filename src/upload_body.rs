@@ -344,7 +344,7 @@ mod tests {
 
     /// `read_document` with a budget that never says no.
     async fn read_document(request: Request, max_bytes: usize) -> Result<Bytes, Reply> {
-        let account = MemoryBudget::new(1 << 30).account();
+        let account = MemoryBudget::new(1 << 30, 0).account([127, 0, 0, 1].into());
         super::read_document(request, max_bytes, &account).await
     }
 
@@ -353,8 +353,8 @@ mod tests {
         // 4 MB of zeros in a few KiB of gzip, against a 1 MB budget.
         let bomb = gzip(&vec![b'0'; 4_000_000]);
         assert!(bomb.len() < 20_000);
-        let budget = MemoryBudget::new(1_000_000);
-        let account = budget.account();
+        let budget = MemoryBudget::new(1_000_000, 0);
+        let account = budget.account([127, 0, 0, 1].into());
         let reply = super::read_document(
             request("application/json", Some("gzip"), bomb),
             10_000_000,
@@ -566,8 +566,8 @@ mod charging {
 
     #[tokio::test]
     async fn a_plain_body_is_charged_as_received_and_as_collected() {
-        let budget = MemoryBudget::new(1 << 20);
-        let account = budget.account();
+        let budget = MemoryBudget::new(1 << 20, 0);
+        let account = budget.account([127, 0, 0, 1].into());
         let doc = vec![b'x'; 18_000];
         let request = Request::builder()
             .header("content-type", "application/json")

@@ -32,7 +32,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// Runs the parser on `document`: the reply status if it answered, and the
 /// context.
 fn split(document: Vec<u8>) -> (Option<u16>, UploadContext) {
-    let handler = SplitAndValidate::new(LIMITS, &[]);
+    let handler = SplitAndValidate::new(LIMITS, &[], None);
     let mut ctx = UploadContext::new(UploadRequest {
         key: None,
         request_id: "p".into(),
@@ -221,7 +221,7 @@ proptest! {
             request = request.header("content-encoding", "gzip");
         }
         let request = request.body(Body::from(body)).unwrap();
-        let account = venus::admission::MemoryBudget::new(1 << 30).account();
+        let account = venus::admission::MemoryBudget::new(1 << 30, 0).account([127, 0, 0, 1].into());
         let read = runtime().block_on(read_document(request, 4096, &account));
         if let Err(reply) = read {
             prop_assert!(reply.status.as_u16() < 500, "{}", reply.status);

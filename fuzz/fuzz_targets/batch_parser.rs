@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
             max_meta_bytes: 16 * 1024,
         },
         &[],
+        None,
     );
     let mut ctx = UploadContext::new(UploadRequest {
         request_id: "fuzz".into(),

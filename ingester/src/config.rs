@@ -139,7 +139,7 @@ mod defaults {
         100_000
     }
     pub fn dead_letter_topic() -> String {
-        "to_analyzer__0.__dead_letter".into()
+        venus::kafka::DEFAULT_DEAD_LETTER_TOPIC.into()
     }
     pub fn shutdown_grace_ms() -> u64 {
         30_000

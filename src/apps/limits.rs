@@ -7,8 +7,11 @@
 //! first use in a sharded map capped at `rate_limits.max_tracked_apps`;
 //! past the cap they share one bucket, and buckets idle long enough to be
 //! full again are dropped, so no stream of made-up `app_id`s can grow
-//! memory.
+//! memory. Client addresses (`rate_limits.per_client`) get buckets the same
+//! way, keyed by [`PeerKey`], capped at `rate_limits.max_tracked_clients`.
 
+use std::borrow::Borrow;
+use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,17 +27,38 @@ use super::settings::RateLimit;
 /// Which limit a batch ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
+    /// The app's requests per second.
     Requests,
+    /// The app's events per second.
     Events,
+    /// One client address's requests per second (`rate_limits.per_client`).
+    ClientRequests,
+    /// One client address's events per second.
+    ClientEvents,
 }
 
 impl LimitKind {
-    pub const ALL: [LimitKind; 2] = [Self::Requests, Self::Events];
+    pub const ALL: [LimitKind; 4] = [
+        Self::Requests,
+        Self::Events,
+        Self::ClientRequests,
+        Self::ClientEvents,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Requests => "requests",
             Self::Events => "events",
+            Self::ClientRequests => "client_requests",
+            Self::ClientEvents => "client_events",
+        }
+    }
+
+    /// The same limit, of a client address's buckets.
+    pub fn of_client(self) -> Self {
+        match self {
+            Self::Requests | Self::ClientRequests => Self::ClientRequests,
+            Self::Events | Self::ClientEvents => Self::ClientEvents,
         }
     }
 }
@@ -132,14 +156,21 @@ fn clamp(events: usize) -> u32 {
 /// An unlisted app's buckets and when they were last used.
 struct Tracked {
     buckets: Buckets,
-    /// Seconds since [`Unlisted::epoch`].
+    /// Seconds since [`BucketMap::epoch`].
     last_used: AtomicU64,
 }
 
 /// Buckets of apps not in `apps`, under the default limit, capped.
-pub struct Unlisted {
+pub type Unlisted = BucketMap<String>;
+
+/// Buckets of client addresses, under `rate_limits.per_client`, capped.
+pub type Clients = BucketMap<crate::peers::PeerKey>;
+
+/// Buckets made on first use for keys nobody listed (app ids, client
+/// addresses), one limit for all, capped; past the cap the rest share one.
+pub struct BucketMap<K: Hash + Eq> {
     limit: RateLimit,
-    apps: DashMap<String, Arc<Tracked>>,
+    apps: DashMap<K, Arc<Tracked>>,
     /// Places taken in `apps`, reserved before an insert and given back after
     /// a removal, so that concurrent first uploads of new apps cannot push
     /// the map past `cap` (a length check then an insert could).
@@ -150,7 +181,7 @@ pub struct Unlisted {
     epoch: Instant,
 }
 
-impl Unlisted {
+impl<K: Hash + Eq + Clone> BucketMap<K> {
     /// `None` when the default limit limits nothing.
     pub fn new(limit: RateLimit, cap: usize) -> Option<Self> {
         Some(Self {
@@ -176,9 +207,13 @@ impl Unlisted {
         self.epoch.elapsed().as_secs()
     }
 
-    pub fn take(&self, app_id: &str, events: usize) -> Result<(), OverLimit> {
+    pub fn take<Q>(&self, key: &Q, events: usize) -> Result<(), OverLimit>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let now = self.now();
-        if let Some(tracked) = self.apps.get(app_id) {
+        if let Some(tracked) = self.apps.get(key) {
             tracked.last_used.store(now, Ordering::Relaxed);
             return tracked.buckets.take(events);
         }
@@ -186,7 +221,7 @@ impl Unlisted {
             self.slots.fetch_sub(1, Ordering::AcqRel);
             return self.overflow.take(events);
         }
-        let tracked = match self.apps.entry(app_id.to_owned()) {
+        let tracked = match self.apps.entry(key.to_owned()) {
             // Another upload of the same new app got there first.
             Entry::Occupied(entry) => {
                 self.slots.fetch_sub(1, Ordering::AcqRel);
@@ -235,6 +270,20 @@ mod tests {
     fn no_limit_makes_no_buckets() {
         assert!(Buckets::new(RateLimit::default()).is_none());
         assert!(Unlisted::new(RateLimit::default(), 10).is_none());
+        assert!(Clients::new(RateLimit::default(), 10).is_none());
+    }
+
+    #[test]
+    fn each_client_address_has_its_own_buckets() {
+        use crate::peers::PeerKey;
+        let clients = Clients::new(limit(0, 0, 2), 10).unwrap();
+        let a = PeerKey::of([192, 0, 2, 1].into());
+        let b = PeerKey::of([192, 0, 2, 2].into());
+        assert_eq!(clients.take(&a, 1), Ok(()));
+        assert_eq!(clients.take(&a, 1), Ok(()));
+        assert!(clients.take(&a, 1).is_err(), "a has spent its two");
+        assert_eq!(clients.take(&b, 1), Ok(()), "b has its own");
+        assert_eq!(clients.tracked(), 2);
     }
 
     #[test]

@@ -19,13 +19,14 @@ pub mod reload;
 pub mod settings;
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use self::keys::KeyDigest;
-use self::limits::{Buckets, LimitKind, OverLimit, Unlisted};
+use self::limits::{Buckets, Clients, LimitKind, OverLimit, Unlisted};
 use self::settings::{AccessPolicy, AuthMode};
 
 /// Why an upload may not go on.
@@ -41,6 +42,8 @@ pub enum Refusal {
     CategoryNotAllowed { app_id: String, category: String },
     /// 429: over one of the app's limits.
     RateLimited { app_id: String, over: OverLimit },
+    /// 429: the client address is over its limits (`rate_limits.per_client`).
+    ClientRateLimited { app_id: String, over: OverLimit },
 }
 
 impl Refusal {
@@ -52,6 +55,17 @@ impl Refusal {
             Self::UnknownApp { .. } => "unknown_app",
             Self::CategoryNotAllowed { .. } => "category_not_allowed",
             Self::RateLimited { .. } => "rate_limited",
+            Self::ClientRateLimited { .. } => "client_rate_limited",
+        }
+    }
+
+    /// How long the client should wait, for a rate limit.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { over, .. } | Self::ClientRateLimited { over, .. } => {
+                Some(over.retry_after)
+            }
+            _ => None,
         }
     }
 
@@ -68,13 +82,24 @@ impl Refusal {
             }
             Self::RateLimited { app_id, over } => format!(
                 "app {app_id:?} is over its limit of {}; retry after {} s",
-                match over.kind {
-                    LimitKind::Requests => "requests per second",
-                    LimitKind::Events => "events per second",
-                },
+                per_second(over.kind),
+                retry_after_secs(over.retry_after)
+            ),
+            // The address is the client's own; it is not repeated back (it
+            // may be one a proxy resolved).
+            Self::ClientRateLimited { over, .. } => format!(
+                "this client address is over its limit of {}; retry after {} s",
+                per_second(over.kind),
                 retry_after_secs(over.retry_after)
             ),
         }
+    }
+}
+
+fn per_second(kind: LimitKind) -> &'static str {
+    match kind {
+        LimitKind::Requests | LimitKind::ClientRequests => "requests per second",
+        LimitKind::Events | LimitKind::ClientEvents => "events per second",
     }
 }
 
@@ -100,6 +125,8 @@ pub struct Registry {
     /// Every key digest of every app, for the check before the body.
     all_keys: HashSet<KeyDigest>,
     unlisted: Option<Arc<Unlisted>>,
+    /// Buckets per client address, when `rate_limits.per_client` limits.
+    clients: Option<Arc<Clients>>,
 }
 
 impl Registry {
@@ -133,11 +160,22 @@ impl Registry {
             .or_else(|| {
                 Unlisted::new(policy.default_limits, policy.max_tracked_apps).map(Arc::new)
             });
+        let clients = previous
+            .and_then(|p| p.clients.clone())
+            .filter(|c| {
+                c.limit() == policy.client_limits
+                    && previous.map(|p| p.policy.max_tracked_clients)
+                        == Some(policy.max_tracked_clients)
+            })
+            .or_else(|| {
+                Clients::new(policy.client_limits, policy.max_tracked_clients).map(Arc::new)
+            });
         Self {
             policy,
             apps,
             all_keys,
             unlisted,
+            clients,
         }
     }
 
@@ -165,13 +203,16 @@ impl Registry {
         }
     }
 
-    /// The check once `meta` is known: the app, its key, its category, then
-    /// its buckets (one request and `events` events).
+    /// The check once `meta` is known: the app, its key, its category,
+    /// then the buckets of the client address and of the app (one request
+    /// and `events` events each). The address's come first, so that a
+    /// flood from one address is refused before it takes the app's tokens.
     pub fn admit(
         &self,
         app_id: &str,
         category: &str,
         key: Option<&KeyDigest>,
+        client: IpAddr,
         events: usize,
     ) -> Result<(), Refusal> {
         let Some(app) = self.apps.get(app_id) else {
@@ -180,6 +221,7 @@ impl Registry {
                     app_id: app_id.to_owned(),
                 });
             }
+            self.admit_client(app_id, client, events)?;
             return match &self.unlisted {
                 Some(unlisted) => {
                     unlisted
@@ -209,6 +251,7 @@ impl Registry {
                 category: category.to_owned(),
             });
         }
+        self.admit_client(app_id, client, events)?;
         match &app.buckets {
             Some(buckets) => buckets.take(events).map_err(|over| Refusal::RateLimited {
                 app_id: app_id.to_owned(),
@@ -216,6 +259,22 @@ impl Registry {
             }),
             None => Ok(()),
         }
+    }
+
+    /// The client address's buckets, when `rate_limits.per_client` limits.
+    fn admit_client(&self, app_id: &str, client: IpAddr, events: usize) -> Result<(), Refusal> {
+        let Some(clients) = &self.clients else {
+            return Ok(());
+        };
+        clients
+            .take(&crate::peers::PeerKey::of(client), events)
+            .map_err(|over| Refusal::ClientRateLimited {
+                app_id: app_id.to_owned(),
+                over: OverLimit {
+                    kind: over.kind.of_client(),
+                    ..over
+                },
+            })
     }
 
     /// Whether `app_id` is listed (for the metric's `app` label).
@@ -236,6 +295,9 @@ impl Registry {
     fn forget_idle(&self) {
         if let Some(unlisted) = &self.unlisted {
             unlisted.forget_idle();
+        }
+        if let Some(clients) = &self.clients {
+            clients.forget_idle();
         }
     }
 }
@@ -286,6 +348,7 @@ mod tests {
     use super::settings::{AppPolicy, RateLimit};
     use super::*;
     use crate::domain::AppId;
+    use std::net::Ipv4Addr;
 
     fn policy(mode: AuthMode, limits: RateLimit) -> AccessPolicy {
         AccessPolicy {
@@ -298,17 +361,22 @@ mod tests {
             }],
             default_limits: RateLimit::default(),
             max_tracked_apps: 10,
+            client_limits: RateLimit::default(),
+            max_tracked_clients: 10,
         }
     }
+
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const THERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
 
     #[test]
     fn off_lets_anyone_in_but_keeps_listed_apps_to_their_categories() {
         let registry = Registry::new(policy(AuthMode::Off, RateLimit::default()), None);
         assert_eq!(registry.check_key(None), Ok(()));
-        assert_eq!(registry.admit("anyone", "click", None, 1), Ok(()));
-        assert_eq!(registry.admit("shop", "page_view", None, 1), Ok(()));
+        assert_eq!(registry.admit("anyone", "click", None, HERE, 1), Ok(()));
+        assert_eq!(registry.admit("shop", "page_view", None, HERE, 1), Ok(()));
         assert!(matches!(
-            registry.admit("shop", "click", None, 1),
+            registry.admit("shop", "click", None, HERE, 1),
             Err(Refusal::CategoryNotAllowed { .. })
         ));
     }
@@ -316,9 +384,9 @@ mod tests {
     #[test]
     fn known_apps_refuses_the_unlisted() {
         let registry = Registry::new(policy(AuthMode::KnownApps, RateLimit::default()), None);
-        assert_eq!(registry.admit("shop", "page_view", None, 1), Ok(()));
+        assert_eq!(registry.admit("shop", "page_view", None, HERE, 1), Ok(()));
         assert!(matches!(
-            registry.admit("anyone", "page_view", None, 1),
+            registry.admit("anyone", "page_view", None, HERE, 1),
             Err(Refusal::UnknownApp { .. })
         ));
     }
@@ -334,9 +402,12 @@ mod tests {
             Err(Refusal::WrongKey { app_id: None })
         );
         assert_eq!(registry.check_key(Some(&right)), Ok(()));
-        assert_eq!(registry.admit("shop", "page_view", Some(&right), 1), Ok(()));
+        assert_eq!(
+            registry.admit("shop", "page_view", Some(&right), HERE, 1),
+            Ok(())
+        );
         assert!(matches!(
-            registry.admit("shop", "page_view", Some(&wrong), 1),
+            registry.admit("shop", "page_view", Some(&wrong), HERE, 1),
             Err(Refusal::WrongKey { .. })
         ));
     }
@@ -349,11 +420,14 @@ mod tests {
             ..RateLimit::default()
         };
         let apps = Apps::new(policy(AuthMode::Off, limits));
-        assert_eq!(apps.load().admit("shop", "page_view", None, 1), Ok(()));
+        assert_eq!(
+            apps.load().admit("shop", "page_view", None, HERE, 1),
+            Ok(())
+        );
         apps.replace(policy(AuthMode::Off, limits));
         assert!(
             matches!(
-                apps.load().admit("shop", "page_view", None, 1),
+                apps.load().admit("shop", "page_view", None, HERE, 1),
                 Err(Refusal::RateLimited { .. })
             ),
             "the spent token is still spent after the reload"
@@ -364,7 +438,51 @@ mod tests {
             ..RateLimit::default()
         };
         apps.replace(policy(AuthMode::Off, more));
-        assert_eq!(apps.load().admit("shop", "page_view", None, 1), Ok(()));
+        assert_eq!(
+            apps.load().admit("shop", "page_view", None, HERE, 1),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_flood_from_one_address_is_refused_before_it_empties_the_apps_bucket() {
+        let mut policy = policy(
+            AuthMode::KnownApps,
+            RateLimit {
+                requests_per_sec: 5,
+                requests_burst: 5,
+                ..RateLimit::default()
+            },
+        );
+        policy.client_limits = RateLimit {
+            requests_per_sec: 2,
+            requests_burst: 2,
+            ..RateLimit::default()
+        };
+        let registry = Registry::new(policy, None);
+        let mut refused = 0;
+        for _ in 0..100 {
+            match registry.admit("shop", "page_view", None, HERE, 1) {
+                Ok(()) => {}
+                Err(Refusal::ClientRateLimited { over, .. }) => {
+                    assert_eq!(over.kind, LimitKind::ClientRequests);
+                    refused += 1;
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(refused, 98, "the flooding address got its two");
+        // The app's bucket still has three of its five for others.
+        for _ in 0..2 {
+            assert_eq!(registry.admit("shop", "page_view", None, THERE, 1), Ok(()));
+        }
+        let third = Ipv4Addr::new(192, 0, 2, 3).into();
+        assert_eq!(registry.admit("shop", "page_view", None, third, 1), Ok(()));
+        let fourth = Ipv4Addr::new(192, 0, 2, 4).into();
+        assert!(matches!(
+            registry.admit("shop", "page_view", None, fourth, 1),
+            Err(Refusal::RateLimited { .. })
+        ));
     }
 
     #[test]

@@ -126,6 +126,17 @@ pub struct RateLimitSettings {
     /// memory stays bounded whatever `app_id`s are sent.
     #[serde(default = "default_max_tracked_apps")]
     pub max_tracked_apps: usize,
+    /// Limits of each client address (resolved behind
+    /// `server.trusted_proxies`; an IPv6 /64), checked before the app's own:
+    /// a flood from one address is refused 429 before it empties the
+    /// buckets of the app it names, which in `known_apps` mode anyone can
+    /// name. All zero (the default): no limit per address.
+    #[serde(default)]
+    pub per_client: RateLimit,
+    /// Client addresses whose buckets are kept apart; past this many,
+    /// further addresses share one bucket, so memory stays bounded.
+    #[serde(default = "default_max_tracked_clients")]
+    pub max_tracked_clients: usize,
 }
 
 impl Default for RateLimitSettings {
@@ -133,12 +144,18 @@ impl Default for RateLimitSettings {
         Self {
             default: RateLimit::default(),
             max_tracked_apps: default_max_tracked_apps(),
+            per_client: RateLimit::default(),
+            max_tracked_clients: default_max_tracked_clients(),
         }
     }
 }
 
 fn default_max_tracked_apps() -> usize {
     10_000
+}
+
+fn default_max_tracked_clients() -> usize {
+    100_000
 }
 
 /// A listed app, parsed.
@@ -160,6 +177,9 @@ pub struct AccessPolicy {
     /// For unlisted apps, resolved.
     pub default_limits: RateLimit,
     pub max_tracked_apps: usize,
+    /// For each client address, resolved.
+    pub client_limits: RateLimit,
+    pub max_tracked_clients: usize,
 }
 
 impl AccessPolicy {
@@ -177,6 +197,16 @@ impl AccessPolicy {
         if limits.max_tracked_apps == 0 {
             return Err(ConfigError::invalid(
                 "rate_limits.max_tracked_apps",
+                "must be greater than 0",
+            ));
+        }
+        let client_limits = limits
+            .per_client
+            .resolved("rate_limits.per_client", max_events_per_batch)
+            .map_err(|e| ConfigError::invalid("rate_limits.per_client", e))?;
+        if limits.max_tracked_clients == 0 {
+            return Err(ConfigError::invalid(
+                "rate_limits.max_tracked_clients",
                 "must be greater than 0",
             ));
         }
@@ -229,6 +259,8 @@ impl AccessPolicy {
             apps: parsed,
             default_limits,
             max_tracked_apps: limits.max_tracked_apps,
+            client_limits,
+            max_tracked_clients: limits.max_tracked_clients,
         })
     }
 }

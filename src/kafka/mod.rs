@@ -32,8 +32,8 @@ use crate::metrics::Metrics;
 pub use healer::RestartReason;
 use health::DeliveryHealth;
 pub use producer::{
-    librdkafka_message_timeout_ms, producer_config, render_topic, ProducerHandle,
-    ProducerStatistics,
+    category_of_topic, librdkafka_message_timeout_ms, producer_config, render_topic,
+    ProducerHandle, ProducerStatistics, DEFAULT_DEAD_LETTER_TOPIC,
 };
 use topics::Topics;
 

@@ -152,9 +152,52 @@ pub fn render_topic(template: &str, category: &Category) -> String {
     template.replace("{category}", category.as_str())
 }
 
+/// The dead-letter topic of the ingester when `ingester.dead_letter_topic`
+/// is not set. Both binaries need it: the ingester writes there, and the
+/// gateway must never let a client name it.
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "to_analyzer__0.__dead_letter";
+
+/// The category whose events `template` would send to `topic`, if there is
+/// one: the gateway refuses it, so that no upload can write into a topic
+/// the system keeps for itself (such as a dead-letter topic named like an
+/// event topic).
+pub fn category_of_topic(template: &str, topic: &str) -> Option<Category> {
+    let start = template.find("{category}")?;
+    // A category is at most 64 characters: try each length where the
+    // template's text before the first `{category}` ends.
+    let prefix = &template[..start];
+    let rest = topic.strip_prefix(prefix)?;
+    (1..=Category::MAX_LEN.min(rest.len()))
+        .filter(|&len| rest.is_char_boundary(len))
+        .filter_map(|len| Category::parse_unreserved(&rest[..len]).ok())
+        .find(|category| render_topic(template, category) == topic)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_category_of_a_topic_is_found_wherever_the_template_puts_it() {
+        let found = |template: &str, topic: &str| {
+            category_of_topic(template, topic).map(|c| c.as_str().to_owned())
+        };
+        assert_eq!(
+            found("to_analyzer__0.{category}", DEFAULT_DEAD_LETTER_TOPIC).as_deref(),
+            Some("__dead_letter")
+        );
+        assert_eq!(
+            found("events.{category}.v1", "events.dlq.v1").as_deref(),
+            Some("dlq")
+        );
+        assert_eq!(
+            found("{category}-{category}", "ab-ab").as_deref(),
+            Some("ab")
+        );
+        assert_eq!(found("events.{category}", "other.dlq"), None);
+        assert_eq!(found("events.{category}", "events.a-b"), None);
+        assert_eq!(found("events.{category}.v1", "events.dlq.v2"), None);
+    }
 
     #[test]
     fn the_default_template_gives_the_analyzer_topic() {

@@ -3,8 +3,9 @@
 //! Once `split_and_validate` has read `meta`, the policy in force (see
 //! `apps`) decides: the app must be listed (`auth.mode: known_apps`,
 //! `keys`), the request's key must be one of the app's (`keys`), the
-//! category one the app may use, and the app must be within its rate limits
-//! (one request, and as many events as are still valid). A refusal ends the
+//! category one the app may use, and the client address and the app must be
+//! within their rate limits (one request, and as many events as are still
+//! valid). A refusal ends the
 //! chain before anything reaches Kafka: 401 (with `WWW-Authenticate`), 403,
 //! or 429 with `Retry-After`.
 
@@ -50,6 +51,7 @@ impl Authorize {
             app_id,
             batch.category.as_str(),
             ctx.request.key.as_ref(),
+            ctx.request.client_ip,
             ctx.pending(),
         );
         match decision {
@@ -59,7 +61,9 @@ impl Authorize {
             }
             Err(refusal) => {
                 self.metrics.auth_check(refusal.result());
-                if let Refusal::RateLimited { over, .. } = &refusal {
+                if let Refusal::RateLimited { over, .. } | Refusal::ClientRateLimited { over, .. } =
+                    &refusal
+                {
                     let label = if registry.is_listed(app_id) {
                         app_id
                     } else {
@@ -80,11 +84,11 @@ pub fn refusal_reply(refusal: &Refusal) -> Reply {
     let status = match refusal {
         Refusal::MissingKey | Refusal::WrongKey { .. } => StatusCode::UNAUTHORIZED,
         Refusal::UnknownApp { .. } | Refusal::CategoryNotAllowed { .. } => StatusCode::FORBIDDEN,
-        Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Refusal::RateLimited { .. } | Refusal::ClientRateLimited { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
     };
     let mut reply = Reply::error(status, refusal.message());
-    if let Refusal::RateLimited { over, .. } = refusal {
-        reply.retry_after = Some(apps::retry_after_secs(over.retry_after));
-    }
+    reply.retry_after = refusal.retry_after().map(apps::retry_after_secs);
     reply
 }

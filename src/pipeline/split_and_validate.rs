@@ -37,13 +37,18 @@ pub struct SplitAndValidate {
     limits: BatchLimits,
     /// Allowed categories; empty allows any valid category.
     categories: HashSet<String>,
+    /// A category whose topic is the ingester's dead-letter topic (when the
+    /// topic template makes one; names starting with `__` are refused by
+    /// [`Category::parse`] already).
+    reserved: Option<Category>,
 }
 
 impl SplitAndValidate {
-    pub fn new(limits: BatchLimits, categories: &[String]) -> Self {
+    pub fn new(limits: BatchLimits, categories: &[String], reserved: Option<Category>) -> Self {
         Self {
             limits,
             categories: categories.iter().cloned().collect(),
+            reserved,
         }
     }
 }
@@ -213,6 +218,12 @@ impl SplitAndValidate {
             AppId::parse(&meta_string("app_id", app_id)?).map_err(|e| Malformed(e.to_string()))?;
         let category = Category::parse(&meta_string("category", category)?)
             .map_err(|e| Malformed(e.to_string()))?;
+        if self.reserved.as_ref() == Some(&category) {
+            return Err(Malformed(format!(
+                "meta.category {:?} names the dead-letter topic, which is reserved for the system",
+                category.as_str()
+            )));
+        }
         if !self.categories.is_empty() && !self.categories.contains(category.as_str()) {
             return Err(Malformed(format!(
                 "meta.category {:?} is not one of the categories this gateway accepts",
@@ -643,7 +654,7 @@ mod tests {
     }
 
     fn run(document: &str) -> (UploadContext, Outcome) {
-        run_with(&SplitAndValidate::new(limits(3), &[]), document)
+        run_with(&SplitAndValidate::new(limits(3), &[], None), document)
     }
 
     /// The 400 message of a malformed request.
@@ -757,7 +768,7 @@ mod tests {
             br#"{"meta":{"app_id":"a","category":"c"},"data":[{"id":"x","note":""}]}"#.to_vec();
         let at = doc.len() - 4;
         doc.insert(at, 0xc3);
-        let handler = SplitAndValidate::new(limits(3), &[]);
+        let handler = SplitAndValidate::new(limits(3), &[], None);
         let mut ctx = UploadContext::new(UploadRequest {
             key: None,
             request_id: "r".into(),
@@ -886,6 +897,7 @@ mod tests {
                 max_meta_bytes: 16 * 1024,
             },
             &[],
+            None,
         );
         let reply = run_with(&handler, &doc).1.responder.unwrap();
         assert!(
@@ -957,7 +969,7 @@ mod tests {
 
     #[test]
     fn the_category_allow_list_applies_when_set() {
-        let handler = SplitAndValidate::new(limits(10), &["click".to_string()]);
+        let handler = SplitAndValidate::new(limits(10), &["click".to_string()], None);
         let (_, outcome) = run_with(
             &handler,
             r#"{"meta":{"app_id":"a","category":"click"},"data":[{"id":"1"}]}"#,
@@ -970,6 +982,37 @@ mod tests {
         let reply = outcome.responder.unwrap();
         assert_eq!(reply.status, StatusCode::BAD_REQUEST);
         assert!(reply.body.data.contains("\"view\""));
+    }
+
+    #[test]
+    fn reserved_categories_are_refused_before_any_event_is_read() {
+        let reserved = Category::parse("dlq").ok();
+        let handler = SplitAndValidate::new(limits(10), &[], reserved);
+        for (category, why) in [
+            ("__dead_letter", "reserved for the system's own topics"),
+            ("__x", "reserved for the system's own topics"),
+            ("dlq", "names the dead-letter topic"),
+        ] {
+            let (ctx, outcome) = run_with(
+                &handler,
+                &format!(
+                    r#"{{"meta":{{"app_id":"a","category":"{category}"}},"data":[{{"id":"1"}}]}}"#
+                ),
+            );
+            let reply = outcome.responder.expect("refused");
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{category}");
+            assert!(
+                reply.body.data.contains(why),
+                "{category}: {}",
+                reply.body.data
+            );
+            assert!(ctx.batch.is_none(), "{category}");
+        }
+        let (_, outcome) = run_with(
+            &handler,
+            r#"{"meta":{"app_id":"a","category":"_ok"},"data":[{"id":"1"}]}"#,
+        );
+        assert!(outcome.responder.is_none());
     }
 
     #[test]
