@@ -48,6 +48,7 @@ fn batch() -> Bytes {
 
 fn context(document: &Bytes) -> UploadContext {
     UploadContext::new(UploadRequest {
+        anonymous: false,
         key: None,
         request_id: "bench".into(),
         client_ip: "81.2.69.1".parse().unwrap(),
@@ -106,6 +107,7 @@ fn pipeline(c: &mut Criterion) {
                 batch: validated.batch.clone(),
                 events: validated.events.clone(),
                 errors: Vec::new(),
+                privacy: None,
             };
             block_on(enrich.handle(&mut ctx));
             black_box(ctx.events.len())
@@ -151,11 +153,13 @@ fn pipeline(c: &mut Criterion) {
                 requests_per_sec: never,
                 requests_burst: never,
             },
+            privacy: Arc::new(venus::privacy::AppPrivacy::keep_all()),
         }],
         default_limits: RateLimit::default(),
         max_tracked_apps: 10_000,
         client_limits: RateLimit::default(),
         max_tracked_clients: 100_000,
+        default_privacy: Arc::new(venus::privacy::AppPrivacy::keep_all()),
     });
     let authorize = Authorize::new(apps.clone(), Metrics::noop());
     let mut headers = axum::http::HeaderMap::new();
@@ -170,6 +174,7 @@ fn pipeline(c: &mut Criterion) {
                 // that matters is the whole-path pair below.
                 events: validated.events.clone(),
                 errors: Vec::new(),
+                privacy: None,
             };
             ctx.request.key = keys::presented(&headers, &uri);
             let outcome = block_on(authorize.handle(&mut ctx));

@@ -97,6 +97,10 @@ pub struct Settings {
     /// Per-app token buckets for apps without limits of their own.
     #[serde(default)]
     pub rate_limits: RateLimitSettings,
+    /// What personal data reaches Kafka, for apps without rules of their
+    /// own: the IP mode and field rules (see `privacy`). Reloaded on SIGHUP.
+    #[serde(default)]
+    pub privacy: crate::privacy::PrivacySettings,
     /// Where these settings were read from, so that SIGHUP can read them
     /// again.
     #[serde(skip)]
@@ -890,6 +894,7 @@ impl Settings {
             &self.auth,
             &self.apps,
             &self.rate_limits,
+            &self.privacy,
             self.server.max_events_per_batch,
         )
     }

@@ -14,6 +14,7 @@
 //! * `json_scan`: nesting depth and string escapes, checked before parsing;
 //! * `pipeline`: the handler chain, `split_and_validate` -> `authorize` ->
 //!   `ip_enrich` -> `write_kafka`, each behind the `TraceWrapper`;
+//! * `privacy`: what personal data reaches Kafka (IP modes, field rules);
 //! * `wire`: the response body and codes;
 //! * `domain`: the validated client values;
 //! * `kafka`, `geoip`, `telemetry`, `metrics`, `config`: one concern each;
@@ -33,6 +34,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod peers;
 pub mod pipeline;
+pub mod privacy;
 pub mod server;
 pub mod telemetry;
 pub mod upload_body;

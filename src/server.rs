@@ -52,11 +52,13 @@ use crate::geoip::GeoIp;
 use crate::kafka::{KafkaSink, ProducerStatistics};
 use crate::metrics::{Metrics, UploadType};
 use crate::peers::ConnectionShares;
+use crate::pipeline::apply_privacy::ApplyPrivacy;
 use crate::pipeline::authorize::{refusal_reply, Authorize};
 use crate::pipeline::ip_enrich::IpEnrich;
 use crate::pipeline::split_and_validate::{BatchLimits, SplitAndValidate};
 use crate::pipeline::write_kafka::WriteKafka;
 use crate::pipeline::{Chain, UploadContext, UploadRequest};
+use crate::privacy::{AppPrivacy, Privacy, StoredIp};
 use crate::telemetry::{self, Metering};
 use crate::upload_body::read_document;
 use crate::wire::Reply;
@@ -186,6 +188,7 @@ impl Application {
             )),
             Box::new(Authorize::new(apps.clone(), metrics.clone())),
             Box::new(IpEnrich::new(geoip.clone(), metrics.clone())),
+            Box::new(ApplyPrivacy),
             Box::new(WriteKafka::new(
                 sink.clone(),
                 metrics.clone(),
@@ -438,6 +441,7 @@ fn cors_layer(settings: &CorsSettings) -> Option<CorsLayer> {
                 header::AUTHORIZATION,
                 X_REQUEST_ID.clone(),
                 crate::apps::keys::X_VENUS_KEY.clone(),
+                HeaderName::from_static(crate::privacy::ANONYMOUS_HEADER),
                 HeaderName::from_static("traceparent"),
                 HeaderName::from_static("tracestate"),
                 HeaderName::from_static("baggage"),
@@ -572,10 +576,10 @@ async fn http_server_span(State(state): State<AppState>, request: Request, next:
     // The client's address as resolved behind trusted proxies, and the TCP
     // peer it came through; the upload uses the former.
     let mut request = request;
+    // The addresses themselves are recorded by the upload handler, as the
+    // app's privacy rules store them.
     if let Some(peer) = peer {
         let client = state.client_ip.resolve(request.headers(), peer.ip());
-        span.record("client.address", field::display(client));
-        span.record("network.peer.address", field::display(peer.ip()));
         span.record("network.peer.port", i64::from(peer.port()));
         request.extensions_mut().insert(ClientAddress(client));
     }
@@ -617,6 +621,43 @@ async fn upload(
         .extensions()
         .get::<ClientAddress>()
         .map_or(peer.ip(), |client| client.0);
+    let anonymous = crate::privacy::anonymous_requested(request.headers());
+    let (reply, privacy, anonymous) =
+        answer_upload(&state, client_ip, request_id, anonymous, request).await;
+    // The addresses go into the server span only now that the app, and so
+    // its privacy rules, are known: as the app's `privacy.ip` stores them.
+    let privacy = privacy.unwrap_or_else(|| state.apps.load().policy().default_privacy.clone());
+    record_addresses(
+        &tracing::Span::current(),
+        privacy.rules(anonymous),
+        client_ip,
+        peer.ip(),
+    );
+    reply.into_response()
+}
+
+/// The server span's `client.address` and `network.peer.address`, as the
+/// privacy rules store addresses (none at all when they drop them).
+fn record_addresses(span: &tracing::Span, rules: &Privacy, client: IpAddr, peer: IpAddr) {
+    for (field, address) in [("client.address", client), ("network.peer.address", peer)] {
+        match rules.store_ip(address.to_canonical()) {
+            StoredIp::Dropped => {}
+            stored => {
+                span.record(field, field::display(stored));
+            }
+        }
+    }
+}
+
+/// The reply to an upload, the privacy rules of its app once known, and
+/// whether the batch was marked anonymous (by the request or its `meta`).
+async fn answer_upload(
+    state: &AppState,
+    client_ip: IpAddr,
+    request_id: String,
+    anonymous: bool,
+    request: Request,
+) -> (Reply, Option<Arc<AppPrivacy>>, bool) {
     // The key is hashed here and only its digest goes on. In `keys` mode a
     // request without a key that any app holds is refused before its body
     // is read.
@@ -632,34 +673,40 @@ async fn upload(
         state.metrics.auth_check(refusal.result());
         let reply = refusal_reply(&refusal);
         state.metrics.record_upload(None, &reply);
-        return reply.into_response();
+        return (reply, None, anonymous);
     }
     // Bytes are charged to the memory budget as they arrive; the charge is
     // held (with `account`) until the reply is built.
     let account = state.budget.account(client_ip);
     let request = request.map(|body| MeteredBody::wrap(body, account.clone()));
-    let document = match receive(&state, &account, request).await {
+    let document = match receive(state, &account, request).await {
         Ok(document) => document,
         Err(reply) => {
             state.metrics.record_upload(None, &reply);
-            return reply.into_response();
+            return (reply, None, anonymous);
         }
     };
     // Only now does the upload take a processing slot, so a slow body never
     // holds one. (Every copy of the body was charged as it was made.)
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        return overloaded(&state, "limit of uploads in flight").into_response();
+        return (
+            overloaded(state, "limit of uploads in flight"),
+            None,
+            anonymous,
+        );
     };
     let mut ctx = UploadContext::new(UploadRequest {
         request_id,
         client_ip,
         document,
         key,
+        anonymous,
     });
     let reply = state.chain.run(&mut ctx).await;
     let category = ctx.batch.as_ref().map(|b| b.category.as_str());
     state.metrics.record_upload(category, &reply);
-    reply.into_response()
+    let anonymous = ctx.anonymous();
+    (reply, ctx.privacy, anonymous)
 }
 
 /// The 503 of load shedding (it carries Retry-After), counted apart.

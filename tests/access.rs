@@ -542,7 +542,7 @@ async fn a_key_revoked_in_the_file_is_refused_after_sighup() {
     support::write_config(config.path(), &apps_yaml("keys", &[SHOP_KEY_2], ""));
     signal(&gateway, libc::SIGHUP);
     gateway.wait_for_line(
-        |l| l["message"] == "auth, apps and rate_limits reloaded",
+        |l| l["message"] == "auth, apps, rate_limits and privacy reloaded",
         Duration::from_secs(10),
     );
     assert_eq!(send(SHOP_KEY_1).await.unwrap().status(), 401, "revoked");

@@ -34,6 +34,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn split(document: Vec<u8>) -> (Option<u16>, UploadContext) {
     let handler = SplitAndValidate::new(LIMITS, &[], None);
     let mut ctx = UploadContext::new(UploadRequest {
+        anonymous: false,
         key: None,
         request_id: "p".into(),
         client_ip: "127.0.0.1".parse().unwrap(),

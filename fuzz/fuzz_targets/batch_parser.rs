@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
         None,
     );
     let mut ctx = UploadContext::new(UploadRequest {
+        anonymous: false,
         request_id: "fuzz".into(),
         key: None,
         client_ip: "127.0.0.1".parse().unwrap(),

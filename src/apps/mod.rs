@@ -28,6 +28,7 @@ use arc_swap::ArcSwap;
 use self::keys::KeyDigest;
 use self::limits::{Buckets, Clients, LimitKind, OverLimit, Unlisted};
 use self::settings::{AccessPolicy, AuthMode};
+use crate::privacy::AppPrivacy;
 
 /// Why an upload may not go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +117,7 @@ struct KnownApp {
     keys: Vec<KeyDigest>,
     categories: HashSet<String>,
     buckets: Option<Arc<Buckets>>,
+    privacy: Arc<AppPrivacy>,
 }
 
 /// The access policy in force.
@@ -148,6 +150,7 @@ impl Registry {
                     keys: app.keys.clone(),
                     categories: app.categories.clone(),
                     buckets: kept.or_else(|| Buckets::new(app.limits).map(Arc::new)),
+                    privacy: app.privacy.clone(),
                 },
             );
         }
@@ -277,6 +280,13 @@ impl Registry {
             })
     }
 
+    /// The privacy rules of `app_id`: its own, or the default.
+    pub fn privacy_of(&self, app_id: &str) -> &Arc<AppPrivacy> {
+        self.apps
+            .get(app_id)
+            .map_or(&self.policy.default_privacy, |app| &app.privacy)
+    }
+
     /// Whether `app_id` is listed (for the metric's `app` label).
     pub fn is_listed(&self, app_id: &str) -> bool {
         self.apps.contains_key(app_id)
@@ -358,11 +368,13 @@ mod tests {
                 keys: vec![KeyDigest::of("right")],
                 categories: ["page_view".to_owned()].into(),
                 limits,
+                privacy: Arc::new(AppPrivacy::keep_all()),
             }],
             default_limits: RateLimit::default(),
             max_tracked_apps: 10,
             client_limits: RateLimit::default(),
             max_tracked_clients: 10,
+            default_privacy: Arc::new(AppPrivacy::keep_all()),
         }
     }
 

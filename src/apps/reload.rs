@@ -1,6 +1,7 @@
-//! SIGHUP re-reads the configuration and puts the new `auth`, `apps` and
-//! `rate_limits` in force: a leaked key is revoked, or an app added, without
-//! a restart. A configuration that fails its checks is refused whole and
+//! SIGHUP re-reads the configuration and puts the new `auth`, `apps`,
+//! `rate_limits` and `privacy` in force (the privacy hash key too, when it
+//! is read from `privacy.hash_key_file`): a leaked key is revoked, an app
+//! added, or a privacy rule changed, without a restart. A configuration that fails its checks is refused whole and
 //! the old policy stays (warn in the log, `venus.config.reloads` by
 //! result). Other sections need a restart; the GeoIP files reload on the
 //! same signal (see `geoip::reload`).
@@ -36,7 +37,7 @@ pub fn spawn(apps: Apps, load: Loader, metrics: Metrics) {
                             format!("auth.mode {:?}, {} apps", policy.mode, policy.apps.len());
                         apps.replace(policy);
                         metrics.config_reload("loaded");
-                        tracing::info!(policy = %summary, "auth, apps and rate_limits reloaded");
+                        tracing::info!(policy = %summary, "auth, apps, rate_limits and privacy reloaded");
                     }
                     Ok(Err(error)) => {
                         metrics.config_reload("rejected");

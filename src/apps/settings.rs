@@ -7,9 +7,12 @@ use std::collections::HashSet;
 
 use serde::Deserialize;
 
+use std::sync::Arc;
+
 use super::keys::KeyDigest;
 use crate::config::ConfigError;
 use crate::domain::{AppId, Category};
+use crate::privacy::{AppPrivacy, AppPrivacySettings, PrivacyPolicy, PrivacySettings};
 
 /// `auth.mode`: how strictly uploads are checked against `apps`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -64,6 +67,10 @@ pub struct AppSettings {
     /// The app's own limits; absent: `rate_limits.default`.
     #[serde(default)]
     pub limits: Option<RateLimit>,
+    /// The app's own privacy rules (`ip`, `fields`); what it leaves out is
+    /// the `privacy` section's.
+    #[serde(default)]
+    pub privacy: Option<AppPrivacySettings>,
 }
 
 /// Token buckets for one app. A rate of 0 means no limit of that kind.
@@ -167,6 +174,8 @@ pub struct AppPolicy {
     pub categories: HashSet<String>,
     /// Resolved: the app's own limits or the default.
     pub limits: RateLimit,
+    /// Resolved: the app's own privacy rules or the default.
+    pub privacy: Arc<AppPrivacy>,
 }
 
 /// `auth`, `apps` and `rate_limits`, parsed and checked.
@@ -180,16 +189,20 @@ pub struct AccessPolicy {
     /// For each client address, resolved.
     pub client_limits: RateLimit,
     pub max_tracked_clients: usize,
+    /// The privacy rules of apps without their own (listed or not).
+    pub default_privacy: Arc<AppPrivacy>,
 }
 
 impl AccessPolicy {
-    /// Parses the three sections; the error names the key at fault.
+    /// Parses the four sections; the error names the key at fault.
     pub fn parse(
         auth: &AuthSettings,
         apps: &[AppSettings],
         limits: &RateLimitSettings,
+        privacy: &PrivacySettings,
         max_events_per_batch: usize,
     ) -> Result<Self, ConfigError> {
+        let privacy = PrivacyPolicy::parse(privacy)?;
         let default_limits = limits
             .default
             .resolved("rate_limits.default", max_events_per_batch)
@@ -241,11 +254,15 @@ impl AccessPolicy {
                     .map_err(at)?,
                 None => default_limits,
             };
+            let app_privacy = privacy
+                .app(app.privacy.as_ref(), &format!("apps[{i}].privacy.fields"))
+                .map_err(|e| at(format!("privacy: {e}")))?;
             parsed.push(AppPolicy {
                 app_id,
                 keys,
                 categories: app.categories.iter().cloned().collect(),
                 limits,
+                privacy: app_privacy,
             });
         }
         if auth.mode == AuthMode::Keys && parsed.iter().all(|app| app.keys.is_empty()) {
@@ -261,6 +278,7 @@ impl AccessPolicy {
             max_tracked_apps: limits.max_tracked_apps,
             client_limits,
             max_tracked_clients: limits.max_tracked_clients,
+            default_privacy: privacy.default.clone(),
         })
     }
 }

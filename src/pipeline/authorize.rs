@@ -57,6 +57,7 @@ impl Authorize {
         match decision {
             Ok(()) => {
                 self.metrics.auth_check("ok");
+                ctx.privacy = Some(registry.privacy_of(app_id).clone());
                 Outcome::proceed()
             }
             Err(refusal) => {

@@ -11,6 +11,7 @@ use crate::apps::keys::KeyDigest;
 use crate::domain::{AppId, Category};
 use crate::geoip::Location;
 use crate::pipeline::HandlerError;
+use crate::privacy::{AppPrivacy, Privacy, StoredIp};
 use crate::wire::{Part, PartCode, Reply};
 
 /// What the HTTP layer hands to the pipeline.
@@ -25,6 +26,8 @@ pub struct UploadRequest {
     /// The digest of the write key the request presented, if any (the key
     /// itself is never kept).
     pub key: Option<KeyDigest>,
+    /// The request asked for no address to be stored (`X-Venus-Anonymous`).
+    pub anonymous: bool,
 }
 
 /// The batch-level fields, parsed from `meta`.
@@ -32,8 +35,11 @@ pub struct UploadRequest {
 pub struct Batch {
     pub app_id: AppId,
     pub category: Category,
-    /// `meta` exactly as sent (a slice of the document, not a copy).
+    /// `meta` exactly as sent (a slice of the document, not a copy), or as
+    /// the app's privacy rules left it.
     pub meta: Bytes,
+    /// `meta.anonymous` is `true`: no address is stored.
+    pub anonymous: bool,
 }
 
 /// The `ip` field of an event as sent.
@@ -50,8 +56,9 @@ pub struct Enrichment {
     pub backend_id: Uuid,
     /// Milliseconds since the epoch at which the batch was received.
     pub upload_time_ms: u64,
-    /// The address used for the lookup.
-    pub ip: IpAddr,
+    /// What is stored of the address used for the lookup (the app's
+    /// `privacy.ip`).
+    pub ip: StoredIp,
     /// Shared by every event of the batch with the same address.
     pub location: Arc<Location>,
 }
@@ -72,7 +79,8 @@ pub enum EventStatus {
 /// One event of the batch.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// The event object exactly as sent (a slice of the document).
+    /// The event object exactly as sent (a slice of the document), or as
+    /// the app's privacy rules left it.
     pub raw: Bytes,
     /// `id` as sent, when it was a string (even an invalid one, so the
     /// client can match the part to its event).
@@ -124,6 +132,8 @@ pub struct UploadContext {
     pub events: Vec<Event>,
     /// Errors the handlers reported, in order, with the handler's name.
     pub errors: Vec<(&'static str, HandlerError)>,
+    /// The app's privacy rules, set by `authorize` once the app is known.
+    pub privacy: Option<Arc<AppPrivacy>>,
 }
 
 impl UploadContext {
@@ -133,6 +143,21 @@ impl UploadContext {
             batch: None,
             events: Vec::new(),
             errors: Vec::new(),
+            privacy: None,
+        }
+    }
+
+    /// Whether the request or its `meta` asked for no address to be stored.
+    pub fn anonymous(&self) -> bool {
+        self.request.anonymous || self.batch.as_ref().is_some_and(|b| b.anonymous)
+    }
+
+    /// The privacy rules for this batch (keep everything until `authorize`
+    /// has found the app's).
+    pub fn privacy_rules(&self) -> &Privacy {
+        match &self.privacy {
+            Some(app) => app.rules(self.anonymous()),
+            None => AppPrivacy::keep_all_ref().rules(self.anonymous()),
         }
     }
 

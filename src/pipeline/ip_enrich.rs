@@ -2,8 +2,11 @@
 //!
 //! * `backend_id`: a UUIDv7, time-ordered, unique per event;
 //! * `upload_time`: when the batch reached this handler, ms since the epoch;
-//! * `ip`: the event's own `ip`, or the client's address when it has none;
-//! * `country`, `region`, `city` from the GeoIP database (empty when unknown).
+//! * `ip`: the event's own `ip`, or the client's address when it has none,
+//!   as the app's `privacy.ip` stores it (kept, truncated, hashed or
+//!   dropped; always dropped for an anonymous batch);
+//! * `country`, `region`, `city` from the GeoIP database (empty when
+//!   unknown), looked up with the whole address before it is reduced.
 //!
 //! An `ip` that does not parse as an address fails its event with code 1002.
 //! An address the database does not know (a private range, say) is not an
@@ -22,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::context::{Enrichment, SentIp};
 use crate::pipeline::split_and_validate::trimmed;
 use crate::pipeline::{Handler, Outcome, UploadContext};
+use crate::privacy::{AppPrivacy, StoredIp};
 use crate::wire::PartCode;
 
 pub struct IpEnrich {
@@ -95,8 +99,15 @@ impl IpEnrich {
         // one up once. foldhash, not SipHash: hashing was about 1% of the
         // gateway's CPU, and a batch's map is small and short-lived, so a
         // seeded fast hash is enough against crafted addresses.
-        let mut locations: HashMap<IpAddr, Arc<Location>, foldhash::fast::RandomState> =
+        let mut locations: HashMap<IpAddr, (Arc<Location>, StoredIp), foldhash::fast::RandomState> =
             HashMap::with_capacity_and_hasher(16, foldhash::fast::RandomState::default());
+        // The privacy rules live in the context, the events too: a clone of
+        // the `Arc` lets both be borrowed in the loop.
+        let privacy = ctx
+            .privacy
+            .clone()
+            .unwrap_or_else(AppPrivacy::shared_keep_all);
+        let rules = privacy.rules(ctx.anonymous());
         // One database for the whole batch, even if a reload swaps it.
         let database = self.geoip.current();
         let mut invalid = 0usize;
@@ -121,12 +132,12 @@ impl IpEnrich {
                     }
                 },
             };
-            let location = locations
+            let (location, stored) = locations
                 .entry(ip)
                 .or_insert_with(|| {
                     let located = database.locate(ip);
                     counts.record(&located);
-                    located.location
+                    (located.location, rules.store_ip(ip))
                 })
                 .clone();
             event.enrichment = Some(Enrichment {
@@ -136,7 +147,7 @@ impl IpEnrich {
                     now.subsec_nanos(),
                 )),
                 upload_time_ms,
-                ip,
+                ip: stored,
                 location,
             });
         }

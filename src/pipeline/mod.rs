@@ -1,7 +1,7 @@
 //! The upload pipeline: a chain of handlers over one request's context.
 //!
 //! ```text
-//! body ─▶ split_and_validate ─▶ authorize ─▶ ip_enrich ─▶ write_kafka ─▶ reply (a part per event)
+//! body ─▶ split_and_validate ─▶ authorize ─▶ ip_enrich ─▶ apply_privacy ─▶ write_kafka ─▶ reply (a part per event)
 //! ```
 //!
 //! Each handler ([`Handler`]) reads and updates the [`UploadContext`] and
@@ -16,8 +16,10 @@
 //!
 //! When no handler responds, the reply is built from the per-event results.
 //! The [`Chain`] wraps every handler in a [`TraceWrapper`] in one place, so no
-//! handler opens spans or records its own errors.
+//! handler opens spans or records its own errors. A handler with nothing to
+//! do for an upload ([`Handler::applies`]) is skipped, span and all.
 
+pub mod apply_privacy;
 pub mod authorize;
 mod chain;
 pub mod context;
@@ -156,6 +158,13 @@ pub trait Handler: Send + Sync {
         SpanKind::Internal
     }
 
+    /// Whether the handler has anything to do for this upload; when not,
+    /// the chain skips it without a span (`apply_privacy` for an app without
+    /// rules).
+    fn applies(&self, _ctx: &UploadContext) -> bool {
+        true
+    }
+
     fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome>;
 }
 
@@ -166,6 +175,10 @@ impl<H: Handler + ?Sized> Handler for Box<H> {
 
     fn span_kind(&self) -> SpanKind {
         (**self).span_kind()
+    }
+
+    fn applies(&self, ctx: &UploadContext) -> bool {
+        (**self).applies(ctx)
     }
 
     fn handle<'a>(&'a self, ctx: &'a mut UploadContext) -> BoxFuture<'a, Outcome> {

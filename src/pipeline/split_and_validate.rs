@@ -193,6 +193,7 @@ impl SplitAndValidate {
         let mut keys = HashSet::new();
         let mut app_id = None;
         let mut category = None;
+        let mut anonymous = false;
         for entry in sonic_rs::to_object_iter(meta) {
             let (key, value) = entry
                 .map_err(|e| Malformed(format!("meta is not valid JSON: {}", first_line(&e))))?;
@@ -210,6 +211,11 @@ impl SplitAndValidate {
             match key.as_ref() {
                 "app_id" => app_id = Some(value),
                 "category" => category = Some(value),
+                // `true` asks for no address to be stored (anything else
+                // asks nothing: a consent flag is not guessed).
+                crate::privacy::ANONYMOUS_META_FIELD => {
+                    anonymous = value.as_raw_str() == "true";
+                }
                 _ => {}
             }
             keys.insert(key);
@@ -234,6 +240,7 @@ impl SplitAndValidate {
             app_id,
             category,
             meta: share(document, meta),
+            anonymous,
         })
     }
 }
@@ -644,6 +651,7 @@ mod tests {
 
     fn run_with(handler: &SplitAndValidate, document: &str) -> (UploadContext, Outcome) {
         let mut ctx = UploadContext::new(UploadRequest {
+            anonymous: false,
             key: None,
             request_id: "r".into(),
             client_ip: "127.0.0.1".parse().unwrap(),
@@ -770,6 +778,7 @@ mod tests {
         doc.insert(at, 0xc3);
         let handler = SplitAndValidate::new(limits(3), &[], None);
         let mut ctx = UploadContext::new(UploadRequest {
+            anonymous: false,
             key: None,
             request_id: "r".into(),
             client_ip: "127.0.0.1".parse().unwrap(),

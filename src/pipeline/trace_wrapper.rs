@@ -30,6 +30,9 @@ impl<H: Handler> TraceWrapper<H> {
     }
 
     pub async fn call(&self, ctx: &mut UploadContext) -> Outcome {
+        if !self.inner.applies(ctx) {
+            return Outcome::proceed();
+        }
         let name = self.inner.name();
         let split_here = ctx.events.is_empty();
         let pending_before = ctx.pending();
@@ -177,6 +180,7 @@ mod tests {
 
     fn context() -> UploadContext {
         let mut ctx = UploadContext::new(UploadRequest {
+            anonymous: false,
             key: None,
             request_id: "req".into(),
             client_ip: "127.0.0.1".parse().unwrap(),

@@ -8,7 +8,9 @@
 //!
 //! Message value (built from slices of the request, nothing is re-parsed):
 //! `{"backend_id","upload_time","ip","country","region","city","meta","data"}`
-//! with `meta` and `data` exactly as the client sent them.
+//! with `meta` and `data` exactly as the client sent them, or as the app's
+//! privacy rules left them (`apply_privacy`), and `ip` as the app's
+//! `privacy.ip` stores it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +28,7 @@ use crate::kafka::KafkaSink;
 use crate::metrics::Metrics;
 use crate::pipeline::context::{Batch, Enrichment, EventStatus};
 use crate::pipeline::{cpu_heavy, Handler, Outcome, SpanKind, UploadContext};
+use crate::privacy::StoredIp;
 use crate::telemetry;
 use crate::wire::PartCode;
 use rdkafka::types::RDKafkaErrorCode;
@@ -116,7 +119,12 @@ pub fn write_message_value(
             .as_bytes(),
     );
     out.extend_from_slice(b",\"ip\":\"");
-    push_ip(out, enrichment.ip);
+    match &enrichment.ip {
+        StoredIp::Address(ip) => push_ip(out, *ip),
+        // Hex digits: nothing to escape.
+        StoredIp::Hashed(hash) => out.extend_from_slice(hash.as_bytes()),
+        StoredIp::Dropped => {}
+    }
     out.extend_from_slice(b"\",\"country\":");
     push_json_str(out, &location.country);
     out.extend_from_slice(b",\"region\":");
