@@ -54,21 +54,44 @@ pub fn load_layered<T: serde::de::DeserializeOwned>(
             format!("file {} does not exist", path.display()),
         ));
     }
+    // Values stay the text they were given: a number field still reads
+    // "5000" as 5000, but a password, key or group id "0123" stays "0123"
+    // (parsing first would make it 123, and "1e3" 1000).
     let environment = config::Environment::with_prefix("VENUS")
         .prefix_separator("__")
         .separator("__")
-        .list_separator(",")
-        .with_list_parse_key("categories")
-        .with_list_parse_key("server.trusted_proxies")
-        .with_list_parse_key("server.cors.allowed_origins")
-        .try_parsing(true)
-        .source(env.map(|map| map.into_iter().collect()));
-    Ok(config::Config::builder()
+        .try_parsing(false)
+        .source(env.clone().map(|map| map.into_iter().collect()));
+    let mut builder = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Yaml))
-        .add_source(environment)
-        .build()?
-        .try_deserialize()?)
+        .add_source(environment);
+    // The list keys take a comma-separated value (the configuration crate
+    // splits lists only when it also parses numbers).
+    let variables: Vec<(String, String)> = match env {
+        Some(map) => map.into_iter().collect(),
+        None => std::env::vars().collect(),
+    };
+    for key in LIST_KEYS {
+        let name = format!("VENUS__{}", key.replace('.', "__").to_ascii_uppercase());
+        if let Some((_, value)) = variables.iter().find(|(k, _)| *k == name) {
+            let items: Vec<String> = value
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect();
+            builder = builder.set_override(key, items)?;
+        }
+    }
+    Ok(builder.build()?.try_deserialize()?)
 }
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: [&str; 3] = [
+    "categories",
+    "server.trusted_proxies",
+    "server.cors.allowed_origins",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1082,6 +1105,36 @@ geoip:
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/venus.yaml"), "{err}");
+    }
+
+    #[test]
+    fn environment_values_are_text_unless_the_field_is_a_number() {
+        let f = file(MINIMAL);
+        let settings = Settings::load_with_env(
+            f.path(),
+            env(&[
+                ("VENUS__KAFKA__PRODUCER__SASL_PASSWORD", "0123"),
+                ("VENUS__KAFKA__PRODUCER__SASL_USERNAME", "1e3"),
+                ("VENUS__PRIVACY__HASH_KEY", "00012345678901234567"),
+                ("VENUS__SERVER__MAX_EVENTS_PER_BATCH", "0050"),
+                ("VENUS__KAFKA__CREATE_TOPICS", "false"),
+                ("VENUS__TELEMETRY__SAMPLING_RATIO", "0.5"),
+            ]),
+        )
+        .unwrap();
+        let producer = &settings.kafka.producer;
+        assert_eq!(
+            producer.get("sasl.password").map(String::as_str),
+            Some("0123")
+        );
+        assert_eq!(
+            producer.get("sasl.username").map(String::as_str),
+            Some("1e3")
+        );
+        assert_eq!(settings.privacy.hash_key.expose(), "00012345678901234567");
+        assert_eq!(settings.server.max_events_per_batch, 50);
+        assert!(!settings.kafka.create_topics);
+        assert_eq!(settings.telemetry.sampling_ratio, 0.5);
     }
 
     #[test]
