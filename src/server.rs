@@ -353,14 +353,16 @@ async fn accept_until(
         // connection (the share is taken first, so that a peer at its share
         // takes no place of the global limit either).
         let Some(share) = shares.open(peer.ip()) else {
-            tracing::debug!(%peer, "the peer holds its share of connections, closing");
+            // The address is not logged: the app, and so its privacy rules,
+            // are not known on a connection.
+            tracing::debug!("a peer holds its share of connections, closing a new one");
             metrics.connection_refused("max_connections_per_peer");
             continue;
         };
         // Past the connection limit, close at once: file descriptors and
         // per-connection buffers stay bounded.
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "connection limit reached, closing");
+            tracing::debug!("connection limit reached, closing a new connection");
             metrics.connection_refused("max_connections");
             continue;
         };

@@ -505,3 +505,48 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
     }
 }
+
+#[cfg(test)]
+mod reload_privacy_tests {
+    use super::settings::{AccessPolicy, AuthSettings, RateLimitSettings};
+    use super::*;
+
+    fn policy(action: &str) -> AccessPolicy {
+        let privacy: crate::privacy::PrivacySettings = config::Config::builder()
+            .add_source(config::File::from_str(
+                &format!("fields:\n  - {{path: data.email, action: {action}}}\nhash_key: 0123456789abcdef0123"),
+                config::FileFormat::Yaml,
+            ))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        AccessPolicy::parse(
+            &AuthSettings::default(),
+            &[],
+            &RateLimitSettings::default(),
+            &privacy,
+            1000,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_replaced_policy_brings_its_privacy_rules() {
+        let apps = Apps::new(policy("hash"));
+        let event = r#"{"id":"1","email":"x@y.z"}"#;
+        let before = apps.load().privacy_of("a").clone();
+        let rules = before.rules(false);
+        assert!(rules
+            .apply_data(event, None, &mut rules.hashes())
+            .unwrap()
+            .contains("email"));
+        apps.replace(policy("remove"));
+        let after = apps.load().privacy_of("a").clone();
+        let rules = after.rules(false);
+        assert_eq!(
+            rules.apply_data(event, None, &mut rules.hashes()).unwrap(),
+            r#"{"id":"1"}"#
+        );
+    }
+}

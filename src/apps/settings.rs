@@ -255,7 +255,7 @@ impl AccessPolicy {
                 None => default_limits,
             };
             let app_privacy = privacy
-                .app(app.privacy.as_ref(), &format!("apps[{i}].privacy.fields"))
+                .app(app.privacy.as_ref(), &format!("apps[{i}].privacy"))
                 .map_err(|e| at(format!("privacy: {e}")))?;
             parsed.push(AppPolicy {
                 app_id,

@@ -47,6 +47,9 @@ impl Authorize {
         };
         let registry = self.apps.load();
         let app_id = batch.app_id.as_str();
+        // The app's privacy rules hold for its refusals too (the server span
+        // records the client's address by them).
+        ctx.privacy = Some(registry.privacy_of(app_id).clone());
         let decision = registry.admit(
             app_id,
             batch.category.as_str(),
@@ -57,7 +60,6 @@ impl Authorize {
         match decision {
             Ok(()) => {
                 self.metrics.auth_check("ok");
-                ctx.privacy = Some(registry.privacy_of(app_id).clone());
                 Outcome::proceed()
             }
             Err(refusal) => {

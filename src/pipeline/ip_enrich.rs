@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::context::{Enrichment, SentIp};
 use crate::pipeline::split_and_validate::trimmed;
 use crate::pipeline::{Handler, Outcome, UploadContext};
-use crate::privacy::{AppPrivacy, StoredIp};
+use crate::privacy::{AppPrivacy, IpMode, StoredIp};
 use crate::wire::PartCode;
 
 pub struct IpEnrich {
@@ -121,8 +121,13 @@ impl IpEnrich {
                     Ok(ip) => ip.to_canonical(),
                     Err(_) => {
                         counts.invalid += 1;
-                        let reason =
-                            format!("ip {:?} is not an IPv4 or IPv6 address", trimmed(text));
+                        // Quoted back only where addresses are kept: a
+                        // value such as "81.2.69.142:443" is still one.
+                        let reason = if rules.ip == IpMode::Keep {
+                            format!("ip {:?} is not an IPv4 or IPv6 address", trimmed(text))
+                        } else {
+                            "ip is not an IPv4 or IPv6 address".to_owned()
+                        };
                         if invalid == 0 {
                             first_invalid = reason.clone();
                         }

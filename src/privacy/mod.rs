@@ -28,7 +28,7 @@ use std::sync::Arc;
 use crate::config::ConfigError;
 
 pub use self::hash::{HashKey, Secret};
-pub use self::rules::{FieldRule, Root};
+pub use self::rules::{FieldRule, Hashes, Replacement, Root, RuleTree};
 pub use self::settings::{AppPrivacySettings, FieldRuleSettings, IpMode, PrivacySettings};
 
 /// The request header that marks a batch anonymous.
@@ -73,8 +73,8 @@ pub struct Privacy {
     ipv4_prefix: u8,
     ipv6_prefix: u8,
     key: Option<Arc<HashKey>>,
-    meta_rules: Vec<FieldRule>,
-    data_rules: Vec<FieldRule>,
+    meta_rules: RuleTree,
+    data_rules: RuleTree,
 }
 
 impl Privacy {
@@ -85,8 +85,8 @@ impl Privacy {
             ipv4_prefix: 32,
             ipv6_prefix: 128,
             key: None,
-            meta_rules: Vec::new(),
-            data_rules: Vec::new(),
+            meta_rules: RuleTree::default(),
+            data_rules: RuleTree::default(),
         }
     }
 
@@ -117,32 +117,41 @@ impl Privacy {
         !self.data_rules.is_empty()
     }
 
+    /// The memory of one batch's hashes, under this configuration's key.
+    pub fn hashes(&self) -> Hashes<'_> {
+        Hashes::new(self.key.as_deref())
+    }
+
     /// `meta` with the meta rules applied; `None` when none changed it.
-    pub fn apply_meta(&self, meta: &str) -> Option<String> {
-        apply_all(&self.meta_rules, meta, self.key.as_deref())
+    pub fn apply_meta(&self, meta: &str, hashes: &mut Hashes<'_>) -> Option<String> {
+        self.meta_rules.apply(meta, hashes, None)
     }
 
     /// An event with the data rules applied and, when `sent_ip` is given,
-    /// its own `ip` member replaced by it (removed when dropped); `None`
-    /// when nothing changed.
-    pub fn apply_data(&self, event: &str, sent_ip: Option<&StoredIp>) -> Option<String> {
-        let mut current = apply_all(&self.data_rules, event, self.key.as_deref());
-        if let Some(stored) = sent_ip {
-            let path = [rules::Segment::Key("ip".to_owned())];
-            let replaced = rules::rewrite(current.as_deref().unwrap_or(event), &path, &|raw| {
-                if !raw.trim_start().starts_with('"') {
-                    return rules::Replacement::Keep;
-                }
-                match stored {
-                    StoredIp::Dropped => rules::Replacement::Remove,
-                    other => rules::Replacement::Value(format!("\"{other}\"")),
-                }
-            });
-            if replaced.is_some() {
-                current = replaced;
+    /// its own `ip` member replaced by it (removed when dropped), all in one
+    /// walk; `None` when nothing changed.
+    pub fn apply_data(
+        &self,
+        event: &str,
+        sent_ip: Option<&StoredIp>,
+        hashes: &mut Hashes<'_>,
+    ) -> Option<String> {
+        let replace_ip = |raw: &str| -> Replacement {
+            if !raw.trim_start().starts_with('"') {
+                return Replacement::Keep;
             }
+            match sent_ip {
+                Some(StoredIp::Dropped) => Replacement::Remove,
+                Some(other) => Replacement::Value(format!("\"{other}\"")),
+                None => Replacement::Keep,
+            }
+        };
+        let extra: Option<(&str, &dyn Fn(&str) -> Replacement)> =
+            sent_ip.map(|_| ("ip", &replace_ip as &dyn Fn(&str) -> Replacement));
+        if self.data_rules.is_empty() && extra.is_none() {
+            return None;
         }
-        current
+        self.data_rules.apply(event, hashes, extra)
     }
 
     /// The same rules for a batch marked anonymous: no address stored.
@@ -152,16 +161,6 @@ impl Privacy {
             ..self.clone()
         }
     }
-}
-
-fn apply_all(rules: &[FieldRule], document: &str, key: Option<&HashKey>) -> Option<String> {
-    let mut current: Option<String> = None;
-    for rule in rules {
-        if let Some(next) = rule.apply(current.as_deref().unwrap_or(document), key) {
-            current = Some(next);
-        }
-    }
-    current
 }
 
 /// `ip` with all but its first `v4` (IPv4) or `v6` (IPv6) bits set to 0.
@@ -276,7 +275,7 @@ impl PrivacyPolicy {
     }
 
     /// The rules of an app with `own` settings (`None`: the defaults);
-    /// `at` names the app in an error.
+    /// `at` names the app's `privacy` key in an error (`apps[0].privacy`).
     pub fn app(
         &self,
         own: Option<&AppPrivacySettings>,
@@ -286,7 +285,7 @@ impl PrivacyPolicy {
             return Ok(self.default.clone());
         };
         let fields = match &own.fields {
-            Some(fields) => Some(parse_rules_at(at, fields)?),
+            Some(fields) => Some(parse_rules_at(&format!("{at}.fields"), fields)?),
             None => None,
         };
         let ip = own.ip.unwrap_or(self.ip);
@@ -309,7 +308,9 @@ impl PrivacyPolicy {
                 format!("{at} hashes, but no key is set: give privacy.hash_key (VENUS__PRIVACY__HASH_KEY) or privacy.hash_key_file"),
             ));
         }
-        let (meta_rules, data_rules) = rules.into_iter().partition(|r| r.root == Root::Meta);
+        let (meta, data): (Vec<FieldRule>, Vec<FieldRule>) =
+            rules.into_iter().partition(|r| r.root == Root::Meta);
+        let (meta_rules, data_rules) = (RuleTree::new(&meta), RuleTree::new(&data));
         Ok(Privacy {
             ip,
             ipv4_prefix: self.ipv4_prefix,
@@ -487,12 +488,14 @@ mod tests {
                 detect: vec![],
             }]),
         };
-        let app = policy.app(Some(&own), "apps[0].privacy.fields").unwrap();
+        let app = policy.app(Some(&own), "apps[0].privacy").unwrap();
         let rules = app.rules(false);
         assert_eq!(rules.ip, IpMode::Truncate, "inherited");
         assert!(rules.has_meta_rules() && !rules.has_data_rules());
         assert_eq!(
-            rules.apply_meta(r#"{"app_id":"a","user":"jane"}"#).unwrap(),
+            rules
+                .apply_meta(r#"{"app_id":"a","user":"jane"}"#, &mut rules.hashes())
+                .unwrap(),
             r#"{"app_id":"a","user":"****"}"#
         );
         let default = policy.app(None, "apps[1]").unwrap();
@@ -505,14 +508,18 @@ mod tests {
         let rules = policy.default.rules(false);
         let event = r#"{"id":"1","ip":"81.2.69.142","x":1}"#;
         assert_eq!(
-            rules.apply_data(event, Some(&StoredIp::Dropped)).unwrap(),
+            rules
+                .apply_data(event, Some(&StoredIp::Dropped), &mut rules.hashes())
+                .unwrap(),
             r#"{"id":"1","x":1}"#
         );
         let truncated = StoredIp::Address(ip("81.2.69.0"));
         assert_eq!(
-            rules.apply_data(event, Some(&truncated)).unwrap(),
+            rules
+                .apply_data(event, Some(&truncated), &mut rules.hashes())
+                .unwrap(),
             r#"{"id":"1","ip":"81.2.69.0","x":1}"#
         );
-        assert_eq!(rules.apply_data(event, None), None);
+        assert_eq!(rules.apply_data(event, None, &mut rules.hashes()), None);
     }
 }

@@ -58,12 +58,14 @@ pub struct FieldRule {
     pub action: Action,
 }
 
-/// Fields the pipeline itself reads: a rule may not change them.
-const PROTECTED: [(&str, &str); 4] = [
+/// Fields the gateway or the ingester reads: a rule may not change them
+/// (a hashed `timestamp` would make the event a dead letter).
+const PROTECTED: [(&str, &str); 5] = [
     ("meta", "app_id"),
     ("meta", "category"),
     ("data", "id"),
     ("data", "ip"),
+    ("data", "timestamp"),
 ];
 
 impl FieldRule {
@@ -102,7 +104,7 @@ impl FieldRule {
         };
         if segments.len() == 1 && PROTECTED.contains(&top) {
             return Err(format!(
-                "path {path:?} is read by the gateway itself and cannot be changed{}",
+                "path {path:?} is read by the gateway itself (or the ingester) and cannot be changed{}",
                 if top == ("data", "ip") {
                     " (privacy.ip decides what is stored of it)"
                 } else {
@@ -140,11 +142,137 @@ impl FieldRule {
             action,
         })
     }
+}
 
-    /// `document` (the JSON text of `meta` or of one event) with the rule
-    /// applied, or `None` when the rule found nothing to change.
-    pub fn apply(&self, document: &str, key: Option<&HashKey>) -> Option<String> {
-        rewrite(document, &self.path, &|raw| replace(raw, &self.action, key))
+/// The rules of one root (`meta` or an event), merged by path, so that one
+/// walk over a document applies them all: each object and array on a path
+/// is read once, whatever the number of rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleTree {
+    /// By member name; a few rules make a short list, searched in order.
+    members: Vec<(String, Node)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Node {
+    /// Applied to the value at this path, in the order the rules were given.
+    actions: Vec<Action>,
+    /// Rules further down, in this value's members...
+    members: RuleTree,
+    /// ...or in every item of this value's array.
+    items: Option<Box<Node>>,
+}
+
+impl RuleTree {
+    pub fn new<'a>(rules: impl IntoIterator<Item = &'a FieldRule>) -> Self {
+        let mut tree = Self::default();
+        for rule in rules {
+            tree.insert(&rule.path, rule.action.clone());
+        }
+        tree
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    fn insert(&mut self, path: &[Segment], action: Action) {
+        let Some((Segment::Key(name), rest)) = path.split_first() else {
+            return;
+        };
+        let index = match self.members.iter().position(|(n, _)| n == name) {
+            Some(index) => index,
+            None => {
+                self.members.push((name.clone(), Node::default()));
+                self.members.len() - 1
+            }
+        };
+        self.members[index].1.insert(rest, action);
+    }
+
+    fn get(&self, name: &str) -> Option<&Node> {
+        self.members
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, node)| node)
+    }
+
+    /// `document` (an object's JSON text) with every rule applied, and
+    /// `extra` on its top-level member of that name; `None` when nothing
+    /// changed.
+    pub fn apply(
+        &self,
+        document: &str,
+        hashes: &mut Hashes<'_>,
+        extra: Option<(&str, &dyn Fn(&str) -> Replacement)>,
+    ) -> Option<String> {
+        rewrite_object(document, self, hashes, extra)
+    }
+}
+
+impl Node {
+    fn insert(&mut self, path: &[Segment], action: Action) {
+        match path.split_first() {
+            None => self.actions.push(action),
+            Some((Segment::Items, rest)) => self
+                .items
+                .get_or_insert_with(Default::default)
+                .insert(rest, action),
+            Some((Segment::Key(_), _)) => self.members.insert(path, action),
+        }
+    }
+
+    /// What becomes of `raw` (a value at this node's path).
+    fn apply(&self, raw: &str, hashes: &mut Hashes<'_>) -> Replacement {
+        let mut current: Option<String> = None;
+        let trimmed = raw.trim_start();
+        if !self.members.is_empty() && trimmed.starts_with('{') {
+            current = rewrite_object(raw, &self.members, hashes, None);
+        } else if let Some(items) = &self.items {
+            if trimmed.starts_with('[') {
+                current = rewrite_array(raw, items, hashes);
+            }
+        }
+        for action in &self.actions {
+            match replace(current.as_deref().unwrap_or(raw), action, hashes) {
+                Replacement::Remove => return Replacement::Remove,
+                Replacement::Value(value) => current = Some(value),
+                Replacement::Keep => {}
+            }
+        }
+        match current {
+            Some(value) => Replacement::Value(value),
+            None => Replacement::Keep,
+        }
+    }
+}
+
+/// The keyed hashes of one batch: the key, and the values already hashed
+/// (a batch's events mostly share a user id, a session, an address).
+pub struct Hashes<'a> {
+    key: Option<&'a HashKey>,
+    done: Vec<(String, String)>,
+}
+
+impl<'a> Hashes<'a> {
+    pub fn new(key: Option<&'a HashKey>) -> Self {
+        Self {
+            key,
+            done: Vec::new(),
+        }
+    }
+
+    /// The stored form of `input`: 32 hex digits, as a JSON string.
+    fn hash(&mut self, input: &str) -> Option<String> {
+        if let Some((_, known)) = self.done.iter().find(|(i, _)| i == input) {
+            return Some(known.clone());
+        }
+        let hashed = format!("\"{}\"", self.key?.hash(input.as_bytes()));
+        // A handful per batch is what repeats; past that, no list to scan.
+        if self.done.len() < 16 {
+            self.done.push((input.to_owned(), hashed.clone()));
+        }
+        Some(hashed)
     }
 }
 
@@ -157,17 +285,16 @@ pub enum Replacement {
 }
 
 /// The replacement of one value's raw JSON text for `action`.
-pub fn replace(raw: &str, action: &Action, key: Option<&HashKey>) -> Replacement {
+fn replace(raw: &str, action: &Action, hashes: &mut Hashes<'_>) -> Replacement {
     match action {
         Action::Remove => Replacement::Remove,
         Action::Hash => {
-            let Some(key) = key else {
-                // Checked at load: a rule that hashes has a key.
-                return Replacement::Remove;
-            };
             let text = string_value(raw);
-            let input = text.as_deref().unwrap_or(raw);
-            Replacement::Value(format!("\"{}\"", key.hash(input.as_bytes())))
+            match hashes.hash(text.as_deref().unwrap_or(raw.trim())) {
+                Some(hashed) => Replacement::Value(hashed),
+                // Checked at load: a rule that hashes has a key.
+                None => Replacement::Remove,
+            }
         }
         Action::Mask => match string_value(raw) {
             Some(text) => Replacement::Value(format!("\"{}\"", "*".repeat(text.chars().count()))),
@@ -197,98 +324,105 @@ fn json_string(text: &str) -> String {
     sonic_rs::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
-/// `raw` (an object or array) with `replace` applied to what `path` finds
-/// in it; `None` when nothing changed.
-pub fn rewrite(
-    raw: &str,
-    path: &[Segment],
-    replace: &dyn Fn(&str) -> Replacement,
-) -> Option<String> {
-    let (first, rest) = path.split_first()?;
-    let trimmed = raw.trim_start();
-    match first {
-        Segment::Key(name) if trimmed.starts_with('{') => {
-            let mut out = String::with_capacity(raw.len());
-            out.push('{');
-            let mut changed = false;
-            let mut members = 0;
-            for member in sonic_rs::to_object_iter(raw) {
-                let (key, value) = member.ok()?;
-                let value_raw = value.as_raw_str();
-                let new = if key.as_ref() == name.as_str() {
-                    if rest.is_empty() {
-                        replace(value_raw)
-                    } else {
-                        match rewrite(value_raw, rest, replace) {
-                            Some(text) => Replacement::Value(text),
-                            None => Replacement::Keep,
-                        }
-                    }
-                } else {
-                    Replacement::Keep
-                };
-                let text = match &new {
-                    Replacement::Remove => {
-                        changed = true;
-                        continue;
-                    }
-                    Replacement::Value(text) => {
-                        changed = true;
-                        text.as_str()
-                    }
-                    Replacement::Keep => value_raw,
-                };
-                if members > 0 {
-                    out.push(',');
-                }
-                members += 1;
-                out.push_str(&json_string(key.as_ref()));
-                out.push(':');
-                out.push_str(text);
-            }
-            out.push('}');
-            changed.then_some(out)
-        }
-        Segment::Items if trimmed.starts_with('[') => {
-            let mut out = String::with_capacity(raw.len());
-            out.push('[');
-            let mut changed = false;
-            let mut items = 0;
-            for item in sonic_rs::to_array_iter(raw) {
-                let item = item.ok()?;
-                let item_raw = item.as_raw_str();
-                let new = if rest.is_empty() {
-                    replace(item_raw)
-                } else {
-                    match rewrite(item_raw, rest, replace) {
-                        Some(text) => Replacement::Value(text),
-                        None => Replacement::Keep,
-                    }
-                };
-                let text = match &new {
-                    Replacement::Remove => {
-                        changed = true;
-                        continue;
-                    }
-                    Replacement::Value(text) => {
-                        changed = true;
-                        text.as_str()
-                    }
-                    Replacement::Keep => item_raw,
-                };
-                if items > 0 {
-                    out.push(',');
-                }
-                items += 1;
-                out.push_str(text);
-            }
-            out.push(']');
-            changed.then_some(out)
-        }
-        // The path goes on where the document has no object or array: the
-        // rule finds nothing here.
-        _ => None,
+/// Appends a member name as a JSON string; most need no escaping, and then
+/// no copy is made.
+fn push_key(out: &mut String, key: &str) {
+    if key.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(key);
+        out.push('"');
+    } else {
+        out.push_str(&json_string(key));
     }
+}
+
+/// An object with the rules of `tree` applied to its members (and `extra`
+/// to the member it names); `None` when nothing changed.
+fn rewrite_object(
+    raw: &str,
+    tree: &RuleTree,
+    hashes: &mut Hashes<'_>,
+    extra: Option<(&str, &dyn Fn(&str) -> Replacement)>,
+) -> Option<String> {
+    if !raw.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut out = String::with_capacity(raw.len());
+    out.push('{');
+    let mut changed = false;
+    let mut members = 0;
+    for member in sonic_rs::to_object_iter(raw) {
+        let (key, value) = member.ok()?;
+        let value_raw = value.as_raw_str();
+        let mut new = match tree.get(key.as_ref()) {
+            Some(node) => node.apply(value_raw, hashes),
+            None => Replacement::Keep,
+        };
+        if let Some((name, replace)) = extra {
+            if name == key.as_ref() {
+                let current = match &new {
+                    Replacement::Value(text) => text.as_str(),
+                    _ => value_raw,
+                };
+                match replace(current) {
+                    Replacement::Keep => {}
+                    other => new = other,
+                }
+            }
+        }
+        let text = match &new {
+            Replacement::Remove => {
+                changed = true;
+                continue;
+            }
+            Replacement::Value(text) => {
+                changed = true;
+                text.as_str()
+            }
+            Replacement::Keep => value_raw,
+        };
+        if members > 0 {
+            out.push(',');
+        }
+        members += 1;
+        push_key(&mut out, key.as_ref());
+        out.push(':');
+        out.push_str(text);
+    }
+    out.push('}');
+    changed.then_some(out)
+}
+
+/// An array with `node`'s rules applied to every item; `None` when nothing
+/// changed.
+fn rewrite_array(raw: &str, node: &Node, hashes: &mut Hashes<'_>) -> Option<String> {
+    let mut out = String::with_capacity(raw.len());
+    out.push('[');
+    let mut changed = false;
+    let mut items = 0;
+    for item in sonic_rs::to_array_iter(raw) {
+        let item = item.ok()?;
+        let item_raw = item.as_raw_str();
+        let new = node.apply(item_raw, hashes);
+        let text = match &new {
+            Replacement::Remove => {
+                changed = true;
+                continue;
+            }
+            Replacement::Value(text) => {
+                changed = true;
+                text.as_str()
+            }
+            Replacement::Keep => item_raw,
+        };
+        if items > 0 {
+            out.push(',');
+        }
+        items += 1;
+        out.push_str(text);
+    }
+    out.push(']');
+    changed.then_some(out)
 }
 
 #[cfg(test)]
@@ -300,9 +434,9 @@ mod tests {
     }
 
     fn apply(path: &str, action: &str, document: &str) -> Option<String> {
-        FieldRule::parse(path, action, &[])
-            .unwrap()
-            .apply(document, Some(&key()))
+        let rule = FieldRule::parse(path, action, &[]).unwrap();
+        let key = key();
+        RuleTree::new([&rule]).apply(document, &mut Hashes::new(Some(&key)), None)
     }
 
     #[test]
@@ -325,6 +459,7 @@ mod tests {
             ("meta.app_id", "hash", "read by the gateway itself"),
             ("data.id", "remove", "read by the gateway itself"),
             ("data.ip", "mask", "privacy.ip decides"),
+            ("data.timestamp", "hash", "read by the gateway itself"),
         ] {
             let err = FieldRule::parse(path, action, &[]).unwrap_err();
             assert!(err.contains(why), "{path} {action}: {err}");
@@ -374,6 +509,34 @@ mod tests {
             apply("data.tags[*]", "scrub", tags).unwrap(),
             r#"{"id":"e","tags":["[email]","plain"]}"#
         );
+    }
+
+    #[test]
+    fn several_rules_apply_in_one_walk_and_in_their_order() {
+        let rules: Vec<FieldRule> = [
+            ("data.user", "hash"),
+            ("data.props.query", "scrub"),
+            ("data.props.tags[*].mail", "remove"),
+            ("data.session", "remove"),
+            ("data.user", "mask"),
+        ]
+        .iter()
+        .map(|(path, action)| FieldRule::parse(path, action, &[]).unwrap())
+        .collect();
+        let key = key();
+        let tree = RuleTree::new(&rules);
+        let event = r#"{"id":"e","user":"u1","session":"s","props":{"query":"a@b.io","tags":[{"mail":"x","k":1}]},"n":2}"#;
+        let mut hashes = Hashes::new(Some(&key));
+        let out = tree.apply(event, &mut hashes, None).unwrap();
+        // The hash of "u1", then masked: 32 stars.
+        assert_eq!(
+            out,
+            format!(
+                r#"{{"id":"e","user":"{}","props":{{"query":"[email]","tags":[{{"k":1}}]}},"n":2}}"#,
+                "*".repeat(32)
+            )
+        );
+        assert_eq!(tree.apply(r#"{"id":"e","n":2}"#, &mut hashes, None), None);
     }
 
     #[test]
