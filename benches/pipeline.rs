@@ -18,11 +18,15 @@ use venus::apps::Apps;
 use venus::domain::AppId;
 use venus::geoip::{test_support, GeoIp};
 use venus::metrics::Metrics;
+use venus::pipeline::apply_privacy::ApplyPrivacy;
 use venus::pipeline::authorize::Authorize;
 use venus::pipeline::ip_enrich::IpEnrich;
 use venus::pipeline::split_and_validate::{BatchLimits, SplitAndValidate};
 use venus::pipeline::write_kafka::write_message_value;
 use venus::pipeline::{Handler, UploadContext, UploadRequest};
+use venus::privacy::{
+    AppPrivacy, FieldRuleSettings, IpMode, PrivacyPolicy, PrivacySettings, Secret,
+};
 
 const EVENTS: usize = 50;
 
@@ -44,6 +48,26 @@ fn batch() -> Bytes {
         r#"{{"meta":{{"app_id":"com.example.shop","category":"page_view","sdk":"ios/4.2.0","session":"9f1c2e"}},"data":[{}]}}"#,
         events.join(",")
     ))
+}
+
+/// IP truncation and three field rules.
+fn privacy_rules() -> Arc<AppPrivacy> {
+    let rule = |path: &str, action: &str| FieldRuleSettings {
+        path: path.into(),
+        action: action.into(),
+        detect: Vec::new(),
+    };
+    let settings = PrivacySettings {
+        ip: IpMode::Truncate,
+        hash_key: Secret::new("a bench key of thirty-two bytes."),
+        fields: vec![
+            rule("data.device.model", "hash"),
+            rule("data.props.experiment", "remove"),
+            rule("data.props.referrer", "scrub"),
+        ],
+        ..PrivacySettings::default()
+    };
+    PrivacyPolicy::parse(&settings).unwrap().default
 }
 
 fn context(document: &Bytes) -> UploadContext {
@@ -218,6 +242,33 @@ fn pipeline(c: &mut Criterion) {
             let mut ctx = context(&document);
             block_on(split.handle(&mut ctx));
             block_on(enrich.handle(&mut ctx));
+            black_box(serialize(&ctx, &mut value))
+        })
+    });
+
+    // The privacy rules of docs/BENCHMARKS.md's A/B: IP truncation and three
+    // field rules (a hash, a removal, a scrub), on the enriched batch.
+    let privacy = privacy_rules();
+    group.bench_function("apply_privacy", |b| {
+        b.iter(|| {
+            let mut ctx = UploadContext {
+                request: enriched.request.clone(),
+                batch: enriched.batch.clone(),
+                events: enriched.events.clone(),
+                errors: Vec::new(),
+                privacy: Some(privacy.clone()),
+            };
+            block_on(ApplyPrivacy.handle(&mut ctx));
+            black_box(ctx.events.len())
+        })
+    });
+    group.bench_function("parse_validate_enrich_privacy_serialize", |b| {
+        b.iter(|| {
+            let mut ctx = context(&document);
+            block_on(split.handle(&mut ctx));
+            ctx.privacy = Some(privacy.clone());
+            block_on(enrich.handle(&mut ctx));
+            block_on(ApplyPrivacy.handle(&mut ctx));
             black_box(serialize(&ctx, &mut value))
         })
     });

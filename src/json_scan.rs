@@ -624,6 +624,69 @@ pub fn object_fields<const N: usize>(
     }
 }
 
+/// Calls `member` with the range of each key's text (between its quotes,
+/// escapes as sent) and of its value, in order, for an object a validating
+/// parser has already accepted, like [`object_fields`]; `None` when the
+/// text is not such an object (it never panics). The privacy rules read
+/// events with it: one pass over the bytes, nothing allocated.
+pub fn for_each_member(
+    object: &[u8],
+    mut member: impl FnMut(Range<usize>, Range<usize>),
+) -> Option<()> {
+    let mut i = skip_whitespace(object, 0);
+    if object.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_whitespace(object, i + 1);
+    if object.get(i) == Some(&b'}') {
+        return Some(());
+    }
+    loop {
+        if object.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = closing_quote(object, i + 1)?;
+        let key = i + 1..key_end;
+        i = skip_whitespace(object, key_end + 1);
+        if object.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = skip_whitespace(object, i + 1);
+        i = value_end(object, start)?;
+        member(key, start..i);
+        i = skip_whitespace(object, i);
+        match object.get(i) {
+            Some(b',') => i = skip_whitespace(object, i + 1),
+            Some(b'}') => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
+/// Calls `item` with the range of each item of an array a validating
+/// parser has already accepted; `None` when the text is not such an array.
+pub fn for_each_item(array: &[u8], mut item: impl FnMut(Range<usize>)) -> Option<()> {
+    let mut i = skip_whitespace(array, 0);
+    if array.get(i) != Some(&b'[') {
+        return None;
+    }
+    i = skip_whitespace(array, i + 1);
+    if array.get(i) == Some(&b']') {
+        return Some(());
+    }
+    loop {
+        let start = i;
+        i = value_end(array, start)?;
+        item(start..i);
+        i = skip_whitespace(array, i);
+        match array.get(i) {
+            Some(b',') => i = skip_whitespace(array, i + 1),
+            Some(b']') => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
 fn skip_whitespace(json: &[u8], mut i: usize) -> usize {
     while matches!(json.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
         i += 1;
@@ -701,6 +764,40 @@ fn bad_escape(json: &[u8], at: usize) -> ScanError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn members_and_items_are_found_with_their_text_as_sent() {
+        let object = br#" { "a" : 1 , "k\"ey":{"x":[1, "]"]} ,"s":"q\"}" } "#;
+        let mut seen = Vec::new();
+        for_each_member(object, |key, value| {
+            seen.push((
+                String::from_utf8_lossy(&object[key]).into_owned(),
+                String::from_utf8_lossy(&object[value]).into_owned(),
+            ))
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                ("a".to_owned(), "1".to_owned()),
+                (r#"k\"ey"#.to_owned(), r#"{"x":[1, "]"]}"#.to_owned()),
+                ("s".to_owned(), r#""q\"}""#.to_owned()),
+            ]
+        );
+        let array = br#"[ {"a":[1]}, "x,y" ,null]"#;
+        let mut items = Vec::new();
+        for_each_item(array, |item| {
+            items.push(String::from_utf8_lossy(&array[item]).into_owned())
+        })
+        .unwrap();
+        assert_eq!(items, [r#"{"a":[1]}"#, r#""x,y""#, "null"]);
+        assert!(for_each_member(b"[1]", |_, _| {}).is_none());
+        assert!(for_each_item(b"{}", |_| {}).is_none());
+        assert!(
+            for_each_member(br#"{"a":"#, |_, _| {}).is_none(),
+            "truncated"
+        );
+    }
+
     use super::*;
 
     fn ok(json: &str) -> Strings {

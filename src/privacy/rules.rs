@@ -11,6 +11,7 @@ use std::borrow::Cow;
 
 use super::detect::{self, Detector};
 use super::hash::HashKey;
+use crate::json_scan;
 
 /// One step of a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,55 +312,68 @@ fn replace(raw: &str, action: &Action, hashes: &mut Hashes<'_>) -> Replacement {
     }
 }
 
-/// The text of a JSON string value, unescaped; `None` for other values.
-fn string_value(raw: &str) -> Option<String> {
+/// The text of a JSON string value, unescaped (borrowed when it has no
+/// escape); `None` for other values.
+fn string_value(raw: &str) -> Option<Cow<'_, str>> {
     let raw = raw.trim();
-    if !raw.starts_with('"') {
-        return None;
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(Cow::Borrowed(inner));
     }
-    sonic_rs::from_str::<String>(raw).ok()
+    sonic_rs::from_str::<String>(raw).ok().map(Cow::Owned)
 }
 
 fn json_string(text: &str) -> String {
     sonic_rs::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
-/// Appends a member name as a JSON string; most need no escaping, and then
-/// no copy is made.
-fn push_key(out: &mut String, key: &str) {
-    if key.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push('"');
-        out.push_str(key);
-        out.push('"');
+/// The name a key's text (between its quotes) spells: itself, unless it
+/// has an escape.
+fn key_name(text: &str) -> Cow<'_, str> {
+    if text.contains('\\') {
+        sonic_rs::from_str::<String>(&format!("\"{text}\""))
+            .map(Cow::Owned)
+            .unwrap_or(Cow::Borrowed(text))
     } else {
-        out.push_str(&json_string(key));
+        Cow::Borrowed(text)
+    }
+}
+
+/// Appends `text` to the object or array being rebuilt, after a comma
+/// unless it is the first.
+fn push_part(out: &mut String, count: &mut usize, parts: &[&str]) {
+    if *count > 0 {
+        out.push(',');
+    }
+    *count += 1;
+    for part in parts {
+        out.push_str(part);
     }
 }
 
 /// An object with the rules of `tree` applied to its members (and `extra`
-/// to the member it names); `None` when nothing changed.
+/// to the member it names); `None` when nothing changed. Members are found
+/// by [`json_scan::for_each_member`]: the text was checked at the door.
 fn rewrite_object(
     raw: &str,
     tree: &RuleTree,
     hashes: &mut Hashes<'_>,
     extra: Option<(&str, &dyn Fn(&str) -> Replacement)>,
 ) -> Option<String> {
-    if !raw.trim_start().starts_with('{') {
-        return None;
-    }
     let mut out = String::with_capacity(raw.len());
     out.push('{');
     let mut changed = false;
     let mut members = 0;
-    for member in sonic_rs::to_object_iter(raw) {
-        let (key, value) = member.ok()?;
-        let value_raw = value.as_raw_str();
-        let mut new = match tree.get(key.as_ref()) {
+    json_scan::for_each_member(raw.as_bytes(), |key, value| {
+        // Both ranges end at ASCII delimiters of valid UTF-8 text.
+        let (key_text, value_raw) = (&raw[key], &raw[value]);
+        let name = key_name(key_text);
+        let mut new = match tree.get(&name) {
             Some(node) => node.apply(value_raw, hashes),
             None => Replacement::Keep,
         };
-        if let Some((name, replace)) = extra {
-            if name == key.as_ref() {
+        if let Some((wanted, replace)) = extra {
+            if wanted == name {
                 let current = match &new {
                     Replacement::Value(text) => text.as_str(),
                     _ => value_raw,
@@ -370,25 +384,17 @@ fn rewrite_object(
                 }
             }
         }
-        let text = match &new {
-            Replacement::Remove => {
-                changed = true;
-                continue;
-            }
+        match &new {
+            Replacement::Remove => changed = true,
             Replacement::Value(text) => {
                 changed = true;
-                text.as_str()
+                push_part(&mut out, &mut members, &["\"", key_text, "\":", text]);
             }
-            Replacement::Keep => value_raw,
-        };
-        if members > 0 {
-            out.push(',');
+            Replacement::Keep => {
+                push_part(&mut out, &mut members, &["\"", key_text, "\":", value_raw]);
+            }
         }
-        members += 1;
-        push_key(&mut out, key.as_ref());
-        out.push(':');
-        out.push_str(text);
-    }
+    })?;
     out.push('}');
     changed.then_some(out)
 }
@@ -400,27 +406,17 @@ fn rewrite_array(raw: &str, node: &Node, hashes: &mut Hashes<'_>) -> Option<Stri
     out.push('[');
     let mut changed = false;
     let mut items = 0;
-    for item in sonic_rs::to_array_iter(raw) {
-        let item = item.ok()?;
-        let item_raw = item.as_raw_str();
-        let new = node.apply(item_raw, hashes);
-        let text = match &new {
-            Replacement::Remove => {
-                changed = true;
-                continue;
-            }
+    json_scan::for_each_item(raw.as_bytes(), |item| {
+        let item_raw = &raw[item];
+        match node.apply(item_raw, hashes) {
+            Replacement::Remove => changed = true,
             Replacement::Value(text) => {
                 changed = true;
-                text.as_str()
+                push_part(&mut out, &mut items, &[&text]);
             }
-            Replacement::Keep => item_raw,
-        };
-        if items > 0 {
-            out.push(',');
+            Replacement::Keep => push_part(&mut out, &mut items, &[item_raw]),
         }
-        items += 1;
-        out.push_str(text);
-    }
+    })?;
     out.push(']');
     changed.then_some(out)
 }
