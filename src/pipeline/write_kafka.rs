@@ -121,8 +121,10 @@ pub fn write_message_value(
     out.extend_from_slice(b",\"ip\":\"");
     match &enrichment.ip {
         StoredIp::Address(ip) => push_ip(out, *ip),
-        // Hex digits: nothing to escape.
-        StoredIp::Hashed(hash) => out.extend_from_slice(hash.as_bytes()),
+        // An address's text or hex digits: nothing to escape.
+        StoredIp::Truncated(text) | StoredIp::Hashed(text) => {
+            out.extend_from_slice(text.as_bytes())
+        }
         StoredIp::Dropped => {}
     }
     out.extend_from_slice(b"\",\"country\":");

@@ -48,8 +48,11 @@ pub fn anonymous_requested(headers: &axum::http::HeaderMap) -> bool {
 /// What is stored of one address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoredIp {
-    /// The address, whole or truncated to its network.
+    /// The address as it is (`keep`).
     Address(IpAddr),
+    /// The text of the address truncated to its network, made once per
+    /// address and batch (an event's own `ip` is rewritten with it).
+    Truncated(Arc<str>),
     /// The keyed hash of the whole address (32 hex digits).
     Hashed(Arc<str>),
     /// Nothing (an empty string in the message).
@@ -60,7 +63,7 @@ impl std::fmt::Display for StoredIp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Address(ip) => ip.fmt(f),
-            Self::Hashed(hash) => f.write_str(hash),
+            Self::Truncated(text) | Self::Hashed(text) => f.write_str(text),
             Self::Dropped => Ok(()),
         }
     }
@@ -94,7 +97,11 @@ impl Privacy {
     pub fn store_ip(&self, ip: IpAddr) -> StoredIp {
         match self.ip {
             IpMode::Keep => StoredIp::Address(ip),
-            IpMode::Truncate => StoredIp::Address(truncate(ip, self.ipv4_prefix, self.ipv6_prefix)),
+            IpMode::Truncate => StoredIp::Truncated(
+                truncate(ip, self.ipv4_prefix, self.ipv6_prefix)
+                    .to_string()
+                    .into(),
+            ),
             IpMode::Hash => match &self.key {
                 Some(key) => StoredIp::Hashed(key.hash(ip.to_string().as_bytes()).into()),
                 // Checked at load: `hash` has a key. Never store the address.
@@ -142,7 +149,14 @@ impl Privacy {
             }
             match sent_ip {
                 Some(StoredIp::Dropped) => Replacement::Remove,
-                Some(other) => Replacement::Value(format!("\"{other}\"")),
+                Some(StoredIp::Truncated(text) | StoredIp::Hashed(text)) => {
+                    let mut value = String::with_capacity(text.len() + 2);
+                    value.push('"');
+                    value.push_str(text);
+                    value.push('"');
+                    Replacement::Value(value)
+                }
+                Some(StoredIp::Address(ip)) => Replacement::Value(format!("\"{ip}\"")),
                 None => Replacement::Keep,
             }
         };
@@ -513,7 +527,7 @@ mod tests {
                 .unwrap(),
             r#"{"id":"1","x":1}"#
         );
-        let truncated = StoredIp::Address(ip("81.2.69.0"));
+        let truncated = StoredIp::Truncated("81.2.69.0".into());
         assert_eq!(
             rules
                 .apply_data(event, Some(&truncated), &mut rules.hashes())
