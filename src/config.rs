@@ -407,11 +407,29 @@ fn producer_overrides(
     values: &BTreeMap<String, String>,
     files: &BTreeMap<String, PathBuf>,
 ) -> Result<BTreeMap<String, String>, ConfigError> {
+    librdkafka_overrides(
+        ("kafka.producer", "kafka.producer_files"),
+        values,
+        files,
+        FORBIDDEN_PRODUCER_KEYS,
+    )
+}
+
+/// A pass-through map of librdkafka settings (`kafka.producer`,
+/// `ingester.consumer`) with the values of its `_files` twin read in, keys
+/// spelled as librdkafka spells them (`_` from the environment becomes
+/// `.`), and none of `forbidden`: the error names the key.
+pub fn librdkafka_overrides(
+    (section, files_section): (&'static str, &'static str),
+    values: &BTreeMap<String, String>,
+    files: &BTreeMap<String, PathBuf>,
+    forbidden: &[&str],
+) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut resolved = BTreeMap::new();
     let from_files = files.iter().map(|(key, path)| {
         let text = std::fs::read_to_string(path).map_err(|e| {
             invalid(
-                "kafka.producer_files",
+                files_section,
                 format!("{key}: cannot read {}: {e}", path.display()),
             )
         })?;
@@ -425,9 +443,9 @@ fn producer_overrides(
         let key = librdkafka_key(key);
         // librdkafka also takes topic-level keys with a `topic.` prefix.
         let bare = key.strip_prefix("topic.").unwrap_or(&key);
-        if FORBIDDEN_PRODUCER_KEYS.contains(&bare) {
+        if forbidden.contains(&bare) {
             return Err(invalid(
-                "kafka.producer",
+                section,
                 format!(
                     "{key} cannot be overridden: venus sets it to keep its delivery guarantees"
                 ),
@@ -435,8 +453,10 @@ fn producer_overrides(
         }
         if resolved.insert(key.clone(), value).is_some() {
             return Err(invalid(
-                "kafka.producer",
-                format!("{key} is set twice (in producer and producer_files, or in two spellings)"),
+                section,
+                format!(
+                    "{key} is set twice (in {section} and {files_section}, or in two spellings)"
+                ),
             ));
         }
     }

@@ -16,6 +16,21 @@ use std::time::Duration;
 use serde::Deserialize;
 use venus::config::{ConfigError, KafkaSettings, TelemetrySettings};
 
+/// Consumer keys the ingester's promise rests on (a row is committed only
+/// once it is in ClickHouse or the dead-letter topic, and no message is
+/// skipped): offsets are stored by the ingester alone and committed
+/// automatically, a new group starts at the earliest message, and the group
+/// and brokers come from their own settings.
+pub const FORBIDDEN_CONSUMER_KEYS: &[&str] = &[
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "auto.offset.reset",
+    "group.id",
+    "bootstrap.servers",
+    "partition.assignment.strategy",
+    "enable.partition.eof",
+];
+
 /// Everything the ingester reads from `config.yaml`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
@@ -78,9 +93,18 @@ pub struct IngesterSettings {
     /// before giving its partitions to others (`session.timeout.ms`).
     #[serde(default = "defaults::session_timeout_ms")]
     pub session_timeout_ms: u64,
-    /// Any other librdkafka consumer setting, passed through as is.
+    /// Any other librdkafka consumer setting (security, SASL, fetch sizes),
+    /// passed through; from the environment `_` stands for `.`
+    /// (`VENUS__INGESTER__CONSUMER__SASL_USERNAME`). The keys the
+    /// at-least-once design rests on ([`FORBIDDEN_CONSUMER_KEYS`]) cannot
+    /// be set: start-up fails, naming the key.
     #[serde(default)]
     pub consumer: std::collections::BTreeMap<String, String>,
+    /// Consumer settings whose value is read from a file at start-up, for
+    /// secrets mounted as files (`sasl.password: /run/secrets/kafka`);
+    /// merged into `consumer` after loading.
+    #[serde(default)]
+    pub consumer_files: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// Where the rows go.
     pub clickhouse: ClickHouseSettings,
 }
@@ -215,7 +239,14 @@ impl Settings {
         settings.validated()
     }
 
-    fn validated(self) -> Result<Self, ConfigError> {
+    fn validated(mut self) -> Result<Self, ConfigError> {
+        self.ingester.consumer = venus::config::librdkafka_overrides(
+            ("ingester.consumer", "ingester.consumer_files"),
+            &self.ingester.consumer,
+            &self.ingester.consumer_files,
+            FORBIDDEN_CONSUMER_KEYS,
+        )?;
+        self.ingester.consumer_files.clear();
         let ingester = &self.ingester;
         ingester.listen.parse::<SocketAddr>().map_err(|e| {
             ConfigError::invalid("ingester.listen", format!("{:?}: {e}", ingester.listen))
@@ -336,6 +367,62 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn consumer_keys_behind_the_offset_design_cannot_be_overridden() {
+        for (variable, key) in [
+            (
+                "VENUS__INGESTER__CONSUMER__ENABLE_AUTO_OFFSET_STORE",
+                "enable.auto.offset.store",
+            ),
+            (
+                "VENUS__INGESTER__CONSUMER__ENABLE_AUTO_COMMIT",
+                "enable.auto.commit",
+            ),
+            (
+                "VENUS__INGESTER__CONSUMER__AUTO_OFFSET_RESET",
+                "auto.offset.reset",
+            ),
+            ("VENUS__INGESTER__CONSUMER__GROUP_ID", "group.id"),
+        ] {
+            let error = Settings::load_with_env(&repo_config(), env(&[(variable, "true")]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("ingester.consumer") && error.contains(key),
+                "{variable}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn consumer_secrets_come_from_the_environment_or_files_as_text() {
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "0123\n").unwrap();
+        let settings = Settings::load_with_env(
+            &repo_config(),
+            env(&[
+                ("VENUS__INGESTER__CONSUMER__SASL_USERNAME", "0123"),
+                (
+                    "VENUS__INGESTER__CONSUMER_FILES__SASL_PASSWORD",
+                    secret.path().to_str().unwrap(),
+                ),
+                ("VENUS__INGESTER__GROUP_ID", "007"),
+            ]),
+        )
+        .unwrap();
+        let consumer = &settings.ingester.consumer;
+        assert_eq!(
+            consumer.get("sasl.username").map(String::as_str),
+            Some("0123")
+        );
+        assert_eq!(
+            consumer.get("sasl.password").map(String::as_str),
+            Some("0123")
+        );
+        assert_eq!(settings.ingester.group_id, "007");
+        assert!(settings.ingester.consumer_files.is_empty());
     }
 
     #[test]
