@@ -584,43 +584,27 @@ pub fn object_fields<const N: usize>(
     object: &[u8],
     names: [&'static str; N],
 ) -> Result<[Option<Range<usize>>; N], FieldsError> {
-    use FieldsError::Unreadable;
-    let mut found = std::array::from_fn(|_| None);
-    let mut i = skip_whitespace(object, 0);
-    if object.get(i) != Some(&b'{') {
-        return Err(Unreadable);
-    }
-    i = skip_whitespace(object, i + 1);
-    if object.get(i) == Some(&b'}') {
-        return Ok(found);
-    }
-    loop {
-        if object.get(i) != Some(&b'"') {
-            return Err(Unreadable);
+    let mut found: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
+    let mut error = None;
+    for_each_member(object, |key, value| {
+        if error.is_some() {
+            return;
         }
-        let key_end = closing_quote(object, i + 1).ok_or(Unreadable)?;
-        let key = &object[i + 1..key_end];
+        let key = &object[key];
         if key.contains(&b'\\') {
-            return Err(Unreadable);
-        }
-        i = skip_whitespace(object, key_end + 1);
-        if object.get(i) != Some(&b':') {
-            return Err(Unreadable);
-        }
-        let start = skip_whitespace(object, i + 1);
-        i = value_end(object, start).ok_or(Unreadable)?;
-        if let Some(slot) = names.iter().position(|name| name.as_bytes() == key) {
+            error = Some(FieldsError::Unreadable);
+        } else if let Some(slot) = names.iter().position(|name| name.as_bytes() == key) {
             if found[slot].is_some() {
-                return Err(FieldsError::Duplicate(names[slot]));
+                error = Some(FieldsError::Duplicate(names[slot]));
+            } else {
+                found[slot] = Some(value);
             }
-            found[slot] = Some(start..i);
         }
-        i = skip_whitespace(object, i);
-        match object.get(i) {
-            Some(b',') => i = skip_whitespace(object, i + 1),
-            Some(b'}') => return Ok(found),
-            _ => return Err(Unreadable),
-        }
+    })
+    .ok_or(FieldsError::Unreadable)?;
+    match error {
+        Some(error) => Err(error),
+        None => Ok(found),
     }
 }
 
