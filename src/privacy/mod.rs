@@ -28,7 +28,7 @@ use std::sync::Arc;
 use crate::config::ConfigError;
 
 pub use self::hash::{HashKey, Secret};
-pub use self::rules::{FieldRule, Hashes, Replacement, Root, RuleTree};
+pub use self::rules::{FieldRule, Hashes, MemberRewrite, Replacement, Root, RuleTree};
 pub use self::settings::{AppPrivacySettings, FieldRuleSettings, IpMode, PrivacySettings};
 
 /// The request header that marks a batch anonymous.
@@ -160,7 +160,7 @@ impl Privacy {
                 None => Replacement::Keep,
             }
         };
-        let extra: Option<(&str, &dyn Fn(&str) -> Replacement)> =
+        let extra: Option<MemberRewrite<'_>> =
             sent_ip.map(|_| ("ip", &replace_ip as &dyn Fn(&str) -> Replacement));
         if self.data_rules.is_empty() && extra.is_none() {
             return None;

@@ -205,7 +205,7 @@ impl RuleTree {
         &self,
         document: &str,
         hashes: &mut Hashes<'_>,
-        extra: Option<(&str, &dyn Fn(&str) -> Replacement)>,
+        extra: Option<MemberRewrite<'_>>,
     ) -> Option<String> {
         rewrite_object(document, self, hashes, extra)
     }
@@ -276,6 +276,10 @@ impl<'a> Hashes<'a> {
         Some(hashed)
     }
 }
+
+/// A top-level member and what becomes of its value, beside the rules (an
+/// event's own `ip`, rewritten as the IP mode stores it).
+pub type MemberRewrite<'a> = (&'a str, &'a dyn Fn(&str) -> Replacement);
 
 /// What becomes of a value a rule found.
 pub enum Replacement {
@@ -358,7 +362,7 @@ fn rewrite_object(
     raw: &str,
     tree: &RuleTree,
     hashes: &mut Hashes<'_>,
-    extra: Option<(&str, &dyn Fn(&str) -> Replacement)>,
+    extra: Option<MemberRewrite<'_>>,
 ) -> Option<String> {
     let mut out = String::with_capacity(raw.len());
     out.push('{');
