@@ -1016,6 +1016,30 @@ geoip:
         )
     }
 
+    /// The configuration text of the ConfigMap in deploy/kubernetes.
+    fn kubernetes_config_text() -> String {
+        let manifest = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/config.yaml"),
+        )
+        .unwrap();
+        manifest
+            .lines()
+            .skip_while(|line| line.trim() != "config.yaml: |")
+            .skip(1)
+            .map(|line| line.strip_prefix("    ").unwrap_or(line.trim_start()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_loads() {
+        let f = file(&kubernetes_config_text());
+        let settings = Settings::load_with_env(f.path(), env(&[])).unwrap();
+        assert_eq!(settings.server.listen, "0.0.0.0:8080");
+        assert_eq!(settings.server.max_connections_per_peer, 0);
+        assert!(settings.server.shutdown_delay_ms + settings.server.shutdown_grace_ms <= 40_000);
+    }
+
     #[test]
     fn the_repository_config_file_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml");

@@ -370,6 +370,27 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_config_map_loads() {
+        let manifest = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/config.yaml"),
+        )
+        .unwrap();
+        let text = manifest
+            .lines()
+            .skip_while(|line| line.trim() != "config.yaml: |")
+            .skip(1)
+            .map(|line| line.strip_prefix("    ").unwrap_or(line.trim_start()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        let settings = Settings::load_with_env(file.path(), env(&[])).unwrap();
+        assert_eq!(settings.ingester.listen, "0.0.0.0:8081");
+        // The pod's terminationGracePeriodSeconds (45) is longer.
+        assert!(settings.ingester.shutdown_grace_ms <= 40_000);
+    }
+
+    #[test]
     fn consumer_keys_behind_the_offset_design_cannot_be_overridden() {
         for (variable, key) in [
             (
