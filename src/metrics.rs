@@ -35,7 +35,8 @@ pub enum UploadType {
     Overloaded,
     /// Refused for its key or app (401, 403).
     Unauthorized,
-    /// Refused by the app's rate limit (429).
+    /// Refused 429: an app's or a client address's rate limit, or the
+    /// client address's share of the body memory.
     RateLimited,
 }
 
@@ -252,7 +253,7 @@ impl Metrics {
                 .build(),
             config_reloads: meter
                 .u64_counter("venus.config.reloads")
-                .with_description("SIGHUP reloads of auth, apps and rate_limits, by result: loaded, rejected (the old policy stays)")
+                .with_description("SIGHUP reloads of auth, apps, rate_limits and privacy, by result: loaded, rejected (the old policy stays)")
                 .build(),
             categories: CategoryLabels {
                 allowed: categories.iter().cloned().collect(),

@@ -157,7 +157,7 @@ impl UploadContext {
     pub fn privacy_rules(&self) -> &Privacy {
         match &self.privacy {
             Some(app) => app.rules(self.anonymous()),
-            None => AppPrivacy::keep_all_ref().rules(self.anonymous()),
+            None => AppPrivacy::shared_keep_all().rules(self.anonymous()),
         }
     }
 

@@ -106,7 +106,7 @@ impl IpEnrich {
         let privacy = ctx
             .privacy
             .clone()
-            .unwrap_or_else(AppPrivacy::shared_keep_all);
+            .unwrap_or_else(|| AppPrivacy::shared_keep_all().clone());
         let rules = privacy.rules(ctx.anonymous());
         // One database for the whole batch, even if a reload swaps it.
         let database = self.geoip.current();

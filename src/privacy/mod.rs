@@ -216,14 +216,9 @@ impl AppPrivacy {
 
     /// One shared [`AppPrivacy::keep_all`], for batches no app's rules
     /// were found for yet.
-    pub fn shared_keep_all() -> Arc<Self> {
+    pub fn shared_keep_all() -> &'static Arc<Self> {
         static KEEP_ALL: std::sync::OnceLock<Arc<AppPrivacy>> = std::sync::OnceLock::new();
-        KEEP_ALL.get_or_init(|| Arc::new(Self::keep_all())).clone()
-    }
-
-    pub fn keep_all_ref() -> &'static Self {
-        static KEEP_ALL: std::sync::OnceLock<AppPrivacy> = std::sync::OnceLock::new();
-        KEEP_ALL.get_or_init(Self::keep_all)
+        KEEP_ALL.get_or_init(|| Arc::new(Self::keep_all()))
     }
 
     /// The rules for a batch, anonymous or not.
