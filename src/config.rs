@@ -357,8 +357,12 @@ pub struct KafkaSettings {
     /// Replication factor of a topic venus creates; -1: the broker's default.
     #[serde(default = "defaults::broker_default")]
     pub topic_replication: i32,
+    /// How every Kafka client of both binaries connects: TLS, SASL,
+    /// certificates ([`crate::kafka::security`]).
+    #[serde(default)]
+    pub security: crate::kafka::security::KafkaSecurity,
     /// Any other librdkafka producer setting, passed through (these win
-    /// over the keys above). An `_` in a key is read as `.` (no settable
+    /// over the keys above; the security keys belong in `security`). An `_` in a key is read as `.` (no settable
     /// librdkafka key but `log_level` and `enabled_events` has one), so
     /// `VENUS__KAFKA__PRODUCER__SASL_PASSWORD=...` sets `sasl.password`. The
     /// keys venus's guarantees rest on ([`FORBIDDEN_PRODUCER_KEYS`]) cannot
@@ -443,6 +447,14 @@ pub fn librdkafka_overrides(
         let key = librdkafka_key(key);
         // librdkafka also takes topic-level keys with a `topic.` prefix.
         let bare = key.strip_prefix("topic.").unwrap_or(&key);
+        if crate::kafka::security::SECURITY_KEYS.contains(&bare) {
+            return Err(invalid(
+                section,
+                format!(
+                    "{key} belongs in kafka.security, which every Kafka client of both binaries uses"
+                ),
+            ));
+        }
         if forbidden.contains(&bare) {
             return Err(invalid(
                 section,
@@ -464,6 +476,14 @@ pub fn librdkafka_overrides(
 }
 
 impl KafkaSettings {
+    /// The base of every Kafka client: the brokers and `security`.
+    pub fn client_config(&self) -> rdkafka::config::ClientConfig {
+        let mut config = rdkafka::config::ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        self.security.apply(&mut config);
+        config
+    }
+
     pub fn key(&self) -> MessageKey {
         self.key.clone().unwrap_or(MessageKey::None)
     }
@@ -539,6 +559,10 @@ pub struct TelemetrySettings {
     /// means no export (trace context is still propagated to Kafka).
     #[serde(default)]
     pub otlp_endpoint: String,
+    /// PEM file of certificate authorities an `https://` endpoint may chain
+    /// to, besides the system's roots (`SSL_CERT_FILE`, `SSL_CERT_DIR`).
+    #[serde(default)]
+    pub otlp_ca_file: Option<PathBuf>,
     /// Push metrics to `<endpoint>/v1/metrics` as well (turn off when the
     /// endpoint only takes traces, as Jaeger's does; `/metrics` is always on).
     #[serde(default = "defaults::otlp_metrics")]
@@ -572,6 +596,7 @@ impl Default for TelemetrySettings {
             service_name: String::new(),
             environment: defaults::environment(),
             otlp_endpoint: String::new(),
+            otlp_ca_file: None,
             otlp_metrics: defaults::otlp_metrics(),
             sampling_ratio: defaults::sampling_ratio(),
             span_queue_size: defaults::span_queue_size(),
@@ -864,6 +889,7 @@ impl Settings {
         self.kafka.key = Some(MessageKey::parse(&self.kafka.key_spec)?);
         self.kafka.producer = producer_overrides(&self.kafka.producer, &self.kafka.producer_files)?;
         self.kafka.producer_files.clear();
+        self.kafka.security.resolve()?;
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return Err(invalid(
                 "telemetry.sampling_ratio",
@@ -1157,8 +1183,12 @@ geoip:
         let settings = Settings::load_with_env(
             f.path(),
             env(&[
-                ("VENUS__KAFKA__PRODUCER__SASL_PASSWORD", "0123"),
-                ("VENUS__KAFKA__PRODUCER__SASL_USERNAME", "1e3"),
+                ("VENUS__KAFKA__SECURITY__PROTOCOL", "sasl_ssl"),
+                ("VENUS__KAFKA__SECURITY__SASL_MECHANISM", "PLAIN"),
+                ("VENUS__KAFKA__SECURITY__PASSWORD", "0123"),
+                ("VENUS__KAFKA__SECURITY__USERNAME", "1e3"),
+                ("VENUS__KAFKA__SECURITY__VERIFY_HOSTNAME", "false"),
+                ("VENUS__KAFKA__PRODUCER__CLIENT_ID", "007"),
                 ("VENUS__PRIVACY__HASH_KEY", "00012345678901234567"),
                 ("VENUS__SERVER__MAX_EVENTS_PER_BATCH", "0050"),
                 ("VENUS__KAFKA__CREATE_TOPICS", "false"),
@@ -1166,53 +1196,82 @@ geoip:
             ]),
         )
         .unwrap();
-        let producer = &settings.kafka.producer;
+        let security = &settings.kafka.security;
+        assert_eq!(security.password.expose(), "0123");
+        assert_eq!(security.username, "1e3");
+        assert!(!security.verify_hostname);
         assert_eq!(
-            producer.get("sasl.password").map(String::as_str),
-            Some("0123")
-        );
-        assert_eq!(
-            producer.get("sasl.username").map(String::as_str),
-            Some("1e3")
+            settings.kafka.producer.get("client.id").map(String::as_str),
+            Some("007")
         );
         assert_eq!(settings.privacy.hash_key.expose(), "00012345678901234567");
         assert_eq!(settings.server.max_events_per_batch, 50);
         assert!(!settings.kafka.create_topics);
         assert_eq!(settings.telemetry.sampling_ratio, 0.5);
+        // Every Kafka client of the gateway gets the section.
+        let producer = crate::kafka::producer_config(&settings.kafka);
+        assert_eq!(producer.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(producer.get("sasl.password"), Some("0123"));
+        assert_eq!(
+            producer.get("ssl.endpoint.identification.algorithm"),
+            Some("none")
+        );
+        assert_eq!(
+            settings.kafka.client_config().get("sasl.username"),
+            Some("1e3")
+        );
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("0123\""), "a secret in Debug: {debug}");
     }
 
     #[test]
-    fn producer_secrets_come_from_the_environment() {
+    fn producer_settings_come_from_the_environment_and_files() {
         let secret = file("s3cret\n");
+        let password = file("hunter2\n");
         let f = file(MINIMAL);
         let settings = Settings::load_with_env(
             f.path(),
             env(&[
-                ("VENUS__KAFKA__PRODUCER__SASL_PASSWORD", "hunter2"),
-                ("VENUS__KAFKA__PRODUCER__SECURITY_PROTOCOL", "SASL_SSL"),
                 ("VENUS__KAFKA__PRODUCER__LOG_LEVEL", "3"),
                 (
-                    "VENUS__KAFKA__PRODUCER_FILES__SASL_USERNAME",
+                    "VENUS__KAFKA__PRODUCER_FILES__SSL_KEYSTORE_PASSWORD",
                     secret.path().to_str().unwrap(),
+                ),
+                ("VENUS__KAFKA__SECURITY__PROTOCOL", "SASL_PLAINTEXT"),
+                ("VENUS__KAFKA__SECURITY__SASL_MECHANISM", "scram-sha-512"),
+                ("VENUS__KAFKA__SECURITY__USERNAME", "venus"),
+                (
+                    "VENUS__KAFKA__SECURITY__PASSWORD_FILE",
+                    password.path().to_str().unwrap(),
                 ),
             ]),
         )
         .unwrap();
         let producer = &settings.kafka.producer;
-        assert_eq!(
-            producer.get("sasl.password").map(String::as_str),
-            Some("hunter2")
-        );
-        assert_eq!(
-            producer.get("security.protocol").map(String::as_str),
-            Some("SASL_SSL")
-        );
         assert_eq!(producer.get("log_level").map(String::as_str), Some("3"));
         assert_eq!(
-            producer.get("sasl.username").map(String::as_str),
+            producer.get("ssl.keystore.password").map(String::as_str),
             Some("s3cret")
         );
         assert!(settings.kafka.producer_files.is_empty());
+        assert_eq!(settings.kafka.security.password.expose(), "hunter2");
+    }
+
+    #[test]
+    fn security_keys_in_the_producer_map_point_to_kafka_security() {
+        for key in ["SASL_PASSWORD", "SECURITY_PROTOCOL", "SSL_CA_LOCATION"] {
+            let err = load_error(&[(&format!("VENUS__KAFKA__PRODUCER__{key}"), "x")]);
+            let dotted = key.to_ascii_lowercase().replace('_', ".");
+            assert!(
+                err.contains(&format!("{dotted} belongs in kafka.security")),
+                "{key}: {err}"
+            );
+        }
+        let err = load_error(&[("VENUS__KAFKA__SECURITY__PROTOCOL", "sasl_ssl")]);
+        assert!(
+            err.contains("kafka.security") && err.contains("sasl_mechanism"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1248,10 +1307,7 @@ geoip:
 
     #[test]
     fn an_unreadable_secret_file_names_its_key() {
-        let err = load_error(&[(
-            "VENUS__KAFKA__PRODUCER_FILES__SASL_PASSWORD",
-            "/nonexistent/s",
-        )]);
+        let err = load_error(&[("VENUS__KAFKA__PRODUCER_FILES__CLIENT_ID", "/nonexistent/s")]);
         assert!(err.contains("kafka.producer_files"), "{err}");
         assert!(err.contains("/nonexistent/s"), "{err}");
     }

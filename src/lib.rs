@@ -35,8 +35,10 @@ pub mod metrics;
 pub mod peers;
 pub mod pipeline;
 pub mod privacy;
+pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upload_body;
 pub mod wire;
 

@@ -196,6 +196,9 @@ pub fn propagation_headers(request_id: &str) -> Vec<(&'static str, String)> {
     injector.0
 }
 
+/// One export-failure line a second at most.
+static EXPORT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new();
+
 /// An exporter that counts the spans of every batch it failed to deliver.
 #[derive(Debug)]
 struct CountingExporter<E>(E);
@@ -204,8 +207,13 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let count = batch.len() as u64;
         let result = self.0.export(batch).await;
-        if result.is_err() {
+        if let Err(error) = &result {
             DROPPED_SPANS.fetch_add(count, Ordering::Relaxed);
+            // A wrong CA or an unreachable collector says so here, once a
+            // second at most, not only in the dropped-span counter.
+            if EXPORT_ERROR_LOG.allow().is_some() {
+                tracing::warn!(%error, spans = count, "span export failed; these spans are dropped");
+            }
         }
         result
     }
@@ -258,6 +266,27 @@ pub fn resource(settings: &TelemetrySettings) -> Resource {
         .build()
 }
 
+/// The OTLP exporters' HTTP client, with the TLS of [`crate::tls`] (the
+/// system's roots plus `telemetry.otlp_ca_file`). A blocking client, as the
+/// exporters run on their own threads; built on a thread of its own, since
+/// it runs a runtime inside and must not be made or dropped on a Tokio
+/// worker.
+fn otlp_http_client(
+    settings: &TelemetrySettings,
+) -> anyhow::Result<reqwest_otlp::blocking::Client> {
+    let tls =
+        crate::tls::client_config("telemetry.otlp_ca_file", settings.otlp_ca_file.as_deref())?;
+    let client = std::thread::spawn(move || {
+        reqwest_otlp::blocking::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(10))
+            .build()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("building the OTLP HTTP client panicked"))??;
+    Ok(client)
+}
+
 /// Builds the tracer provider: parent-based sampling, and an OTLP/HTTP batch
 /// exporter when an endpoint is configured.
 pub fn tracer_provider(settings: &TelemetrySettings) -> anyhow::Result<SdkTracerProvider> {
@@ -270,6 +299,7 @@ pub fn tracer_provider(settings: &TelemetrySettings) -> anyhow::Result<SdkTracer
         use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
+            .with_http_client(otlp_http_client(settings)?)
             .with_endpoint(format!("{endpoint}/v1/traces"))
             .with_timeout(Duration::from_secs(5))
             .with_headers(HashMap::new())
@@ -455,9 +485,10 @@ impl Metering {
             .with_reader(prometheus_reader);
         if settings.otlp_metrics {
             if let Some(endpoint) = otlp_endpoint(settings) {
-                use opentelemetry_otlp::WithExportConfig;
+                use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
                 let exporter = opentelemetry_otlp::MetricExporter::builder()
                     .with_http()
+                    .with_http_client(otlp_http_client(settings)?)
                     .with_endpoint(format!("{endpoint}/v1/metrics"))
                     .with_timeout(Duration::from_secs(5))
                     .build()?;

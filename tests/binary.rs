@@ -286,28 +286,33 @@ async fn a_caught_panic_is_counted_and_logged_with_its_request_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sasl_password_from_the_environment_is_a_librdkafka_setting() {
-    // It used to be read as `sasl_password`, which librdkafka refused.
+async fn kafka_security_from_the_environment_starts_the_gateway_and_never_logs_the_password() {
     let broker = shared_broker();
     let secret = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret.path(), "from-a-file\n").unwrap();
+    std::fs::write(secret.path(), "from-a-file-s3cret\n").unwrap();
     let gateway = Gateway::start(
         &broker.address(),
         &[
+            ("VENUS__KAFKA__SECURITY__PROTOCOL", "SASL_PLAINTEXT".into()),
+            ("VENUS__KAFKA__SECURITY__SASL_MECHANISM", "PLAIN".into()),
+            ("VENUS__KAFKA__SECURITY__USERNAME", "venus".into()),
             (
-                "VENUS__KAFKA__PRODUCER__SECURITY_PROTOCOL",
-                "SASL_PLAINTEXT".into(),
-            ),
-            ("VENUS__KAFKA__PRODUCER__SASL_MECHANISM", "PLAIN".into()),
-            ("VENUS__KAFKA__PRODUCER__SASL_USERNAME", "venus".into()),
-            (
-                "VENUS__KAFKA__PRODUCER_FILES__SASL_PASSWORD",
+                "VENUS__KAFKA__SECURITY__PASSWORD_FILE",
                 secret.path().display().to_string(),
             ),
         ],
     );
     let health = reqwest::get(gateway.url("/healthz")).await.unwrap();
     assert_eq!(health.status(), 200, "started with the SASL settings");
+    // The plaintext broker refuses the SASL handshake: the gateway says so
+    // in its log and /readyz, never with the password.
+    let ready = reqwest::get(gateway.url("/readyz")).await.unwrap();
+    let body = ready.text().await.unwrap();
+    let log = gateway.rest_of_log(Duration::from_secs(3));
+    assert!(!log.is_empty());
+    for line in log.iter().chain([&body]) {
+        assert!(!line.contains("s3cret"), "the password leaked: {line}");
+    }
 }
 
 fn start_failure(env: &[(&str, String)]) -> (i32, String) {

@@ -14,9 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry_sdk::trace::SdkTracer;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use tokio::sync::{mpsc, watch};
 use venus::telemetry::Metering;
 
@@ -24,49 +21,17 @@ use crate::batch::{Batch, Limits};
 use crate::clickhouse::ClickHouse;
 use crate::config::Settings;
 use crate::consumer::PollThread;
-use crate::dead_letter::DeadLetters;
+use crate::dead_letter::{self, DeadLetters};
 use crate::health::{self, Health};
 use crate::metrics::Metrics;
 use crate::offsets::Offsets;
 use crate::processor::{Processor, SpanAttributes};
+use crate::record::HeldBytes;
 use crate::server::{self, AppState};
 use crate::writer::{Backoff, Writer};
 
 /// How often ClickHouse is pinged for `/readyz`.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Creates the dead-letter topic when missing (brokers that do not create
-/// topics on first use, like tansu, need it) with one partition and
-/// replication 1; create it yourself, with the replication you want, for
-/// production.
-async fn create_dead_letter_topic(brokers: &str, topic: &str) {
-    let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create();
-    let Ok(admin) = admin else {
-        return;
-    };
-    let result = admin
-        .create_topics(
-            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await;
-    match result {
-        Ok(results) => {
-            for result in results {
-                match result {
-                    Ok(_) => tracing::info!(%topic, "dead-letter topic created"),
-                    Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((_, code)) => {
-                        tracing::warn!(%topic, %code, "cannot create the dead-letter topic")
-                    }
-                }
-            }
-        }
-        Err(error) => tracing::warn!(%topic, %error, "cannot create the dead-letter topic"),
-    }
-}
 
 /// A started ingester.
 pub struct Ingester {
@@ -136,22 +101,19 @@ impl Ingester {
             PROBE_INTERVAL,
         ));
 
-        create_dead_letter_topic(&settings.kafka.brokers, &ingester.dead_letter_topic).await;
-        let dead_letters = DeadLetters::new(
-            &settings.kafka.brokers,
-            &ingester.dead_letter_topic,
-            &ingester.group_id,
-            metrics.clone(),
-        )?;
+        let topic_creation =
+            tokio::spawn(dead_letter::create_topic(settings.clone(), health.clone()));
+        let dead_letters = DeadLetters::new(&settings, metrics.clone(), health.clone())?;
         let (records_tx, records_rx) = mpsc::unbounded_channel();
         // A batch queued behind each one being written: more waits in the
         // record channel, where the poll thread counts it and pauses.
         let (batches_tx, batches_rx) = mpsc::channel(ingester.insert_concurrency);
         let batches_rx = Arc::new(tokio::sync::Mutex::new(batches_rx));
         let writers: Vec<_> = (0..ingester.insert_concurrency)
-            .map(|_| {
+            .map(|id| {
                 tokio::spawn(
                     Writer {
+                        id,
                         clickhouse: clickhouse.clone(),
                         offsets: offsets.clone(),
                         metrics: metrics.clone(),
@@ -168,24 +130,44 @@ impl Ingester {
                 )
             })
             .collect();
-        let processor = tokio::spawn(
-            Processor {
-                batch: Batch::new(Limits {
-                    rows: ingester.batch_rows,
-                    bytes: ingester.batch_bytes,
-                    interval: ingester.flush_interval(),
-                }),
-                writer: batches_tx,
-                dead_letters,
-                offsets: offsets.clone(),
-                tracer,
-                attributes: SpanAttributes::new(&ingester.group_id),
-                cancel: cancel.clone(),
-            }
-            .run(records_rx),
-        );
+        let processor = Processor {
+            batch: Batch::new(Limits {
+                rows: ingester.batch_rows,
+                bytes: ingester.batch_bytes,
+                interval: ingester.flush_interval(),
+            }),
+            writer: batches_tx,
+            dead_letters,
+            offsets: offsets.clone(),
+            tracer,
+            attributes: SpanAttributes::new(&ingester.group_id),
+            cancel: cancel.clone(),
+        }
+        .run(records_rx);
+        let processor = {
+            let health = health.clone();
+            tokio::spawn(async move {
+                // Ends when the poll thread closes the channel (shutdown,
+                // or the thread died) or by a panic: either way, nothing
+                // is processed any more.
+                let result = tokio::spawn(processor).await;
+                let reason = match result {
+                    Ok(()) => "the processor stopped".to_owned(),
+                    Err(error) => format!("the processor failed: {error}"),
+                };
+                health.fail("processor", reason);
+            })
+        };
         let grace = ingester.shutdown_grace();
-        let poll = PollThread::start(&settings, offsets.clone(), metrics, records_tx, grace)?;
+        let poll = PollThread::start(
+            &settings,
+            offsets.clone(),
+            metrics,
+            records_tx,
+            HeldBytes::default(),
+            health.clone(),
+            grace,
+        )?;
 
         shutdown.await;
         tracing::info!(
@@ -215,6 +197,7 @@ impl Ingester {
         poll.drained();
         poll.join().await;
         probe.abort();
+        topic_creation.abort();
         let _ = http_stop.send(());
         let _ = tokio::time::timeout_at(deadline, http).await;
         tracing::info!("stopped");

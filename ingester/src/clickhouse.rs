@@ -9,7 +9,10 @@
 //! same on 18.16 and on current servers, and a batch is just bytes we can
 //! resend.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use venus::secret::Secret;
 
 use crate::config::ClickHouseSettings;
 use crate::row::COLUMNS;
@@ -44,6 +47,46 @@ pub fn insert_sql(database: &str, table: &str) -> String {
     )
 }
 
+/// A server's `version()`, as far as the ingester cares: major and minor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl Version {
+    /// Reads `18.16.1` or `25.8.2.29`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(Self { major, minor })
+    }
+
+    /// Servers from 21.11 have asynchronous inserts.
+    fn has_async_insert(self) -> bool {
+        self >= Version {
+            major: 21,
+            minor: 11,
+        }
+    }
+}
+
+/// The settings every insert carries, so that a 2xx means the rows are
+/// written whatever the user's profile says. Only what `version` knows is
+/// sent: old servers refuse unknown settings.
+///
+/// `async_insert=0`: a profile with `async_insert=1,
+/// wait_for_async_insert=0` would answer before the rows are written, and
+/// the ingester would commit past rows a crash then loses.
+pub fn insert_settings(version: Option<Version>) -> Vec<(&'static str, &'static str)> {
+    let mut settings = Vec::new();
+    if version.is_some_and(Version::has_async_insert) {
+        settings.push(("async_insert", "0"));
+    }
+    settings
+}
+
 /// What a failed request means for the rows it carried.
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError {
@@ -53,6 +96,10 @@ pub enum InsertError {
     /// The table or database is gone: create it, then try again.
     #[error("ClickHouse table missing: {0}")]
     MissingTable(String),
+    /// The table lacks columns the rows need (`manage_schema: false`, or a
+    /// table made by an older release): the operator must add them.
+    #[error("ClickHouse table {table} lacks the columns {columns}; add them (see docs/INGESTER.md) or let the ingester manage the schema")]
+    MissingColumns { table: String, columns: String },
     /// ClickHouse rejected the data itself: sending it again cannot help.
     #[error("ClickHouse rejected the rows (code {code}): {message}")]
     Rejected { code: u32, message: String },
@@ -86,7 +133,9 @@ fn error_code(body: &str) -> Option<u32> {
 pub fn classify(status: u16, body: &str) -> InsertError {
     let message: String = body.trim().chars().take(500).collect();
     match error_code(body) {
-        Some(60) | Some(81) => InsertError::MissingTable(message),
+        // 60 UNKNOWN_TABLE, 81 UNKNOWN_DATABASE, 16 NO_SUCH_COLUMN_IN_TABLE:
+        // prepare the schema again (which names missing columns).
+        Some(60) | Some(81) | Some(16) => InsertError::MissingTable(message),
         Some(code) if REJECTED_CODES.contains(&code) => InsertError::Rejected { code, message },
         _ => InsertError::Transient(format!("HTTP {status}: {message}")),
     }
@@ -98,18 +147,25 @@ pub struct ClickHouse {
     http: reqwest::Client,
     url: String,
     user: String,
-    password: String,
+    password: Secret,
     database: String,
     table: String,
     timeout: Duration,
     ping_timeout: Duration,
+    /// The server's version, learnt when the schema is prepared (and again
+    /// after the table went missing, as after an upgrade).
+    version: Arc<Mutex<Option<Version>>>,
+    manage_schema: bool,
 }
 
 impl ClickHouse {
     pub fn new(settings: &ClickHouseSettings) -> anyhow::Result<Self> {
+        let tls =
+            venus::tls::client_config("ingester.clickhouse.ca_file", settings.ca_file.as_deref())?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(settings.timeout_ms.min(5_000)))
             .pool_idle_timeout(Duration::from_secs(30))
+            .use_preconfigured_tls(tls)
             .build()?;
         Ok(Self {
             http,
@@ -120,6 +176,8 @@ impl ClickHouse {
             table: settings.table.clone(),
             timeout: Duration::from_millis(settings.timeout_ms),
             ping_timeout: Duration::from_millis(settings.ping_timeout_ms),
+            version: Arc::new(Mutex::new(None)),
+            manage_schema: settings.manage_schema,
         })
     }
 
@@ -146,7 +204,8 @@ impl ClickHouse {
             .http
             .post(format!("{}/", self.url))
             .query(&[("query", query)])
-            .basic_auth(&self.user, Some(&self.password))
+            .query(&insert_settings(self.version()))
+            .basic_auth(&self.user, Some(self.password.expose()))
             .timeout(timeout)
             .body(body)
             .send()
@@ -164,15 +223,50 @@ impl ClickHouse {
         }
     }
 
-    /// Creates the database and the table when missing.
+    /// The server's version, once known.
+    pub fn version(&self) -> Option<Version> {
+        *self.version.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Readies the table for inserts: learns the server's version, creates
+    /// the database and the table when missing (`manage_schema`), and
+    /// checks that the table has every column the rows carry.
     pub async fn ensure_schema(&self) -> Result<(), InsertError> {
-        // The statement goes in the body: `query=` plus a body would be
-        // read as one statement.
-        for sql in [
-            format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
-            create_table_sql(&self.database, &self.table),
-        ] {
-            self.query(&sql).await?;
+        let version = self.query("SELECT version()").await?;
+        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Version::parse(&version);
+        if self.manage_schema {
+            // The statement goes in the body: `query=` plus a body would be
+            // read as one statement.
+            for sql in [
+                format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
+                create_table_sql(&self.database, &self.table),
+            ] {
+                self.query(&sql).await?;
+            }
+        }
+        let columns = self
+            .query(&format!(
+                "SELECT name FROM system.columns WHERE database = '{}' AND table = '{}'",
+                self.database, self.table
+            ))
+            .await?;
+        let present: Vec<&str> = columns.lines().map(str::trim).collect();
+        if present.is_empty() {
+            return Err(InsertError::MissingTable(format!(
+                "{} does not exist (manage_schema is off: create it as docs/INGESTER.md shows)",
+                self.table_name()
+            )));
+        }
+        let missing: Vec<&str> = COLUMNS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| !present.contains(name))
+            .collect();
+        if !missing.is_empty() {
+            return Err(InsertError::MissingColumns {
+                table: self.table_name(),
+                columns: missing.join(", "),
+            });
         }
         Ok(())
     }
@@ -182,7 +276,7 @@ impl ClickHouse {
         let response = self
             .http
             .post(format!("{}/", self.url))
-            .basic_auth(&self.user, Some(&self.password))
+            .basic_auth(&self.user, Some(self.password.expose()))
             .timeout(self.timeout)
             .body(sql.to_owned())
             .send()
@@ -214,7 +308,7 @@ impl ClickHouse {
             .http
             .get(format!("{}/", self.url))
             .query(&[("query", "SELECT 1")])
-            .basic_auth(&self.user, Some(&self.password))
+            .basic_auth(&self.user, Some(self.password.expose()))
             .timeout(self.ping_timeout)
             .send()
             .await
@@ -244,6 +338,35 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inserts_pin_async_insert_off_only_where_the_server_has_it() {
+        assert_eq!(
+            Version::parse("18.16.1"),
+            Some(Version {
+                major: 18,
+                minor: 16
+            })
+        );
+        assert_eq!(
+            Version::parse("25.8.2.29\n"),
+            Some(Version {
+                major: 25,
+                minor: 8
+            })
+        );
+        assert_eq!(Version::parse("garbage"), None);
+        assert!(insert_settings(Version::parse("18.16.1")).is_empty());
+        assert!(insert_settings(Version::parse("21.10.1")).is_empty());
+        assert!(insert_settings(None).is_empty());
+        for current in ["21.11.1", "25.8.2.29", "26.9.1"] {
+            assert_eq!(
+                insert_settings(Version::parse(current)),
+                vec![("async_insert", "0")],
+                "{current}"
+            );
+        }
+    }
 
     #[test]
     fn data_errors_are_rejections_and_the_rest_is_retried() {

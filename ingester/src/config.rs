@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use venus::config::{ConfigError, KafkaSettings, TelemetrySettings};
+use venus::secret::Secret;
 
 /// Consumer keys the ingester's promise rests on (a row is committed only
 /// once it is in ClickHouse or the dead-letter topic, and no message is
@@ -73,9 +74,23 @@ pub struct IngesterSettings {
     /// beyond which fetching pauses; it resumes below half of this.
     #[serde(default = "defaults::max_buffered_rows")]
     pub max_buffered_rows: usize,
+    /// The same bound in bytes: fetching pauses when the messages held
+    /// (counted twice: each message is kept for the dead-letter path and
+    /// copied into its row) reach this, and resumes below half of it. With
+    /// ClickHouse away and messages near `kafka.max_message_bytes`, this,
+    /// not `max_buffered_rows`, is what keeps the process in its memory
+    /// limit; leave it well below the container's limit (librdkafka's
+    /// prefetch queue is sized from it too).
+    #[serde(default = "defaults::max_buffered_bytes")]
+    pub max_buffered_bytes: usize,
     /// Topic for messages that can never be inserted.
     #[serde(default = "defaults::dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// A dead letter that Kafka has not taken for this long (the topic
+    /// cannot be created or written) makes `/readyz` 503 with the reason.
+    /// The message is retried meanwhile and never committed past.
+    #[serde(default = "defaults::dead_letter_alarm_ms")]
+    pub dead_letter_alarm_ms: u64,
     /// On SIGTERM: how long to flush, store and commit before exiting.
     #[serde(default = "defaults::shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
@@ -93,16 +108,16 @@ pub struct IngesterSettings {
     /// before giving its partitions to others (`session.timeout.ms`).
     #[serde(default = "defaults::session_timeout_ms")]
     pub session_timeout_ms: u64,
-    /// Any other librdkafka consumer setting (security, SASL, fetch sizes),
+    /// Any other librdkafka consumer setting (fetch sizes, client id),
     /// passed through; from the environment `_` stands for `.`
-    /// (`VENUS__INGESTER__CONSUMER__SASL_USERNAME`). The keys the
-    /// at-least-once design rests on ([`FORBIDDEN_CONSUMER_KEYS`]) cannot
-    /// be set: start-up fails, naming the key.
+    /// (`VENUS__INGESTER__CONSUMER__CLIENT_ID`). The keys the at-least-once
+    /// design rests on ([`FORBIDDEN_CONSUMER_KEYS`]) cannot be set: start-up
+    /// fails, naming the key. TLS and SASL are `kafka.security`'s, which
+    /// every Kafka client of both binaries uses.
     #[serde(default)]
     pub consumer: std::collections::BTreeMap<String, String>,
-    /// Consumer settings whose value is read from a file at start-up, for
-    /// secrets mounted as files (`sasl.password: /run/secrets/kafka`);
-    /// merged into `consumer` after loading.
+    /// Consumer settings whose value is read from a file at start-up (a
+    /// mounted file); merged into `consumer` after loading.
     #[serde(default)]
     pub consumer_files: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// Where the rows go.
@@ -124,9 +139,24 @@ pub struct ClickHouseSettings {
     /// User (HTTP basic authentication).
     #[serde(default = "defaults::user")]
     pub user: String,
-    /// Password of `user`; empty for none.
+    /// Password of `user`; empty for none. Never logged.
     #[serde(default)]
-    pub password: String,
+    pub password: Secret,
+    /// A file holding the password instead (a mounted secret); a trailing
+    /// newline is dropped.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// PEM file of certificate authorities an `https://` URL's certificate
+    /// may chain to, besides the system's roots (`SSL_CERT_FILE`,
+    /// `SSL_CERT_DIR`); for a private CA or a self-signed server.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Create the database and table at start (and again if they vanish).
+    /// `false` for a user that may only insert: the table must then exist
+    /// with every column the ingester writes, or `/readyz` says which are
+    /// missing.
+    #[serde(default = "defaults::manage_schema")]
+    pub manage_schema: bool,
     /// Timeout of every ClickHouse request (inserts, DDL).
     #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
@@ -161,6 +191,15 @@ mod defaults {
     }
     pub fn max_buffered_rows() -> usize {
         100_000
+    }
+    pub fn max_buffered_bytes() -> usize {
+        256 * 1024 * 1024
+    }
+    pub fn dead_letter_alarm_ms() -> u64 {
+        10_000
+    }
+    pub fn manage_schema() -> bool {
+        true
     }
     pub fn dead_letter_topic() -> String {
         venus::kafka::DEFAULT_DEAD_LETTER_TOPIC.into()
@@ -247,6 +286,35 @@ impl Settings {
             FORBIDDEN_CONSUMER_KEYS,
         )?;
         self.ingester.consumer_files.clear();
+        self.kafka.security.resolve()?;
+        let clickhouse = &mut self.ingester.clickhouse;
+        if let Some(path) = clickhouse.password_file.take() {
+            if !clickhouse.password.is_empty() {
+                return Err(ConfigError::invalid(
+                    "ingester.clickhouse.password_file",
+                    "password and password_file are both set",
+                ));
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::invalid(
+                    "ingester.clickhouse.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            clickhouse.password = Secret::new(text.trim_end_matches(['\r', '\n']));
+        }
+        match clickhouse.url.split_once("://") {
+            Some(("http" | "https", rest)) if !rest.is_empty() => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    "ingester.clickhouse.url",
+                    format!("{:?} is not an http:// or https:// URL", clickhouse.url),
+                ))
+            }
+        }
+        // A CA file that cannot be used stops start-up, naming the key.
+        venus::tls::client_config("ingester.clickhouse.ca_file", clickhouse.ca_file.as_deref())
+            .map_err(|e| ConfigError::invalid("ingester.clickhouse.ca_file", e.to_string()))?;
         let ingester = &self.ingester;
         ingester.listen.parse::<SocketAddr>().map_err(|e| {
             ConfigError::invalid("ingester.listen", format!("{:?}: {e}", ingester.listen))
@@ -286,6 +354,14 @@ impl Settings {
             (
                 "ingester.max_buffered_rows",
                 ingester.max_buffered_rows as u64,
+            ),
+            (
+                "ingester.max_buffered_bytes",
+                ingester.max_buffered_bytes as u64,
+            ),
+            (
+                "ingester.dead_letter_alarm_ms",
+                ingester.dead_letter_alarm_ms,
             ),
             ("ingester.shutdown_grace_ms", ingester.shutdown_grace_ms),
             ("ingester.retry_initial_ms", ingester.retry_initial_ms),
@@ -418,32 +494,63 @@ mod tests {
     }
 
     #[test]
-    fn consumer_secrets_come_from_the_environment_or_files_as_text() {
+    fn consumer_settings_and_secrets_come_from_the_environment_or_files_as_text() {
         let secret = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(secret.path(), "0123\n").unwrap();
+        let clickhouse_secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(clickhouse_secret.path(), "0789\n").unwrap();
         let settings = Settings::load_with_env(
             &repo_config(),
             env(&[
-                ("VENUS__INGESTER__CONSUMER__SASL_USERNAME", "0123"),
+                ("VENUS__INGESTER__CONSUMER__CLIENT_ID", "0123"),
                 (
-                    "VENUS__INGESTER__CONSUMER_FILES__SASL_PASSWORD",
+                    "VENUS__INGESTER__CONSUMER_FILES__SSL_KEYSTORE_PASSWORD",
                     secret.path().to_str().unwrap(),
                 ),
                 ("VENUS__INGESTER__GROUP_ID", "007"),
+                ("VENUS__KAFKA__SECURITY__PROTOCOL", "SASL_PLAINTEXT"),
+                ("VENUS__KAFKA__SECURITY__SASL_MECHANISM", "SCRAM-SHA-256"),
+                ("VENUS__KAFKA__SECURITY__USERNAME", "1e3"),
+                ("VENUS__KAFKA__SECURITY__PASSWORD", "0456"),
+                (
+                    "VENUS__INGESTER__CLICKHOUSE__PASSWORD_FILE",
+                    clickhouse_secret.path().to_str().unwrap(),
+                ),
             ]),
         )
         .unwrap();
         let consumer = &settings.ingester.consumer;
+        assert_eq!(consumer.get("client.id").map(String::as_str), Some("0123"));
         assert_eq!(
-            consumer.get("sasl.username").map(String::as_str),
-            Some("0123")
-        );
-        assert_eq!(
-            consumer.get("sasl.password").map(String::as_str),
+            consumer.get("ssl.keystore.password").map(String::as_str),
             Some("0123")
         );
         assert_eq!(settings.ingester.group_id, "007");
         assert!(settings.ingester.consumer_files.is_empty());
+        // The consumer gets the shared security section.
+        let config = crate::consumer::consumer_config(&settings);
+        assert_eq!(config.get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(config.get("sasl.username"), Some("1e3"));
+        assert_eq!(config.get("sasl.password"), Some("0456"));
+        assert_eq!(settings.ingester.clickhouse.password.expose(), "0789");
+        let debug = format!("{settings:?}");
+        for secret in ["0456", "0789"] {
+            assert!(!debug.contains(secret), "a secret in Debug: {debug}");
+        }
+    }
+
+    #[test]
+    fn security_keys_in_the_consumer_map_point_to_kafka_security() {
+        let error = Settings::load_with_env(
+            &repo_config(),
+            env(&[("VENUS__INGESTER__CONSUMER__SASL_PASSWORD", "x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("sasl.password belongs in kafka.security"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -497,7 +604,7 @@ mod tests {
         assert_eq!(i.clickhouse.database, "db2");
         assert_eq!(i.clickhouse.table, "t2");
         assert_eq!(i.clickhouse.user, "u");
-        assert_eq!(i.clickhouse.password, "123");
+        assert_eq!(i.clickhouse.password.expose(), "123");
         assert_eq!(settings.kafka.brokers, "k:1");
     }
 

@@ -24,9 +24,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::Settings;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::offsets::Offsets;
-use crate::record::Record;
+use crate::record::{HeldBytes, Record};
 
 /// How often the poll thread stores offsets and updates gauges.
 const STORE_INTERVAL: Duration = Duration::from_millis(200);
@@ -63,7 +64,9 @@ impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
         for (name, topic) in &statistics.topics {
             for (id, partition) in &topic.partitions {
-                if *id >= 0 && partition.consumer_lag >= 0 {
+                // Statistics keep partitions this instance no longer owns;
+                // their lag is their new owner's to report.
+                if *id >= 0 && partition.consumer_lag >= 0 && self.offsets.is_assigned(name, *id) {
                     self.metrics.lag(name, *id, partition.consumer_lag);
                 }
             }
@@ -81,6 +84,8 @@ impl ConsumerContext for Context {
         // that owner (at least once; FINAL hides the copies).
         let mut commit = TopicPartitionList::new();
         for element in revoked.elements() {
+            self.metrics
+                .forget_lag(element.topic(), element.partition());
             if let Some(next) = self.offsets.revoke(element.topic(), element.partition()) {
                 let _ = commit.add_partition_offset(
                     element.topic(),
@@ -130,9 +135,13 @@ impl ConsumerContext for Context {
 /// pass-through map.
 pub fn consumer_config(settings: &Settings) -> ClientConfig {
     let ingester = &settings.ingester;
-    let mut config = ClientConfig::new();
+    let mut config = settings.kafka.client_config();
+    // librdkafka's prefetch queue holds fetched messages outside the
+    // buffer's count; keep it a quarter of the byte bound (at most
+    // librdkafka's default of 64 MiB, at least 1 MiB).
+    let prefetch_kib = (ingester.max_buffered_bytes / 4 / 1024).clamp(1024, 65_536);
     config
-        .set("bootstrap.servers", &settings.kafka.brokers)
+        .set("queued.max.messages.kbytes", prefetch_kib.to_string())
         .set("group.id", &ingester.group_id)
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.auto.commit", "true")
@@ -169,6 +178,8 @@ impl PollThread {
         offsets: Arc<Offsets>,
         metrics: Metrics,
         records: UnboundedSender<Record>,
+        held: HeldBytes,
+        health: Arc<Health>,
         grace: Duration,
     ) -> anyhow::Result<Self> {
         let paused = Arc::new(AtomicBool::new(false));
@@ -190,6 +201,8 @@ impl PollThread {
             paused,
             records,
             max_buffered: settings.ingester.max_buffered_rows as i64,
+            held,
+            max_held_bytes: settings.ingester.max_buffered_bytes as i64,
             dead_letter_topic: settings.ingester.dead_letter_topic.clone(),
             stop: stop.clone(),
             drained: drained_rx,
@@ -197,7 +210,12 @@ impl PollThread {
         };
         let thread = std::thread::Builder::new()
             .name("kafka-poll".into())
-            .spawn(move || poller.run())?;
+            .spawn(move || {
+                // However the thread ends (a panic included), `/readyz`
+                // says so: nothing is read any more.
+                let _alarm = Alarm(health);
+                poller.run()
+            })?;
         Ok(Self {
             stop,
             drained,
@@ -224,6 +242,16 @@ impl PollThread {
     }
 }
 
+/// Reports the poll thread's end to `/readyz` when dropped.
+struct Alarm(Arc<Health>);
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        self.0
+            .fail("kafka poll thread", "the Kafka poll thread stopped");
+    }
+}
+
 struct Poller {
     consumer: BaseConsumer<Context>,
     offsets: Arc<Offsets>,
@@ -231,6 +259,8 @@ struct Poller {
     paused: Arc<AtomicBool>,
     records: UnboundedSender<Record>,
     max_buffered: i64,
+    held: HeldBytes,
+    max_held_bytes: i64,
     dead_letter_topic: String,
     stop: Arc<AtomicBool>,
     drained: std::sync::mpsc::Receiver<()>,
@@ -279,7 +309,7 @@ impl Poller {
                     }
                     if self
                         .records
-                        .send(Record::from_message(&message, name, epoch))
+                        .send(Record::from_message(&message, name, epoch).charged(&self.held))
                         .is_err()
                     {
                         self.offsets.abandon();
@@ -331,14 +361,16 @@ impl Poller {
         self.metrics.buffered(self.offsets.in_flight());
     }
 
-    /// Pauses the whole assignment while too much is buffered, resumes
-    /// below half of it. The thread keeps polling either way.
+    /// Pauses the whole assignment while too much is buffered (rows or
+    /// bytes), resumes below half of both. The thread keeps polling either
+    /// way.
     fn backpressure(&self) {
         let buffered = self.offsets.in_flight();
+        let held = self.held.get();
         let paused = self.paused.load(Ordering::Relaxed);
-        let change = if !paused && buffered >= self.max_buffered {
+        let change = if !paused && (buffered >= self.max_buffered || held >= self.max_held_bytes) {
             Some(true)
-        } else if paused && buffered <= self.max_buffered / 2 {
+        } else if paused && buffered <= self.max_buffered / 2 && held <= self.max_held_bytes / 2 {
             Some(false)
         } else {
             None
@@ -358,7 +390,12 @@ impl Poller {
             Ok(()) => {
                 self.paused.store(pause, Ordering::Relaxed);
                 self.metrics.paused(pause);
-                tracing::info!(buffered, paused = pause, "fetching paused or resumed");
+                tracing::info!(
+                    buffered,
+                    held_bytes = held,
+                    paused = pause,
+                    "fetching paused or resumed"
+                );
             }
             Err(error) => tracing::warn!(%error, "pause/resume failed"),
         }

@@ -2,18 +2,34 @@
 //! wrong shape, rejected by ClickHouse as a permanent error) are copied
 //! there with their key, value and headers, plus headers saying why and
 //! where they came from; then they count as processed. A send is retried
-//! until Kafka takes it: a poison message is never dropped silently.
+//! until Kafka takes it: a poison message is never dropped silently, and
+//! never committed past before Kafka has it.
+//!
+//! The producer and the admin client that creates the topic use
+//! `kafka.security` like every other Kafka client. A send that has failed
+//! for `ingester.dead_letter_alarm_ms` puts the reason in `/readyz`; the
+//! topic is created in the background, retried until it exists.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use tokio::sync::watch;
 
+use crate::config::Settings;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::record::Record;
+
+/// The `/readyz` part of dead-letter sends.
+const SEND_PART: &str = "dead letters";
+/// The `/readyz` part of the topic's creation.
+const TOPIC_PART: &str = "dead-letter topic";
 
 /// Headers added to a dead letter.
 pub const REASON: &str = "dead_letter.reason";
@@ -29,21 +45,27 @@ pub struct DeadLetters {
     topic: String,
     group: String,
     metrics: Metrics,
+    health: Arc<Health>,
+    alarm_after: Duration,
 }
 
 impl DeadLetters {
-    pub fn new(brokers: &str, topic: &str, group: &str, metrics: Metrics) -> anyhow::Result<Self> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    pub fn new(settings: &Settings, metrics: Metrics, health: Arc<Health>) -> anyhow::Result<Self> {
+        let ingester = &settings.ingester;
+        let producer = settings
+            .kafka
+            .client_config()
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "10000")
             .create()?;
         Ok(Self {
             producer,
-            topic: topic.to_owned(),
-            group: group.to_owned(),
+            topic: ingester.dead_letter_topic.clone(),
+            group: ingester.group_id.clone(),
             metrics,
+            health,
+            alarm_after: Duration::from_millis(ingester.dead_letter_alarm_ms),
         })
     }
 
@@ -82,6 +104,7 @@ impl DeadLetters {
             });
         }
         let mut wait = Duration::from_millis(100);
+        let started = Instant::now();
         loop {
             let mut message = FutureRecord::to(&self.topic)
                 .payload(record.payload())
@@ -91,6 +114,7 @@ impl DeadLetters {
             }
             match self.producer.send(message, Timeout::Never).await {
                 Ok(_) => {
+                    self.health.ok(SEND_PART);
                     self.metrics.dead_letter(stage);
                     tracing::warn!(
                         topic = %record.source.topic,
@@ -102,7 +126,18 @@ impl DeadLetters {
                     return true;
                 }
                 Err((error, _)) => {
+                    self.metrics.dead_letter_failed();
                     tracing::warn!(%error, topic = %self.topic, "dead-letter send failed; retrying");
+                    if started.elapsed() >= self.alarm_after {
+                        self.health.fail(
+                            SEND_PART,
+                            format!(
+                                "a dead letter has not reached {} for {} s: {error}",
+                                self.topic,
+                                started.elapsed().as_secs()
+                            ),
+                        );
+                    }
                 }
             }
             tokio::select! {
@@ -111,5 +146,55 @@ impl DeadLetters {
             }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// Creates the dead-letter topic when missing (brokers that do not create
+/// topics on first use, like tansu, need it) with one partition and
+/// replication 1, retrying until it exists; create it yourself, with the
+/// replication you want, for production. `/readyz` says so while it is
+/// neither created nor found.
+pub async fn create_topic(settings: Settings, health: Arc<Health>) {
+    let topic = settings.ingester.dead_letter_topic.clone();
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match try_create_topic(&settings, &topic).await {
+            Ok(created) => {
+                if created {
+                    tracing::info!(%topic, "dead-letter topic created");
+                }
+                health.ok(TOPIC_PART);
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%topic, %error, retry_in_ms = wait.as_millis() as u64, "cannot create the dead-letter topic; retrying");
+                health.fail(
+                    TOPIC_PART,
+                    format!("the dead-letter topic {topic} cannot be created: {error}"),
+                );
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// `Ok(true)` when created, `Ok(false)` when it was there already.
+async fn try_create_topic(settings: &Settings, topic: &str) -> anyhow::Result<bool> {
+    let admin: AdminClient<DefaultClientContext> = settings.kafka.client_config().create()?;
+    let timeout = Duration::from_secs(10);
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new()
+                .operation_timeout(Some(timeout))
+                .request_timeout(Some(timeout)),
+        )
+        .await?;
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(true),
+        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
+        Some(Err((_, code))) => anyhow::bail!("{code}"),
+        None => anyhow::bail!("no answer for the topic"),
     }
 }

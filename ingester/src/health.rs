@@ -1,53 +1,70 @@
-//! What `/readyz` reports: whether ClickHouse answers (probed with a short
-//! timeout, so a hanging server counts as down, not only a refusing one)
-//! and whether the last insert went in.
+//! What `/readyz` reports: every part the ingester needs, each under its
+//! own name, so that one part's success never hides another's failure
+//! (writer 1's insert going in says nothing of writer 0's). A part is
+//! ready until it reports a reason; the reasons are joined in the answer.
+//!
+//! The parts: ClickHouse's ping (probed with a short timeout, so a hanging
+//! server counts as down, not only a refusing one), the schema, each
+//! writer's inserts, the dead-letter topic and its sends, and the
+//! processor task and Kafka poll thread being alive.
+//!
+//! Reasons are written by the code that knows them; they carry no secret
+//! (URLs are logged without their user and password, see `clickhouse`).
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::clickhouse::ClickHouse;
 
-/// The reasons the ingester is not ready; none means ready.
+/// The reasons the ingester is not ready, by part; none means ready.
 #[derive(Default)]
 pub struct Health {
-    ping: Mutex<Option<String>>,
-    insert: Mutex<Option<String>>,
-}
-
-fn set(slot: &Mutex<Option<String>>, value: Option<String>) {
-    *slot.lock().unwrap_or_else(|e| e.into_inner()) = value;
-}
-
-fn get(slot: &Mutex<Option<String>>) -> Option<String> {
-    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    reasons: Mutex<BTreeMap<String, String>>,
 }
 
 impl Health {
+    fn reasons(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.reasons.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `part` is not ready, for `reason`.
+    pub fn fail(&self, part: impl Into<String>, reason: impl Into<String>) {
+        self.reasons().insert(part.into(), reason.into());
+    }
+
+    /// `part` is ready (again).
+    pub fn ok(&self, part: &str) {
+        self.reasons().remove(part);
+    }
+
     pub fn ping_result(&self, result: Result<(), String>) {
-        set(
-            &self.ping,
-            result.err().map(|e| format!("ClickHouse ping failed: {e}")),
+        match result {
+            Ok(()) => self.ok("clickhouse"),
+            Err(e) => self.fail("clickhouse", format!("ClickHouse ping failed: {e}")),
+        }
+    }
+
+    /// Writer `writer`'s last insert went in.
+    pub fn insert_ok(&self, writer: usize) {
+        self.ok(&format!("writer {writer}"));
+    }
+
+    /// Writer `writer`'s inserts are failing.
+    pub fn insert_failed(&self, writer: usize, reason: &str) {
+        self.fail(
+            format!("writer {writer}"),
+            format!("inserts are failing: {reason}"),
         );
-    }
-
-    pub fn insert_ok(&self) {
-        set(&self.insert, None);
-    }
-
-    pub fn insert_failed(&self, reason: &str) {
-        set(&self.insert, Some(format!("inserts are failing: {reason}")));
     }
 
     /// `Err` with every reason when not ready.
     pub fn readiness(&self) -> Result<(), String> {
-        let reasons: Vec<String> = [get(&self.ping), get(&self.insert)]
-            .into_iter()
-            .flatten()
-            .collect();
+        let reasons = self.reasons();
         if reasons.is_empty() {
             Ok(())
         } else {
-            Err(reasons.join("; "))
+            Err(reasons.values().cloned().collect::<Vec<_>>().join("; "))
         }
     }
 }
@@ -59,5 +76,26 @@ pub async fn probe(health: std::sync::Arc<Health>, clickhouse: ClickHouse, inter
     loop {
         health.ping_result(clickhouse.ping().await);
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_writers_success_does_not_hide_anothers_failure() {
+        let health = Health::default();
+        assert!(health.readiness().is_ok());
+        health.insert_failed(0, "connection refused");
+        health.insert_ok(1);
+        let reason = health.readiness().unwrap_err();
+        assert!(reason.contains("connection refused"), "{reason}");
+        health.fail("processor", "the processor stopped");
+        let reason = health.readiness().unwrap_err();
+        assert!(reason.contains("connection refused") && reason.contains("processor"));
+        health.insert_ok(0);
+        health.ok("processor");
+        assert!(health.readiness().is_ok());
     }
 }

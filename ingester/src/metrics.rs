@@ -2,8 +2,14 @@
 //! `/metrics` (Prometheus names: dots as underscores, `_total` on counters,
 //! `_seconds` on durations) and pushed over OTLP when configured.
 
-use opentelemetry::metrics::{Counter, Gauge, Histogram, MeterProvider};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry::metrics::{Counter, Gauge, Histogram, MeterProvider, ObservableGauge};
 use opentelemetry::KeyValue;
+
+/// Consumer lag by (topic, partition), of the partitions assigned now.
+type LagTable = Arc<Mutex<BTreeMap<(String, i32), i64>>>;
 
 /// A cheap, cloneable handle on the instruments.
 #[derive(Clone)]
@@ -14,7 +20,12 @@ pub struct Metrics {
     batch_rows: Histogram<u64>,
     retries: Counter<u64>,
     dead_letters: Counter<u64>,
-    lag: Gauge<i64>,
+    dead_letter_failures: Counter<u64>,
+    /// Read by the lag gauge's callback at each collection: a partition
+    /// removed from it (revoked in a rebalance) leaves the exported series,
+    /// so the sum of lags over the group returns to 0 after a scale-out.
+    lags: LagTable,
+    _lag: Arc<ObservableGauge<i64>>,
     buffered: Gauge<i64>,
     paused: Gauge<i64>,
     offset_gaps: Counter<u64>,
@@ -23,6 +34,26 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(provider: &impl MeterProvider) -> Self {
         let meter = provider.meter("venus-ingester");
+        let lags = LagTable::default();
+        let observed = lags.clone();
+        let lag = meter
+            .i64_observable_gauge("venus_ingester.consumer.lag")
+            .with_description(
+                "Messages behind the partition's end (from librdkafka statistics), for the partitions assigned to this instance",
+            )
+            .with_callback(move |observer| {
+                let lags = observed.lock().unwrap_or_else(|e| e.into_inner());
+                for ((topic, partition), lag) in lags.iter() {
+                    observer.observe(
+                        *lag,
+                        &[
+                            KeyValue::new("topic", topic.clone()),
+                            KeyValue::new("partition", i64::from(*partition)),
+                        ],
+                    );
+                }
+            })
+            .build();
         let metrics = Self {
             consumed: meter
                 .u64_counter("venus_ingester.messages.consumed")
@@ -55,12 +86,12 @@ impl Metrics {
                 .u64_counter("venus_ingester.dead_letters")
                 .with_description("Messages written to the dead-letter topic")
                 .build(),
-            lag: meter
-                .i64_gauge("venus_ingester.consumer.lag")
-                .with_description(
-                    "Messages behind the partition's end (from librdkafka statistics)",
-                )
+            dead_letter_failures: meter
+                .u64_counter("venus_ingester.dead_letter.failures")
+                .with_description("Dead-letter sends Kafka did not take (each is retried)")
                 .build(),
+            lags,
+            _lag: Arc::new(lag),
             buffered: meter
                 .i64_gauge("venus_ingester.buffered.rows")
                 .with_description(
@@ -83,6 +114,7 @@ impl Metrics {
         metrics.inserted.add(0, &[]);
         metrics.retries.add(0, &[]);
         metrics.offset_gaps.add(0, &[]);
+        metrics.dead_letter_failures.add(0, &[]);
         for stage in ["decode", "clickhouse"] {
             metrics
                 .dead_letters
@@ -115,14 +147,24 @@ impl Metrics {
         self.dead_letters.add(1, &[KeyValue::new("stage", stage)]);
     }
 
+    pub fn dead_letter_failed(&self) {
+        self.dead_letter_failures.add(1, &[]);
+    }
+
+    /// The lag of an assigned partition.
     pub fn lag(&self, topic: &str, partition: i32, lag: i64) {
-        self.lag.record(
-            lag,
-            &[
-                KeyValue::new("topic", topic.to_owned()),
-                KeyValue::new("partition", i64::from(partition)),
-            ],
-        );
+        self.lags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((topic.to_owned(), partition), lag);
+    }
+
+    /// A partition was revoked: its lag is another instance's now.
+    pub fn forget_lag(&self, topic: &str, partition: i32) {
+        self.lags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(topic.to_owned(), partition));
     }
 
     pub fn offset_gap(&self, topic: &str, skipped: i64) {
@@ -138,5 +180,37 @@ impl Metrics {
 
     pub fn paused(&self, paused: bool) {
         self.paused.record(i64::from(paused), &[]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lag_lines(metering: &venus::telemetry::Metering) -> Vec<String> {
+        metering
+            .render()
+            .lines()
+            .filter(|line| line.starts_with("venus_ingester_consumer_lag{"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_revoked_partition_leaves_the_lag_gauge() {
+        let metering =
+            venus::telemetry::Metering::new(&venus::config::TelemetrySettings::default()).unwrap();
+        let metrics = Metrics::new(&metering.provider);
+        metrics.lag("t", 0, 5);
+        metrics.lag("t", 1, 7);
+        let lines = lag_lines(&metering);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        metrics.forget_lag("t", 1);
+        let lines = lag_lines(&metering);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("partition=\"0\"") && lines[0].ends_with(" 5"),
+            "{lines:?}"
+        );
     }
 }

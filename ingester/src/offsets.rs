@@ -69,6 +69,11 @@ impl Offsets {
         self.lock().start(topic, partition);
     }
 
+    /// Whether `topic`/`partition` is assigned to this instance now.
+    pub fn is_assigned(&self, topic: &str, partition: i32) -> bool {
+        self.lock().partition(topic, partition).is_some()
+    }
+
     /// A partition was revoked: forgets it and returns the offset to commit
     /// for it, if any message of it is done. Completions of its messages
     /// still in flight are ignored from now on (their epoch is gone); the

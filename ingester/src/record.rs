@@ -8,6 +8,7 @@
 //! one allocation, and the topic name is shared by every record of the
 //! topic. Per message, that is two allocations fewer than five.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use opentelemetry::propagation::Extractor;
@@ -35,6 +36,37 @@ struct HeaderAt {
     has_value: bool,
 }
 
+/// The bytes held by records alive (`ingester.max_buffered_bytes`): each
+/// record adds its share when the poll thread reads it and takes it back
+/// when it is dropped, whichever path it took (row, dead letter, given up).
+#[derive(Debug, Clone, Default)]
+pub struct HeldBytes(Arc<AtomicI64>);
+
+impl HeldBytes {
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A record's share of [`HeldBytes`]. A clone is not counted (only tests
+/// and the dead-letter path's reads clone records, briefly).
+#[derive(Debug, Default)]
+struct Charge(Option<(HeldBytes, i64)>);
+
+impl Clone for Charge {
+    fn clone(&self) -> Self {
+        Self(None)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some((held, bytes)) = self.0.take() {
+            held.0.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 /// One consumed message.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -45,6 +77,7 @@ pub struct Record {
     /// Where the key ends; `None` for a message without a key.
     key_end: Option<u32>,
     headers: Box<[HeaderAt]>,
+    charge: Charge,
 }
 
 impl Record {
@@ -88,7 +121,18 @@ impl Record {
             payload_end,
             key_end,
             headers,
+            charge: Charge::default(),
         }
+    }
+
+    /// Counts this record in `held` until it is dropped: twice its bytes
+    /// (the record, and its row in the batch's body, which lives as long)
+    /// plus its fixed size.
+    pub fn charged(mut self, held: &HeldBytes) -> Self {
+        let bytes = 2 * self.bytes.len() as i64 + std::mem::size_of::<Self>() as i64;
+        held.0.fetch_add(bytes, Ordering::Relaxed);
+        self.charge = Charge(Some((held.clone(), bytes)));
+        self
     }
 
     pub fn from_message(message: &BorrowedMessage<'_>, topic: Arc<str>, epoch: u64) -> Self {
@@ -216,5 +260,30 @@ mod tests {
         assert_eq!(keyed.key(), Some(&b""[..]));
         assert_eq!(keyed.payload(), b"");
         assert_eq!(keyed.headers().count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod charge_tests {
+    use super::*;
+
+    #[test]
+    fn held_bytes_follow_the_records_alive() {
+        let held = HeldBytes::default();
+        let source = Source {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 1,
+            epoch: 1,
+        };
+        let a = Record::new(source.clone(), &[0; 1000], None, std::iter::empty()).charged(&held);
+        let b = Record::new(source, &[0; 10], Some(b"k"), std::iter::empty()).charged(&held);
+        assert!(held.get() >= 2 * 1011, "{}", held.get());
+        let copy = a.clone();
+        drop(a);
+        assert!(held.get() < 1000, "{}", held.get());
+        drop(copy);
+        drop(b);
+        assert_eq!(held.get(), 0);
     }
 }

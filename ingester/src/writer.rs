@@ -59,6 +59,8 @@ enum Attempt {
 }
 
 pub struct Writer {
+    /// This writer's number, its part of `/readyz`.
+    pub id: usize,
     pub clickhouse: ClickHouse,
     pub offsets: Arc<Offsets>,
     pub metrics: Metrics,
@@ -83,11 +85,13 @@ impl Writer {
                 Ok(()) => {
                     self.schema_ready = true;
                     self.backoff.reset();
-                    tracing::info!(table = %self.clickhouse.table_name(), "ClickHouse table ready");
+                    self.health.ok("schema");
+                    tracing::info!(table = %self.clickhouse.table_name(), version = ?self.clickhouse.version(), "ClickHouse table ready");
                 }
                 Err(error) => {
                     let wait = self.backoff.next_wait();
-                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "cannot create the ClickHouse table; retrying");
+                    self.health.fail("schema", error.to_string());
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "the ClickHouse table is not ready; retrying");
                     if !self.sleep(wait).await {
                         break;
                     }
@@ -156,11 +160,14 @@ impl Writer {
             }
             if !self.schema_ready {
                 match self.clickhouse.ensure_schema().await {
-                    Ok(()) => self.schema_ready = true,
+                    Ok(()) => {
+                        self.schema_ready = true;
+                        self.health.ok("schema");
+                    }
                     Err(error) => {
                         let reason = error.to_string();
-                        self.health.insert_failed(&reason);
-                        tracing::warn!(%reason, "cannot create the ClickHouse table; retrying");
+                        self.health.fail("schema", &reason);
+                        tracing::warn!(%reason, "the ClickHouse table is not ready; retrying");
                         let wait = self.backoff.next_wait();
                         if !self.sleep(wait).await {
                             return Attempt::Cancelled;
@@ -200,7 +207,7 @@ impl Writer {
             match result {
                 Ok(()) => {
                     self.metrics.inserted(chunk.len() as u64, seconds);
-                    self.health.insert_ok();
+                    self.health.insert_ok(self.id);
                     self.backoff.reset();
                     return Attempt::Inserted;
                 }
@@ -217,7 +224,7 @@ impl Writer {
                     }
                     let reason = error.to_string();
                     self.metrics.insert_failed(seconds);
-                    self.health.insert_failed(&reason);
+                    self.health.insert_failed(self.id, &reason);
                     let wait = self.backoff.next_wait();
                     tracing::warn!(%reason, rows = chunk.len(), retry_in_ms = wait.as_millis() as u64, "insert failed; retrying");
                     drop(span);

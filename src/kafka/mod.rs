@@ -1,6 +1,8 @@
 //! Kafka, as the gateway uses it: one producer shared by all requests, kept
 //! able to deliver.
 //!
+//! * `security`: how every client connects (TLS, SASL), shared with the
+//!   ingester;
 //! * `producer`: how a librdkafka producer is configured, and its statistics;
 //! * `acks`: one batch's delivery reports, gathered for its request;
 //! * `health`: what recent deliveries say about it;
@@ -16,6 +18,7 @@ pub mod acks;
 pub mod healer;
 pub mod health;
 pub mod producer;
+pub mod security;
 pub mod topics;
 
 use std::sync::Arc;

@@ -103,9 +103,8 @@ impl ProducerHandle {
 
 /// The librdkafka configuration: our defaults, then the pass-through map.
 pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
+    let mut config = settings.client_config();
     config
-        .set("bootstrap.servers", &settings.brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("compression.type", &settings.compression)
@@ -237,6 +236,7 @@ mod tests {
             max_message_bytes: 1000,
             producer: [("linger.ms".to_string(), "50".to_string())].into(),
             producer_files: Default::default(),
+            security: Default::default(),
             rebuild_after_failing_ms: 5000,
             create_topics: false,
             topic_partitions: -1,

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Semaphore;
 
@@ -166,14 +165,13 @@ fn lookup(producer: &ProducerHandle, topic: &str) -> TopicState {
 /// Creates `topics` that do not exist yet (`kafka.create_topics`), with
 /// `kafka.topic_partitions` and `kafka.topic_replication` (-1: the broker's
 /// default). Topics that exist already are fine. The admin client gets the
-/// operator's `kafka.producer` settings (security, SASL, TLS).
+/// operator's `kafka.security` and `kafka.producer` settings.
 pub async fn create(
     settings: &crate::config::KafkaSettings,
     topics: &[String],
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &settings.brokers);
+    let mut config = settings.client_config();
     for (key, value) in &settings.producer {
         config.set(key, value);
     }

@@ -1,38 +1,9 @@
 //! The keyed hash of `hash` rules, and the secret it is keyed with.
 
+pub use crate::secret::Secret;
+
 use hmac::{Hmac, Mac};
-use serde::Deserialize;
 use sha2::Sha256;
-
-/// A secret from the configuration: it prints as `[redacted]`, so that no
-/// `Debug` of a settings struct can put it in a log line.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "[empty]"
-        } else {
-            "[redacted]"
-        })
-    }
-}
 
 /// The key of every `hash` of one configuration.
 #[derive(Clone, PartialEq, Eq)]

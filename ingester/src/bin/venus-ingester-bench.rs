@@ -159,7 +159,10 @@ async fn main() -> anyhow::Result<()> {
                 database,
                 table,
                 user: "default".into(),
-                password: String::new(),
+                password: Default::default(),
+                password_file: None,
+                ca_file: None,
+                manage_schema: true,
                 timeout_ms: 120_000,
                 ping_timeout_ms: 1_000,
             })?;
