@@ -199,6 +199,40 @@ pub fn propagation_headers(request_id: &str) -> Vec<(&'static str, String)> {
 /// One export-failure line a second at most.
 static EXPORT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new();
 
+/// The OTLP exporters' HTTP client: reqwest's, plus a log line with the
+/// whole cause of a failed request (a certificate that does not verify, a
+/// refused connection), which the exporter itself reduces to "network
+/// error". Once a second at most.
+#[derive(Debug)]
+struct OtlpHttpClient(reqwest_otlp::blocking::Client);
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for OtlpHttpClient {
+    async fn send_bytes(
+        &self,
+        request: opentelemetry_http::Request<opentelemetry_http::Bytes>,
+    ) -> Result<
+        opentelemetry_http::Response<opentelemetry_http::Bytes>,
+        opentelemetry_http::HttpError,
+    > {
+        let uri = request.uri().to_string();
+        let result = self.0.send_bytes(request).await;
+        if let Err(error) = &result {
+            if EXPORT_ERROR_LOG.allow().is_some() {
+                let mut cause = error.to_string();
+                let mut source = error.source();
+                while let Some(next) = source {
+                    cause.push_str(": ");
+                    cause.push_str(&next.to_string());
+                    source = next.source();
+                }
+                tracing::warn!(error = %cause, %uri, "OTLP export failed; what it carried is dropped");
+            }
+        }
+        result
+    }
+}
+
 /// An exporter that counts the spans of every batch it failed to deliver.
 #[derive(Debug)]
 struct CountingExporter<E>(E);
@@ -207,13 +241,8 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let count = batch.len() as u64;
         let result = self.0.export(batch).await;
-        if let Err(error) = &result {
+        if result.is_err() {
             DROPPED_SPANS.fetch_add(count, Ordering::Relaxed);
-            // A wrong CA or an unreachable collector says so here, once a
-            // second at most, not only in the dropped-span counter.
-            if EXPORT_ERROR_LOG.allow().is_some() {
-                tracing::warn!(%error, spans = count, "span export failed; these spans are dropped");
-            }
         }
         result
     }
@@ -271,9 +300,7 @@ pub fn resource(settings: &TelemetrySettings) -> Resource {
 /// exporters run on their own threads; built on a thread of its own, since
 /// it runs a runtime inside and must not be made or dropped on a Tokio
 /// worker.
-fn otlp_http_client(
-    settings: &TelemetrySettings,
-) -> anyhow::Result<reqwest_otlp::blocking::Client> {
+fn otlp_http_client(settings: &TelemetrySettings) -> anyhow::Result<OtlpHttpClient> {
     let tls =
         crate::tls::client_config("telemetry.otlp_ca_file", settings.otlp_ca_file.as_deref())?;
     let client = std::thread::spawn(move || {
@@ -284,7 +311,7 @@ fn otlp_http_client(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("building the OTLP HTTP client panicked"))??;
-    Ok(client)
+    Ok(OtlpHttpClient(client))
 }
 
 /// Builds the tracer provider: parent-based sampling, and an OTLP/HTTP batch

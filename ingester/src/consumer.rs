@@ -58,10 +58,31 @@ pub struct Context {
     offsets: Arc<Offsets>,
     metrics: Metrics,
     paused: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
+/// The `/readyz` part of the consumer's connection to Kafka.
+const KAFKA_PART: &str = "kafka";
+
 impl ClientContext for Context {
+    /// librdkafka's client-level errors (a TLS handshake or SASL failure,
+    /// every broker down) name the broker and the cause: `/readyz` says
+    /// them until a broker is up again.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        // "1/1 brokers are down" follows the reason they are (a failed TLS
+        // handshake): keep the reason.
+        if venus::kafka::all_brokers_down(&error) && self.health.has(KAFKA_PART) {
+            return;
+        }
+        self.health
+            .fail(KAFKA_PART, format!("Kafka consumer: {reason}"));
+    }
+
     fn stats(&self, statistics: Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.health.ok(KAFKA_PART);
+        }
         for (name, topic) in &statistics.topics {
             for (id, partition) in &topic.partitions {
                 // Statistics keep partitions this instance no longer owns;
@@ -188,6 +209,7 @@ impl PollThread {
                 offsets: offsets.clone(),
                 metrics: metrics.clone(),
                 paused: paused.clone(),
+                health: health.clone(),
             })?;
         let pattern = subscription_pattern(&settings.kafka.topic_template);
         consumer.subscribe(&[pattern.as_str()])?;

@@ -33,6 +33,11 @@ impl Health {
         self.reasons().insert(part.into(), reason.into());
     }
 
+    /// Whether `part` has a reason now.
+    pub fn has(&self, part: &str) -> bool {
+        self.reasons().contains_key(part)
+    }
+
     /// `part` is ready (again).
     pub fn ok(&self, part: &str) {
         self.reasons().remove(part);

@@ -40,6 +40,12 @@ pub use producer::{
 };
 use topics::Topics;
 
+/// librdkafka's "every broker is down", which follows the error that says
+/// why (and would hide it).
+pub fn all_brokers_down(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot create the Kafka producer: {0}")]
 pub struct KafkaSetupError(#[from] KafkaError);
@@ -125,12 +131,26 @@ impl KafkaSink {
     /// Asks a broker for cluster metadata; `Ok` means Kafka is reachable.
     /// Blocks up to `timeout`: call it from a blocking thread.
     pub fn check_reachable(&self, timeout: Duration) -> Result<(), String> {
-        self.producer()
-            .producer
-            .client()
-            .fetch_metadata(None, timeout)
-            .map(|_| ())
-            .map_err(|e| format!("Kafka metadata not reachable: {e}"))
+        let handle = self.producer();
+        let client = handle.producer.client();
+        let last_error = &client.context().last_error;
+        match client.fetch_metadata(None, timeout) {
+            Ok(_) => {
+                *last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Ok(())
+            }
+            Err(e) => {
+                // librdkafka's own reason says which broker and why (a
+                // certificate that does not verify, a failed SASL login).
+                let cause = last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .map(|reason| format!("; last client error: {reason}"))
+                    .unwrap_or_default();
+                Err(format!("Kafka metadata not reachable: {e}{cause}"))
+            }
+        }
     }
 
     /// The current producer's fatal error, if it had one (the healer then

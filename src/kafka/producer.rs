@@ -41,9 +41,22 @@ pub struct StatisticsContext {
     /// This producer's own last totals, added to `totals` as they grow.
     own_errors: AtomicU64,
     own_retries: AtomicU64,
+    /// librdkafka's last client-level error (a TLS handshake or SASL
+    /// failure names the broker and the cause): `/readyz` shows it.
+    pub last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl ClientContext for StatisticsContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        // "1/1 brokers are down" follows the reason they are (a failed TLS
+        // handshake): keep the reason.
+        if last.is_none() || !crate::kafka::all_brokers_down(&error) {
+            *last = Some(reason.to_owned());
+        }
+    }
+
     fn stats(&self, statistics: Statistics) {
         let (errors, retries) = statistics
             .brokers
@@ -93,6 +106,7 @@ impl ProducerHandle {
             totals,
             own_errors: AtomicU64::new(0),
             own_retries: AtomicU64::new(0),
+            last_error: Default::default(),
         })?;
         Ok(Self {
             producer,

@@ -15,11 +15,40 @@ pub struct ClickHouseServer {
     child: Option<Child>,
     pub http_port: u16,
     tcp_port: u16,
+    /// With [`ClickHouseServer::start_https`]: the HTTPS port.
+    pub https_port: Option<u16>,
+    /// `scripts/clickhouse-local`'s optional variables.
+    env: Vec<(&'static str, String)>,
     dir: tempfile::TempDir,
 }
 
 impl ClickHouseServer {
     pub fn start() -> Self {
+        Self::start_with(Vec::new())
+    }
+
+    /// A server that also serves HTTPS with `pki`'s server certificate.
+    pub fn start_https(pki: &super::tls::Pki) -> Self {
+        let port = free_port();
+        let mut server = Self::start_with(vec![
+            ("CLICKHOUSE_HTTPS_PORT", port.to_string()),
+            (
+                "CLICKHOUSE_CERT",
+                pki.server_certificate().display().to_string(),
+            ),
+            ("CLICKHOUSE_KEY", pki.server_key().display().to_string()),
+        ]);
+        server.https_port = Some(port);
+        server
+    }
+
+    /// A server with a user `name` that may insert and select but not run
+    /// DDL (`allow_ddl=0`: ClickHouse 18.16 has no GRANT).
+    pub fn start_with_inserter(name: &str, password: &str) -> Self {
+        Self::start_with(vec![("CLICKHOUSE_INSERTER", format!("{name}:{password}"))])
+    }
+
+    fn start_with(env: Vec<(&'static str, String)>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("venus-clickhouse-")
             .tempdir()
@@ -28,10 +57,20 @@ impl ClickHouseServer {
             child: None,
             http_port: free_port(),
             tcp_port: free_port(),
+            https_port: None,
+            env,
             dir,
         };
         server.spawn();
         server
+    }
+
+    /// `https://127.0.0.1:<https_port>`.
+    pub fn https_url(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}",
+            self.https_port.expect("started with HTTPS")
+        )
     }
 
     fn spawn(&mut self) {
@@ -41,6 +80,7 @@ impl ClickHouseServer {
             .arg(self.dir.path())
             .arg(self.http_port.to_string())
             .arg(self.tcp_port.to_string())
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

@@ -7,6 +7,7 @@ pub mod clickhouse;
 pub mod dashboard;
 pub mod gateway;
 pub mod otlp;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -96,12 +97,29 @@ pub fn spawn_tied_to_tests(mut command: Command) -> Child {
 pub struct Broker {
     child: Child,
     pub port: u16,
+    /// With [`Broker::start_tls`]: stunnel in front, `port` is its TLS port
+    /// (the one tansu advertises), and the CA that signed its certificate.
+    tls: Option<(tls::Stunnel, PathBuf)>,
 }
 
 impl Broker {
     pub fn start() -> Self {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
+        Self::spawn(port, port, None)
+    }
+
+    /// A broker reachable only over TLS: tansu listens on a private port
+    /// and advertises the port of a stunnel in front of it, which holds a
+    /// certificate signed by `pki`'s CA.
+    pub fn start_tls(pki: &tls::Pki) -> Self {
+        let (listen, public) = (free_port(), free_port());
+        let stunnel = tls::Stunnel::start(public, listen, pki);
+        Self::spawn(listen, public, Some((stunnel, pki.ca())))
+    }
+
+    fn spawn(listen: u16, port: u16, tls: Option<(tls::Stunnel, PathBuf)>) -> Self {
+        let listener = format!("tcp://127.0.0.1:{listen}");
+        let advertised = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(tansu_binary());
         command
             .args([
@@ -109,19 +127,22 @@ impl Broker {
                 "--storage-engine",
                 "memory://tansu/",
                 "--listener-url",
-                &url,
+                &listener,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = spawn_tied_to_tests(command);
-        let broker = Self { child, port };
+        let broker = Self { child, port, tls };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+        while TcpStream::connect(("127.0.0.1", listen)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {listen}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         broker
@@ -129,6 +150,34 @@ impl Broker {
 
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The CA file a client needs, for a TLS broker.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        self.tls.as_ref().map(|(_, ca)| ca.as_path())
+    }
+
+    /// `VENUS__KAFKA__SECURITY__*` variables for a client of this broker.
+    pub fn security_env(&self) -> Vec<(&'static str, String)> {
+        match self.ca_file() {
+            Some(ca) => vec![
+                ("VENUS__KAFKA__SECURITY__PROTOCOL", "ssl".into()),
+                ("VENUS__KAFKA__SECURITY__CA_FILE", ca.display().to_string()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// The base of the tests' own Kafka clients (TLS for a TLS broker).
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", self.address());
+        if let Some(ca) = self.ca_file() {
+            config
+                .set("security.protocol", "ssl")
+                .set("ssl.ca.location", ca.display().to_string());
+        }
+        config
     }
 
     pub fn stop(&mut self) {
@@ -159,10 +208,8 @@ impl Broker {
 
     /// Creates `topic` with `partitions` partitions.
     pub async fn create_topic_with_partitions(&self, topic: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.address())
-            .create()
-            .expect("admin client");
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config().create().expect("admin client");
         let results = admin
             .create_topics(
                 &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
@@ -184,8 +231,8 @@ impl Broker {
     /// Reads `topic` from the beginning until `expected` messages arrived or
     /// nothing came for `idle` (tansu's watermarks cannot be trusted).
     pub fn read(&self, topic: &str, expected: usize, idle: Duration) -> Vec<OwnedMessage> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.address())
+        let consumer: BaseConsumer = self
+            .client_config()
             .set("group.id", format!("venus-test-{}", uuid::Uuid::new_v4()))
             .set("enable.auto.commit", "false")
             .set("session.timeout.ms", "6000")

@@ -66,10 +66,11 @@ impl Namespace {
 /// wherever its last commit or message was. With one record per batch every
 /// offset is a batch boundary, so the tests see the ingester, not that bug.
 pub async fn gateway(broker: &Broker, namespace: &Namespace) -> TestApp {
-    let mut settings = support::settings(
-        &broker.address(),
-        &[("VENUS__KAFKA__TOPIC_TEMPLATE", &namespace.template())],
-    );
+    let template = namespace.template();
+    let security = broker.security_env();
+    let mut overrides: Vec<(&str, &str)> = vec![("VENUS__KAFKA__TOPIC_TEMPLATE", &template)];
+    overrides.extend(security.iter().map(|(k, v)| (*k, v.as_str())));
+    let mut settings = support::settings(&broker.address(), &overrides);
     settings
         .kafka
         .producer
@@ -119,6 +120,7 @@ pub fn ingester_env(
         ),
     ]
     .into_iter()
+    .chain(broker.security_env())
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
 }
