@@ -470,6 +470,19 @@ mod tests {
     }
 
     #[test]
+    fn the_poll_threads_end_shows_in_readyz_even_by_a_panic() {
+        let health = Arc::new(Health::default());
+        let alarm = Alarm(health.clone());
+        let thread = std::thread::spawn(move || {
+            let _alarm = alarm;
+            panic!("the poll thread dies");
+        });
+        assert!(thread.join().is_err());
+        let reason = health.readiness().unwrap_err();
+        assert!(reason.contains("poll thread stopped"), "{reason}");
+    }
+
+    #[test]
     fn literal_parts_of_the_template_are_escaped() {
         assert_eq!(
             subscription_pattern("a.b+{category}$"),

@@ -128,3 +128,98 @@ async fn clickhouse_hanging_then_dead_then_back_loses_nothing() {
     );
     app.stop().await;
 }
+
+/// The resident memory of process `pid`, in bytes (file-backed pages
+/// included, as a container's limit counts them).
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_with_clickhouse_stopped_stay_within_max_buffered_bytes() {
+    const MAX_BUFFERED_BYTES: u64 = 16 * 1024 * 1024;
+    /// What the process may hold besides the buffer: its own baseline is
+    /// measured; this covers librdkafka's prefetch queue (a quarter of the
+    /// bound), a fetch in flight, and the allocator's slack.
+    const OVERHEAD: u64 = 48 * 1024 * 1024;
+    let broker = shared_broker();
+    let ch = ClickHouseServer::start();
+    let ns = Namespace::new("bytes");
+    let category = "large";
+    broker.create_topic(&ns.topic(category)).await;
+    let mut env = ingester_env(broker, &ch.url(), &ns, IngesterProcess::free_port());
+    env.insert(
+        "VENUS__INGESTER__MAX_BUFFERED_BYTES".into(),
+        MAX_BUFFERED_BYTES.to_string(),
+    );
+    let ingester = IngesterProcess::start(&env);
+    ingester.wait_assigned();
+    let app = common::gateway(broker, &ns).await;
+    upload_events(&app, category, 2, 2, "small").await;
+    eventually(Duration::from_secs(60), "the first rows", || async {
+        (final_count(&ch, &ns, category).await == 2).then_some(())
+    })
+    .await;
+    let baseline = rss_bytes(ingester.pid());
+    assert!(baseline > 0);
+
+    // ClickHouse hangs; 100 events of 700 KB arrive: 70 MB of messages,
+    // held twice (message and row) they would be 140 MB.
+    ch.pause();
+    let blob = "x".repeat(700_000);
+    for batch in 0..20 {
+        let events: Vec<serde_json::Value> = (0..5)
+            .map(|i| serde_json::json!({"id": format!("big-{batch}-{i}"), "blob": blob}))
+            .collect();
+        let document = serde_json::json!({
+            "meta": {"app_id": "test-app", "category": category},
+            "data": events,
+        });
+        let response = app.upload_json(&document.to_string()).await;
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+    let paused = ingester.wait_for_log("fetching paused or resumed", Duration::from_secs(60));
+    assert_eq!(paused["paused"], true, "{paused}");
+    let mut peak = 0;
+    for _ in 0..40 {
+        peak = peak.max(rss_bytes(ingester.pid()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, metrics) = ingester.get("/metrics").await;
+    let buffered = metric(&metrics, "venus_ingester_buffered_rows", &[]);
+    assert!(
+        buffered < 100.0,
+        "fetching paused before all were read: {buffered} buffered"
+    );
+    assert!(
+        peak < baseline + MAX_BUFFERED_BYTES + OVERHEAD,
+        "RSS {} MiB, baseline {} MiB: more than the bound ({} MiB) and the overhead ({} MiB)",
+        peak >> 20,
+        baseline >> 20,
+        MAX_BUFFERED_BYTES >> 20,
+        OVERHEAD >> 20
+    );
+    eprintln!(
+        "RSS peak {} MiB over a baseline of {} MiB with {buffered} messages held",
+        peak >> 20,
+        baseline >> 20
+    );
+
+    ch.resume();
+    eventually(Duration::from_secs(120), "every large event", || async {
+        (final_count(&ch, &ns, category).await == 102).then_some(())
+    })
+    .await;
+}

@@ -367,6 +367,28 @@ async fn two_instances_of_a_group_share_the_partitions_and_count_each_event_once
         IngesterProcess::free_port(),
     ));
     first.wait_assigned();
+    let app = common::gateway(broker, &ns).await;
+    let lags = |text: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|line| line.starts_with("venus_ingester_consumer_lag{"))
+            .filter_map(|line| {
+                let partition = line.split("partition=\"").nth(1)?.split('"').next()?;
+                let value = line.rsplit_once(' ')?.1.parse().ok()?;
+                Some((partition.to_owned(), value))
+            })
+            .collect()
+    };
+    // The first instance alone reads both partitions and reports both lags.
+    for round in 0..10 {
+        common::upload_events(&app, category, 10, 10, &format!("a{round}")).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    wait_for_rows(&ns, category, 100).await;
+    eventually(Duration::from_secs(20), "two lag series", || async {
+        let (_, text) = first.get("/metrics").await;
+        (lags(&text).len() == 2).then_some(())
+    })
+    .await;
     let second = IngesterProcess::start(&ingester_env(
         broker,
         &ch.url(),
@@ -374,9 +396,8 @@ async fn two_instances_of_a_group_share_the_partitions_and_count_each_event_once
         IngesterProcess::free_port(),
     ));
     second.wait_assigned();
-    let app = common::gateway(broker, &ns).await;
-    for round in 0..20 {
-        common::upload_events(&app, category, 10, 10, &format!("r{round}")).await;
+    for round in 0..10 {
+        common::upload_events(&app, category, 10, 10, &format!("b{round}")).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     wait_for_rows(&ns, category, 200).await;
@@ -410,5 +431,38 @@ async fn two_instances_of_a_group_share_the_partitions_and_count_each_event_once
         200,
         "and inserted once"
     );
+
+    // Each instance's lag gauge covers its own partition only: the first
+    // one's partition revoked when the second joined is gone from it.
+    let mut owned = Vec::new();
+    for instance in [&first, &second] {
+        let partitions = eventually(Duration::from_secs(20), "one lag series", || async {
+            let (_, text) = instance.get("/metrics").await;
+            let series = lags(&text);
+            (series.len() == 1).then_some(series)
+        })
+        .await;
+        owned.push(partitions[0].0.clone());
+    }
+    assert_ne!(
+        owned[0], owned[1],
+        "each reports its own partition: {owned:?}"
+    );
+
+    // The second leaves: the first takes both, and its lag returns to 0.
+    let mut second = second;
+    assert_eq!(second.terminate(Duration::from_secs(40)), Some(0));
+    common::upload_events(&app, category, 20, 10, "after").await;
+    wait_for_rows(&ns, category, 220).await;
+    eventually(
+        Duration::from_secs(60),
+        "both partitions at lag 0",
+        || async {
+            let (_, text) = first.get("/metrics").await;
+            let series = lags(&text);
+            (series.len() == 2 && series.iter().all(|(_, lag)| *lag == 0.0)).then_some(())
+        },
+    )
+    .await;
     app.stop().await;
 }
