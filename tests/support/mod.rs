@@ -117,7 +117,24 @@ impl Broker {
         Self::spawn(listen, public, Some((stunnel, pki.ca())))
     }
 
+    /// A broker started with `--authentication`: every client must log in
+    /// with SASL (tansu 0.6.0 offers SCRAM-SHA-256 and -512; it knows no
+    /// user, see docs/INGESTER.md, so every login is refused).
+    pub fn start_authenticating() -> Self {
+        let port = free_port();
+        Self::spawn_with(port, port, None, &["--authentication"])
+    }
+
     fn spawn(listen: u16, port: u16, tls: Option<(tls::Stunnel, PathBuf)>) -> Self {
+        Self::spawn_with(listen, port, tls, &[])
+    }
+
+    fn spawn_with(
+        listen: u16,
+        port: u16,
+        tls: Option<(tls::Stunnel, PathBuf)>,
+        extra: &[&str],
+    ) -> Self {
         let listener = format!("tcp://127.0.0.1:{listen}");
         let advertised = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(tansu_binary());
@@ -131,6 +148,7 @@ impl Broker {
                 "--advertised-listener-url",
                 &advertised,
             ])
+            .args(extra)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
