@@ -11,14 +11,21 @@
 //! * `apps`: who may write and how fast (app keys, categories, rate limits);
 //! * `drain`: the phases of a shutdown that handlers listen to;
 //! * `upload_body`: multipart / JSON / gzip into the batch document;
-//! * `json_scan`: nesting depth and string escapes, checked before parsing;
+//! * `json_scan`: nesting depth and string escapes, checked before parsing
+//!   (from `venus_shared`);
 //! * `pipeline`: the handler chain, `split_and_validate` -> `authorize` ->
 //!   `ip_enrich` -> `write_kafka`, each behind the `TraceWrapper`;
 //! * `privacy`: what personal data reaches Kafka (IP modes, field rules);
 //! * `wire`: the response body and codes;
 //! * `domain`: the validated client values;
-//! * `kafka`, `geoip`, `telemetry`, `metrics`, `config`: one concern each;
+//! * `kafka`, `geoip`, `metrics`, `config`: one concern each;
 //! * `allocator`: no transparent huge pages (the gateway, first thing).
+//!
+//! What the ingester needs as well lives in the `venus_shared` crate and is
+//! re-exported here under its old paths: `json_scan`, `secret` (a value that
+//! never prints), `telemetry` (traces, logs, the plumbing of metrics) and
+//! `tls` (rustls client configuration); `config` and `kafka` re-export their
+//! shared parts.
 
 pub mod admission;
 pub mod allocator;
@@ -29,18 +36,16 @@ pub mod connection;
 pub mod domain;
 pub mod drain;
 pub mod geoip;
-pub mod json_scan;
 pub mod kafka;
 pub mod metrics;
 pub mod peers;
 pub mod pipeline;
 pub mod privacy;
-pub mod secret;
 pub mod server;
-pub mod telemetry;
-pub mod tls;
 pub mod upload_body;
 pub mod wire;
+
+pub use venus_shared::{json_scan, secret, telemetry, tls};
 
 /// A seeded xorshift64 sequence for tests that generate many inputs: the
 /// same inputs on every run, so a failure names a case that can be rerun.

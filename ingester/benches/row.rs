@@ -73,9 +73,9 @@ fn bench(c: &mut Criterion) {
     group.bench_function("extract", |b| {
         b.iter(|| {
             for record in &records {
-                black_box(venus::telemetry::extract_with(&RecordHeaders(black_box(
-                    record,
-                ))));
+                black_box(venus_shared::telemetry::extract_with(&RecordHeaders(
+                    black_box(record),
+                )));
             }
         })
     });

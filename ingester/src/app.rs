@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use opentelemetry_sdk::trace::SdkTracer;
 use tokio::sync::{mpsc, watch};
-use venus::telemetry::Metering;
+use venus_shared::telemetry::Metering;
 
 use crate::batch::{Batch, Limits};
 use crate::clickhouse::ClickHouse;
@@ -44,7 +44,7 @@ pub struct Ingester {
 impl Ingester {
     /// Binds the HTTP listener and sets up metrics; nothing is consumed yet.
     /// `tracer` makes the span of each message (the installed provider's,
-    /// see `venus::telemetry::TracingGuard::tracer`).
+    /// see `venus_shared::telemetry::TracingGuard::tracer`).
     pub async fn build(settings: Settings, tracer: SdkTracer) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(settings.listen_addr()).await?;
         let metering = Arc::new(Metering::new(&settings.telemetry)?);

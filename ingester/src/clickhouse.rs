@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use venus::secret::Secret;
+use venus_shared::secret::Secret;
 
 use crate::config::ClickHouseSettings;
 use crate::row::COLUMNS;
@@ -160,8 +160,10 @@ pub struct ClickHouse {
 
 impl ClickHouse {
     pub fn new(settings: &ClickHouseSettings) -> anyhow::Result<Self> {
-        let tls =
-            venus::tls::client_config("ingester.clickhouse.ca_file", settings.ca_file.as_deref())?;
+        let tls = venus_shared::tls::client_config(
+            "ingester.clickhouse.ca_file",
+            settings.ca_file.as_deref(),
+        )?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(settings.timeout_ms.min(5_000)))
             .pool_idle_timeout(Duration::from_secs(30))

@@ -2,8 +2,8 @@
 //! `config.yaml` plus its own `ingester:` section.
 //!
 //! Loaded by the same layered loader as the gateway
-//! ([`venus::config::load_layered`]): the file, then `VENUS__SECTION__KEY`
-//! variables (`VENUS__INGESTER__BATCH_ROWS`,
+//! ([`venus_shared::config::load_layered`]): the file, then
+//! `VENUS__SECTION__KEY` variables (`VENUS__INGESTER__BATCH_ROWS`,
 //! `VENUS__INGESTER__CLICKHOUSE__URL`). The gateway-only sections (`server`,
 //! `geoip`, `categories`) are ignored here; unknown keys inside `ingester:`
 //! are errors, and an invalid value names its key.
@@ -14,8 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use venus::config::{ConfigError, KafkaSettings, TelemetrySettings};
-use venus::secret::Secret;
+use venus_shared::config::{ConfigError, KafkaSettings, TelemetrySettings};
+use venus_shared::secret::Secret;
 
 /// Consumer keys the ingester's promise rests on (a row is committed only
 /// once it is in ClickHouse or the dead-letter topic, and no message is
@@ -202,7 +202,7 @@ mod defaults {
         true
     }
     pub fn dead_letter_topic() -> String {
-        venus::kafka::DEFAULT_DEAD_LETTER_TOPIC.into()
+        venus_shared::message::DEFAULT_DEAD_LETTER_TOPIC.into()
     }
     pub fn shutdown_grace_ms() -> u64 {
         30_000
@@ -274,12 +274,12 @@ impl Settings {
         path: &Path,
         env: Option<HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        let settings: Settings = venus::config::load_layered(path, env)?;
+        let settings: Settings = venus_shared::config::load_layered(path, env)?;
         settings.validated()
     }
 
     fn validated(mut self) -> Result<Self, ConfigError> {
-        self.ingester.consumer = venus::config::librdkafka_overrides(
+        self.ingester.consumer = venus_shared::config::librdkafka_overrides(
             ("ingester.consumer", "ingester.consumer_files"),
             &self.ingester.consumer,
             &self.ingester.consumer_files,
@@ -313,8 +313,11 @@ impl Settings {
             }
         }
         // A CA file that cannot be used stops start-up, naming the key.
-        venus::tls::client_config("ingester.clickhouse.ca_file", clickhouse.ca_file.as_deref())
-            .map_err(|e| ConfigError::invalid("ingester.clickhouse.ca_file", e.to_string()))?;
+        venus_shared::tls::client_config(
+            "ingester.clickhouse.ca_file",
+            clickhouse.ca_file.as_deref(),
+        )
+        .map_err(|e| ConfigError::invalid("ingester.clickhouse.ca_file", e.to_string()))?;
         let ingester = &self.ingester;
         ingester.listen.parse::<SocketAddr>().map_err(|e| {
             ConfigError::invalid("ingester.listen", format!("{:?}: {e}", ingester.listen))
@@ -562,11 +565,6 @@ mod tests {
         assert_eq!(ingester.clickhouse.database, "venus");
         assert_eq!(ingester.clickhouse.table, "events");
         assert_eq!(settings.kafka.topic_template, "to_analyzer__0.{category}");
-    }
-
-    #[test]
-    fn the_gateway_still_loads_the_file_with_an_ingester_section() {
-        venus::config::Settings::load_with_env(&repo_config(), env(&[])).unwrap();
     }
 
     #[test]

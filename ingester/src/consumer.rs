@@ -72,7 +72,7 @@ impl ClientContext for Context {
         tracing::warn!(%error, reason, "Kafka client error");
         // "1/1 brokers are down" follows the reason they are (a failed TLS
         // handshake): keep the reason.
-        if venus::kafka::all_brokers_down(&error) && self.health.has(KAFKA_PART) {
+        if venus_shared::kafka_security::all_brokers_down(&error) && self.health.has(KAFKA_PART) {
             return;
         }
         self.health

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// The gateway's allocator, for the same reasons (its `main.rs`). Unlike
-/// the gateway, the ingester keeps transparent huge pages (see
-/// `venus::allocator`).
+/// the gateway, the ingester keeps transparent huge pages (see the
+/// gateway's `src/allocator.rs`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -44,7 +44,7 @@ async fn main() -> ExitCode {
         telemetry,
         ..settings
     };
-    let tracing = match venus::telemetry::init_tracing(&settings.telemetry) {
+    let tracing = match venus_shared::telemetry::init_tracing(&settings.telemetry) {
         Ok(guard) => guard,
         Err(error) => {
             eprintln!("venus-ingester: cannot start telemetry: {error}");
@@ -61,7 +61,9 @@ async fn main() -> ExitCode {
             }
         };
     tracing::info!(address = %ingester.local_addr(), "listening");
-    let result = ingester.run_until(venus::drain::shutdown_requested()).await;
+    let result = ingester
+        .run_until(venus_shared::shutdown::shutdown_requested())
+        .await;
     tracing.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,

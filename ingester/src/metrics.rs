@@ -187,7 +187,7 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    fn lag_lines(metering: &venus::telemetry::Metering) -> Vec<String> {
+    fn lag_lines(metering: &venus_shared::telemetry::Metering) -> Vec<String> {
         metering
             .render()
             .lines()
@@ -198,8 +198,10 @@ mod tests {
 
     #[test]
     fn a_revoked_partition_leaves_the_lag_gauge() {
-        let metering =
-            venus::telemetry::Metering::new(&venus::config::TelemetrySettings::default()).unwrap();
+        let metering = venus_shared::telemetry::Metering::new(
+            &venus_shared::config::TelemetrySettings::default(),
+        )
+        .unwrap();
         let metrics = Metrics::new(&metering.provider);
         metrics.lag("t", 0, 5);
         metrics.lag("t", 1, 7);

@@ -98,7 +98,7 @@ impl Processor {
     }
 
     async fn process(&mut self, record: Record) {
-        let parent = venus::telemetry::extract_with(&RecordHeaders(&record));
+        let parent = venus_shared::telemetry::extract_with(&RecordHeaders(&record));
         let source = &record.source;
         let attributes = vec![
             KeyValue::new("messaging.system", "kafka"),

@@ -2,11 +2,11 @@
 //! ClickHouse's `RowBinary` format, or the reason it can never be one.
 //!
 //! The message value is `{"backend_id","upload_time","ip","country",
-//! "region","city","meta","data"}` (see `venus::pipeline::write_kafka`);
-//! `meta` and `data` are stored exactly as they are in the message. Times
-//! are epoch seconds for `DateTime` (a `UInt32`, the same on every server
-//! whatever its time zone) and milliseconds beside them, since 18.16 has no
-//! `DateTime64`.
+//! "region","city","meta","data"}` as the gateway's `pipeline::write_kafka`
+//! writes it (the contract is `venus_shared::message`); `meta` and `data`
+//! are stored exactly as they are in the message. Times are epoch seconds
+//! for `DateTime` (a `UInt32`, the same on every server whatever its time
+//! zone) and milliseconds beside them, since 18.16 has no `DateTime64`.
 //!
 //! Why `RowBinary` and not `JSONEachRow`: both work the same on 18.16 and
 //! on current servers, but JSON makes each side do the expensive part
@@ -86,8 +86,8 @@ pub const COLUMNS: &[(&str, &str)] = &[
 ];
 
 /// How deep a message value may nest: the gateway's limit for a whole
-/// batch document.
-const MAX_NESTING: usize = venus::pipeline::split_and_validate::MAX_NESTING;
+/// batch document (the message contract's).
+const MAX_NESTING: usize = venus_shared::message::MAX_NESTING;
 
 /// Appends values in `RowBinary`.
 struct RowBinary<'a>(&'a mut Vec<u8>);
@@ -165,7 +165,7 @@ pub fn write_row(out: &mut Vec<u8>, record: &Record, ingested_at: u64) -> Result
     // gateway writes is within its document limit (a value nests one level
     // less than its document did), and the scan's escape rules keep it and
     // the parser agreeing on where every string ends.
-    venus::json_scan::scan(record.payload(), MAX_NESTING)
+    venus_shared::json_scan::scan(record.payload(), MAX_NESTING)
         .map_err(|e| Poison::Shape(e.to_string()))?;
     // JSON text is UTF-8; checking it whole first, as the gateway does,
     // keeps the lazy parser from ever handing out a `&str` over invalid

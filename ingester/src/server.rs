@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
-use venus::telemetry::Metering;
+use venus_shared::telemetry::Metering;
 
 use crate::health::Health;
 

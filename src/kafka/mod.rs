@@ -2,7 +2,7 @@
 //! able to deliver.
 //!
 //! * `security`: how every client connects (TLS, SASL), shared with the
-//!   ingester;
+//!   ingester (`venus_shared::kafka_security`, re-exported);
 //! * `producer`: how a librdkafka producer is configured, and its statistics;
 //! * `acks`: one batch's delivery reports, gathered for its request;
 //! * `health`: what recent deliveries say about it;
@@ -18,7 +18,7 @@ pub mod acks;
 pub mod healer;
 pub mod health;
 pub mod producer;
-pub mod security;
+pub use venus_shared::kafka_security as security;
 pub mod topics;
 
 use std::sync::Arc;
@@ -36,15 +36,11 @@ pub use healer::RestartReason;
 use health::DeliveryHealth;
 pub use producer::{
     category_of_topic, librdkafka_message_timeout_ms, producer_config, render_topic,
-    ProducerHandle, ProducerStatistics, DEFAULT_DEAD_LETTER_TOPIC,
+    ProducerHandle, ProducerStatistics,
 };
 use topics::Topics;
-
-/// librdkafka's "every broker is down", which follows the error that says
-/// why (and would hide it).
-pub fn all_brokers_down(error: &KafkaError) -> bool {
-    error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
-}
+pub use venus_shared::kafka_security::all_brokers_down;
+pub use venus_shared::message::DEFAULT_DEAD_LETTER_TOPIC;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot create the Kafka producer: {0}")]

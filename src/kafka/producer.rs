@@ -165,11 +165,6 @@ pub fn render_topic(template: &str, category: &Category) -> String {
     template.replace("{category}", category.as_str())
 }
 
-/// The dead-letter topic of the ingester when `ingester.dead_letter_topic`
-/// is not set. Both binaries need it: the ingester writes there, and the
-/// gateway must never let a client name it.
-pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "to_analyzer__0.__dead_letter";
-
 /// The category whose events `template` would send to `topic`, if there is
 /// one: the gateway refuses it, so that no upload can write into a topic
 /// the system keeps for itself (such as a dead-letter topic named like an
@@ -189,6 +184,7 @@ pub fn category_of_topic(template: &str, topic: &str) -> Option<Category> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use venus_shared::message::DEFAULT_DEAD_LETTER_TOPIC;
 
     #[test]
     fn the_category_of_a_topic_is_found_wherever_the_template_puts_it() {

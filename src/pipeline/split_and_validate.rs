@@ -474,12 +474,9 @@ fn check_event(item: &str, event: &mut Event) -> Result<(), String> {
     Ok(())
 }
 
-/// Deepest nesting of arrays and objects a batch may have, counting the
-/// document itself, `data` and the event: an event's own values may nest 29
-/// levels. sonic-rs recurses once per level when it skips a value, with no
-/// limit of its own, so this bound is what keeps a request from overflowing
-/// a thread's stack (and aborting the process).
-pub const MAX_NESTING: usize = 32;
+/// Deepest nesting of arrays and objects a batch may have (the message
+/// contract's, which the ingester checks too).
+pub use venus_shared::message::MAX_NESTING;
 
 /// Most fields `meta` may have.
 pub const MAX_META_FIELDS: usize = 256;

@@ -8,6 +8,9 @@
 //! The password and the key password are [`Secret`]s (they never print);
 //! the files are read at start-up, so a missing CA or key stops the process
 //! naming the key, not the first connection.
+//!
+//! [`all_brokers_down`] tells the error that hides such a cause from the
+//! cause itself.
 
 use std::path::PathBuf;
 
@@ -264,6 +267,13 @@ impl KafkaSecurity {
             );
         }
     }
+}
+
+/// librdkafka's "every broker is down", which follows the error that says
+/// why (and would hide it): both binaries' Kafka clients keep the earlier
+/// reason (a failed TLS handshake or SASL login) for `/readyz`.
+pub fn all_brokers_down(error: &rdkafka::error::KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
 }
 
 #[cfg(test)]
