@@ -194,7 +194,10 @@ async fn a_sasl_login_the_broker_refuses_is_named_in_readyz_without_the_password
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let reason = body["reason"].as_str().unwrap();
-    assert!(reason.contains("SCRAM") && reason.contains(&broker.address()), "{reason}");
+    assert!(
+        reason.contains("SCRAM") && reason.contains(&broker.address()),
+        "{reason}"
+    );
     let log = gateway.rest_of_log(Duration::from_secs(2));
     for line in log.iter().chain([&body.to_string()]) {
         assert!(!line.contains("pw-0123e4"), "the password leaked: {line}");
