@@ -109,6 +109,9 @@ impl Ingester {
         // record channel, where the poll thread counts it and pauses.
         let (batches_tx, batches_rx) = mpsc::channel(ingester.insert_concurrency);
         let batches_rx = Arc::new(tokio::sync::Mutex::new(batches_rx));
+        // Marks run ahead of the inserts by a full buffer's worth of
+        // messages: one small insert into the marks table per that many.
+        let marks = crate::marks::Marks::new(&ingester.group_id, ingester.max_buffered_rows as i64);
         let writers: Vec<_> = (0..ingester.insert_concurrency)
             .map(|id| {
                 tokio::spawn(
@@ -125,6 +128,8 @@ impl Ingester {
                         ),
                         cancel: cancel.clone(),
                         schema_ready: false,
+                        deduplicate: ingester.deduplicate,
+                        marks: marks.clone(),
                     }
                     .run(batches_rx.clone()),
                 )

@@ -153,6 +153,43 @@ impl Rows {
         }
     }
 
+    /// The `RowBinary` bytes of `row`, one of these rows.
+    pub fn row_bytes(&self, row: &PendingRow) -> &[u8] {
+        &self.body[row.bytes.clone()]
+    }
+
+    /// Takes out the rows whose `drop` is true and returns them; the rest
+    /// stay, in order. The body is copied only when the rows left are no
+    /// longer contiguous in it (rare: rows of one batch already inserted).
+    pub fn remove(&mut self, drop: &[bool]) -> Vec<PendingRow> {
+        debug_assert_eq!(drop.len(), self.rows.len());
+        if !drop.iter().any(|d| *d) {
+            return Vec::new();
+        }
+        let (mut removed, mut kept) = (Vec::new(), Vec::new());
+        for (row, drop) in std::mem::take(&mut self.rows).into_iter().zip(drop) {
+            if *drop {
+                removed.push(row);
+            } else {
+                kept.push(row);
+            }
+        }
+        let contiguous = kept
+            .windows(2)
+            .all(|pair| pair[0].bytes.end == pair[1].bytes.start);
+        if !contiguous {
+            let mut body = Vec::with_capacity(kept.iter().map(|r| r.bytes.len()).sum());
+            for row in &mut kept {
+                let start = body.len();
+                body.extend_from_slice(&self.body[row.bytes.clone()]);
+                row.bytes = start..body.len();
+            }
+            self.body = Bytes::from(body);
+        }
+        self.rows = kept;
+        removed
+    }
+
     /// Leaves the rows before `at` here and returns the rest.
     pub fn split_off(&mut self, at: usize) -> Rows {
         Rows {
@@ -166,6 +203,32 @@ impl Rows {
 mod tests {
     use super::*;
     use crate::record::Source;
+
+    #[test]
+    fn removing_rows_keeps_the_others_bytes_in_order() {
+        let mut batch = Batch::new(limits(10, 1000));
+        for (offset, text) in [(0, "a"), (1, "bb"), (2, "ccc"), (3, "dddd")] {
+            batch
+                .push_with(record(offset), SpanContext::empty_context(), |out, _| {
+                    out.extend_from_slice(text.as_bytes());
+                    Ok::<_, ()>(())
+                })
+                .unwrap();
+        }
+        let mut rows = batch.take();
+        let removed = rows.remove(&[false, true, false, false]);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].record.source.offset, 1);
+        assert_eq!(&rows.body()[..], b"acccdddd");
+        let offsets: Vec<i64> = rows.rows.iter().map(|r| r.record.source.offset).collect();
+        assert_eq!(offsets, vec![0, 2, 3]);
+        assert_eq!(rows.row_bytes(&rows.rows[1]), b"ccc");
+        // Removing from an end keeps the body shared, still right.
+        let removed = rows.remove(&[true, false, false]);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(&rows.body()[..], b"cccdddd");
+        assert!(rows.remove(&[false, false]).is_empty());
+    }
 
     fn record(offset: i64) -> Record {
         let source = Source {

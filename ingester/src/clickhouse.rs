@@ -17,11 +17,16 @@ use venus_shared::secret::Secret;
 use crate::config::ClickHouseSettings;
 use crate::row::COLUMNS;
 
-/// The events table. `ReplacingMergeTree` keyed by the event's identity
-/// (`category`, `upload_time`, `backend_id`: all fixed by the gateway when
-/// it wrote the message), so a message delivered twice is one row for
-/// queries with `FINAL` (and after merges). No `DateTime64`,
-/// `LowCardinality` or JSON functions: this must run on 18.16 too.
+/// The events table: a `ReplacingMergeTree` whose sorting key is the
+/// event's identity as the client means it, (`category`, the UTC day of
+/// `upload_time`, `app_id`, `event_id`): a batch a client sends again (after
+/// a timeout, a 503, a 1004) is one row per event for queries with `FINAL`
+/// and after merges, as long as it arrives the same UTC day; the last copy
+/// inserted stays (`ingested_at`). Time-range queries of a category read
+/// only the days they ask for. A message Kafka delivers again is never a
+/// second row even without `FINAL`: the writer does not insert it
+/// ([`crate::dedup`]). No `DateTime64`, `LowCardinality` or JSON functions:
+/// this must run on 18.16 too.
 pub fn create_table_sql(database: &str, table: &str) -> String {
     let columns: Vec<String> = COLUMNS
         .iter()
@@ -32,8 +37,26 @@ pub fn create_table_sql(database: &str, table: &str) -> String {
 {}
 ) ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toYYYYMM(upload_time)
-ORDER BY (category, upload_time, backend_id)",
+ORDER BY (category, toDate(upload_time, 'UTC'), app_id, event_id)",
         columns.join(",\n")
+    )
+}
+
+/// The marks table beside the events table: per consumer group and
+/// partition, an offset no message beyond which has been inserted (or is
+/// being inserted). Written before the inserts it covers, so that whoever
+/// reads the partition next knows which messages may be in the table
+/// already ([`crate::marks`]).
+pub fn create_marks_sql(database: &str, table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {database}.{table}_marks (
+    consumer_group String,
+    kafka_topic String,
+    kafka_partition Int32,
+    high_offset Int64,
+    written_at DateTime
+) ENGINE = ReplacingMergeTree(high_offset)
+ORDER BY (consumer_group, kafka_topic, kafka_partition)"
     )
 }
 
@@ -201,11 +224,12 @@ impl ClickHouse {
         query: &str,
         body: impl Into<reqwest::Body>,
         timeout: Duration,
+        query_id: &str,
     ) -> Result<String, InsertError> {
         let response = self
             .http
             .post(format!("{}/", self.url))
-            .query(&[("query", query)])
+            .query(&[("query", query), ("query_id", query_id)])
             .query(&insert_settings(self.version()))
             .basic_auth(&self.user, Some(self.password.expose()))
             .timeout(timeout)
@@ -242,33 +266,51 @@ impl ClickHouse {
             for sql in [
                 format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
                 create_table_sql(&self.database, &self.table),
+                create_marks_sql(&self.database, &self.table),
             ] {
                 self.query(&sql).await?;
             }
         }
-        let columns = self
-            .query(&format!(
-                "SELECT name FROM system.columns WHERE database = '{}' AND table = '{}'",
-                self.database, self.table
-            ))
-            .await?;
-        let present: Vec<&str> = columns.lines().map(str::trim).collect();
-        if present.is_empty() {
-            return Err(InsertError::MissingTable(format!(
-                "{} does not exist (manage_schema is off: create it as docs/INGESTER.md shows)",
-                self.table_name()
-            )));
-        }
-        let missing: Vec<&str> = COLUMNS
-            .iter()
-            .map(|(name, _)| *name)
-            .filter(|name| !present.contains(name))
-            .collect();
-        if !missing.is_empty() {
-            return Err(InsertError::MissingColumns {
-                table: self.table_name(),
-                columns: missing.join(", "),
-            });
+        let marks = format!("{}_marks", self.table);
+        for (table, wanted) in [
+            (
+                self.table.as_str(),
+                COLUMNS.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+            ),
+            (
+                marks.as_str(),
+                vec![
+                    "consumer_group",
+                    "kafka_topic",
+                    "kafka_partition",
+                    "high_offset",
+                    "written_at",
+                ],
+            ),
+        ] {
+            let columns = self
+                .query(&format!(
+                    "SELECT name FROM system.columns WHERE database = '{}' AND table = '{table}'",
+                    self.database
+                ))
+                .await?;
+            let present: Vec<&str> = columns.lines().map(str::trim).collect();
+            let name = format!("{}.{table}", self.database);
+            if present.is_empty() {
+                return Err(InsertError::MissingTable(format!(
+                    "{name} does not exist (with manage_schema off, create it as docs/INGESTER.md shows)"
+                )));
+            }
+            let missing: Vec<&str> = wanted
+                .into_iter()
+                .filter(|column| !present.contains(column))
+                .collect();
+            if !missing.is_empty() {
+                return Err(InsertError::MissingColumns {
+                    table: name,
+                    columns: missing.join(", "),
+                });
+            }
         }
         Ok(())
     }
@@ -296,10 +338,83 @@ impl ClickHouse {
         }
     }
 
-    /// Inserts rows written by [`crate::row::write_row`].
-    pub async fn insert(&self, rows: bytes::Bytes) -> Result<(), InsertError> {
+    /// Inserts rows written by [`crate::row::write_row`], as the query
+    /// `query_id` (so that [`ClickHouse::running`] can tell whether an
+    /// attempt whose answer was lost is still at work).
+    pub async fn insert(&self, rows: bytes::Bytes, query_id: &str) -> Result<(), InsertError> {
         let query = insert_sql(&self.database, &self.table);
-        self.post(&query, rows, self.timeout).await.map(|_| ())
+        self.post(&query, rows, self.timeout, query_id)
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether the query `query_id` is still running on the server.
+    pub async fn running(&self, query_id: &str) -> Result<bool, InsertError> {
+        let answer = self
+            .query(&format!(
+                "SELECT count() FROM system.processes WHERE query_id = '{}'",
+                query_id.replace(['\\', '\''], "")
+            ))
+            .await?;
+        Ok(answer.trim() != "0")
+    }
+
+    /// Which identities of the rows of `rows` marked in `suspects` are in
+    /// the table already ([`crate::dedup`]).
+    pub async fn present(
+        &self,
+        rows: &crate::batch::Rows,
+        suspects: &[bool],
+    ) -> Result<std::collections::HashSet<crate::dedup::Identity>, InsertError> {
+        match crate::dedup::presence_sql(&self.database, &self.table, rows, suspects) {
+            Some(sql) => Ok(crate::dedup::parse_present(&self.query(&sql).await?)),
+            None => Ok(Default::default()),
+        }
+    }
+
+    /// The mark of `group` for `topic`/`partition` ([`crate::marks`]).
+    pub async fn read_mark(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, InsertError> {
+        let answer = self
+            .query(&format!(
+                "SELECT max(high_offset), count() FROM {}.{}_marks WHERE consumer_group = {} AND kafka_topic = {} AND kafka_partition = {partition} FORMAT TabSeparated",
+                self.database,
+                self.table,
+                crate::dedup::quote(group),
+                crate::dedup::quote(topic)
+            ))
+            .await?;
+        let mut fields = answer.trim().split('\t');
+        let high: i64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+        let count: u64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+        Ok((count > 0).then_some(high))
+    }
+
+    /// Writes marks of `group`: (topic, partition, high offset).
+    pub async fn write_marks(
+        &self,
+        group: &str,
+        marks: &[(&str, i32, i64)],
+    ) -> Result<(), InsertError> {
+        let mut sql = format!(
+            "INSERT INTO {}.{}_marks (consumer_group, kafka_topic, kafka_partition, high_offset, written_at) VALUES ",
+            self.database, self.table
+        );
+        for (i, (topic, partition, high)) in marks.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "({}, {}, {partition}, {high}, now())",
+                crate::dedup::quote(group),
+                crate::dedup::quote(topic)
+            ));
+        }
+        self.query(&sql).await.map(|_| ())
     }
 
     /// `SELECT 1` with the short readiness timeout (a real query, not

@@ -83,6 +83,19 @@ pub struct IngesterSettings {
     /// prefetch queue is sized from it too).
     #[serde(default = "defaults::max_buffered_bytes")]
     pub max_buffered_bytes: usize,
+    /// Before each insert, ask ClickHouse which of the batch's messages it
+    /// has already and insert only the others, so that a message read again
+    /// (after a crash, a rebalance, an insert whose answer was lost) is
+    /// never a second row, with or without `FINAL`. One small query per
+    /// insert (docs/BENCHMARKS.md has its cost); `false` leaves the copies
+    /// to `FINAL` and merges.
+    #[serde(default = "defaults::deduplicate")]
+    pub deduplicate: bool,
+    /// When partitions are revoked in a rebalance, wait this long at most
+    /// for their messages in flight to be finished before handing them
+    /// over, so that their next owner does not insert them a second time.
+    #[serde(default = "defaults::revoke_wait_ms")]
+    pub revoke_wait_ms: u64,
     /// Topic for messages that can never be inserted.
     #[serde(default = "defaults::dead_letter_topic")]
     pub dead_letter_topic: String,
@@ -194,6 +207,12 @@ mod defaults {
     }
     pub fn max_buffered_bytes() -> usize {
         256 * 1024 * 1024
+    }
+    pub fn deduplicate() -> bool {
+        true
+    }
+    pub fn revoke_wait_ms() -> u64 {
+        10_000
     }
     pub fn dead_letter_alarm_ms() -> u64 {
         10_000

@@ -56,6 +56,8 @@ pub fn subscription_pattern(template: &str) -> String {
 /// The consumer's context: the rebalance hooks and librdkafka statistics.
 pub struct Context {
     offsets: Arc<Offsets>,
+    /// `ingester.revoke_wait_ms`.
+    revoke_wait: Duration,
     metrics: Metrics,
     paused: Arc<AtomicBool>,
     health: Arc<Health>,
@@ -100,9 +102,32 @@ impl ConsumerContext for Context {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
+        // Let the messages of the revoked partitions in flight finish (the
+        // processor and writers go on meanwhile), within the bound: their
+        // next owner then finds them committed, not to be inserted again.
+        // Rows still unfinished at the bound are dropped by the writer
+        // before its next attempt (their epoch is gone).
+        let deadline = Instant::now() + self.revoke_wait;
+        let pending = || {
+            revoked
+                .elements()
+                .iter()
+                .map(|e| self.offsets.pending(e.topic(), e.partition()))
+                .sum::<usize>()
+        };
+        let mut left = pending();
+        while left > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            left = pending();
+        }
+        if left > 0 {
+            tracing::warn!(
+                messages = left,
+                "revoked partitions handed over with messages in flight; their next owner reads them again"
+            );
+        }
         // Commit what is done of the revoked partitions before their next
-        // owner starts; messages of them still in flight are read again by
-        // that owner (at least once; FINAL hides the copies).
+        // owner starts.
         let mut commit = TopicPartitionList::new();
         for element in revoked.elements() {
             self.metrics
@@ -207,6 +232,7 @@ impl PollThread {
         let consumer: BaseConsumer<Context> =
             consumer_config(settings).create_with_context(Context {
                 offsets: offsets.clone(),
+                revoke_wait: Duration::from_millis(settings.ingester.revoke_wait_ms),
                 metrics: metrics.clone(),
                 paused: paused.clone(),
                 health: health.clone(),

@@ -1,5 +1,5 @@
 //! venus-ingester: consumes the topics the venus gateway writes and inserts
-//! one ClickHouse row per event, at least once, continuing each event's
+//! one ClickHouse row per event, once, continuing each event's
 //! trace.
 //!
 //! Modelled on Jaeger's ingester, one concern per module:
@@ -10,6 +10,9 @@
 //! * `processor`: message -> `process` span -> row or dead letter -> batch;
 //! * `batch`: the flush limits; `row`: the column mapping;
 //! * `writer`: inserts with retry, bisecting rejected batches;
+//! * `marks`, `dedup`: which messages may be in ClickHouse already (the
+//!   partition's mark, written before the inserts it covers) and which of
+//!   those are (a message read again is never a second row);
 //! * `clickhouse`: DDL and the HTTP client; `dead_letter`: the DLQ producer;
 //! * `health`, `server`, `metrics`: `/readyz`, `/healthz`, `/metrics`;
 //! * `config`: the `ingester:` section; `app`: the wiring and the drain.
@@ -20,7 +23,9 @@ pub mod clickhouse;
 pub mod config;
 pub mod consumer;
 pub mod dead_letter;
+pub mod dedup;
 pub mod health;
+pub mod marks;
 pub mod metrics;
 pub mod offset_marker;
 pub mod offsets;

@@ -21,6 +21,7 @@ pub struct Metrics {
     retries: Counter<u64>,
     dead_letters: Counter<u64>,
     dead_letter_failures: Counter<u64>,
+    deduplicated: Counter<u64>,
     /// Read by the lag gauge's callback at each collection: a partition
     /// removed from it (revoked in a rebalance) leaves the exported series,
     /// so the sum of lags over the group returns to 0 after a scale-out.
@@ -86,6 +87,12 @@ impl Metrics {
                 .u64_counter("venus_ingester.dead_letters")
                 .with_description("Messages written to the dead-letter topic")
                 .build(),
+            deduplicated: meter
+                .u64_counter("venus_ingester.rows.deduplicated")
+                .with_description(
+                    "Rows read again that ClickHouse had already (after a crash, a rebalance or a lost answer), not inserted twice",
+                )
+                .build(),
             dead_letter_failures: meter
                 .u64_counter("venus_ingester.dead_letter.failures")
                 .with_description("Dead-letter sends Kafka did not take (each is retried)")
@@ -115,6 +122,7 @@ impl Metrics {
         metrics.retries.add(0, &[]);
         metrics.offset_gaps.add(0, &[]);
         metrics.dead_letter_failures.add(0, &[]);
+        metrics.deduplicated.add(0, &[]);
         for stage in ["decode", "clickhouse"] {
             metrics
                 .dead_letters
@@ -145,6 +153,10 @@ impl Metrics {
 
     pub fn dead_letter(&self, stage: &'static str) {
         self.dead_letters.add(1, &[KeyValue::new("stage", stage)]);
+    }
+
+    pub fn deduplicated(&self, rows: u64) {
+        self.deduplicated.add(rows, &[]);
     }
 
     pub fn dead_letter_failed(&self) {

@@ -69,6 +69,21 @@ impl Offsets {
         self.lock().start(topic, partition);
     }
 
+    /// Whether `source` was read under the current assignment of its
+    /// partition (not one revoked since).
+    pub fn is_current(&self, source: &Source) -> bool {
+        self.lock()
+            .partition(&source.topic, source.partition)
+            .is_some_and(|p| p.epoch == source.epoch)
+    }
+
+    /// Messages of `topic`/`partition` read and not yet done.
+    pub fn pending(&self, topic: &str, partition: i32) -> usize {
+        self.lock()
+            .partition(topic, partition)
+            .map_or(0, |p| p.marker.pending())
+    }
+
     /// Whether `topic`/`partition` is assigned to this instance now.
     pub fn is_assigned(&self, topic: &str, partition: i32) -> bool {
         self.lock().partition(topic, partition).is_some()

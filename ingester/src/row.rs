@@ -199,11 +199,18 @@ pub fn write_row(out: &mut Vec<u8>, record: &Record, ingested_at: u64) -> Result
         return Err(Poison::BackendId(message.backend_id.into_owned()));
     };
     let id = data.get("id");
+    // The table's identity is (category, day, app_id, event_id): an event
+    // without an id (the gateway requires one; other producers may not
+    // send it) is identified by its backend_id, so that such events never
+    // fold into one.
+    let fallback;
     let event_id = match &id {
-        None => "",
-        Some(id) if id.is_null() => "",
         // A number (or anything else) as its JSON text.
-        Some(id) => id.as_str().unwrap_or(id.as_raw_str()),
+        Some(id) if !id.is_null() => id.as_str().unwrap_or(id.as_raw_str()),
+        _ => {
+            fallback = backend_id.hyphenated().to_string();
+            fallback.as_str()
+        }
     };
     // Every check is done: from here on nothing fails, so a row is written
     // whole or not at all.
@@ -378,7 +385,10 @@ mod tests {
         let value = row(&payload).unwrap();
         assert_eq!(value["client_time"], Value::Null);
         assert_eq!(value["client_time_ms"], 99999999999999999u64);
-        assert_eq!(value["event_id"], "");
+        assert_eq!(
+            value["event_id"], "0190a0e0-0000-7000-8000-000000000001",
+            "without an id, the backend_id identifies the event"
+        );
     }
 
     #[test]

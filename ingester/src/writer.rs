@@ -69,6 +69,11 @@ pub struct Writer {
     pub backoff: Backoff,
     pub cancel: watch::Receiver<bool>,
     pub schema_ready: bool,
+    /// Ask before each attempt which rows are in the table already
+    /// (`ingester.deduplicate`, [`crate::dedup`]).
+    pub deduplicate: bool,
+    /// The partitions' marks, shared by the writers.
+    pub marks: crate::marks::Marks,
 }
 
 impl Writer {
@@ -111,7 +116,7 @@ impl Writer {
     async fn write(&mut self, rows: Rows) {
         let mut queue = VecDeque::from([rows]);
         while let Some(mut chunk) = queue.pop_front() {
-            match self.insert(&chunk).await {
+            match self.insert(&mut chunk).await {
                 Attempt::Inserted => {
                     self.offsets
                         .done_all(chunk.rows.iter().map(|row| &row.record.source));
@@ -152,8 +157,83 @@ impl Writer {
         }
     }
 
-    async fn insert(&mut self, chunk: &Rows) -> Attempt {
-        let body = chunk.body();
+    /// Fails the attempt `failed` the way an insert fails: `/readyz`, the
+    /// retry count, the backoff. `false` when cancelled while waiting.
+    async fn failed(&mut self, reason: String, seconds: f64) -> bool {
+        self.metrics.insert_failed(seconds);
+        self.health.insert_failed(self.id, &reason);
+        let wait = self.backoff.next_wait();
+        tracing::warn!(%reason, retry_in_ms = wait.as_millis() as u64, "insert failed; retrying");
+        self.sleep(wait).await
+    }
+
+    /// Before an attempt: waits until the previous attempt, if its answer
+    /// was lost, has ended on the server; drops rows of partitions revoked
+    /// meanwhile (their new owner reads them again); takes out, as done,
+    /// the rows ClickHouse has already. `Ok(true)`: nothing left to insert.
+    async fn prepare(
+        &mut self,
+        chunk: &mut Rows,
+        last: &mut Option<String>,
+        all_suspect: &mut bool,
+    ) -> Result<bool, InsertError> {
+        if let Some(query_id) = last.as_deref() {
+            if self.clickhouse.running(query_id).await? {
+                return Err(InsertError::Transient(format!(
+                    "the previous attempt ({query_id}) is still running on the server"
+                )));
+            }
+            // Its rows may be in: every row of this batch is a suspect now.
+            *last = None;
+            *all_suspect = true;
+        }
+        let stale: Vec<bool> = chunk
+            .rows
+            .iter()
+            .map(|row| !self.offsets.is_current(&row.record.source))
+            .collect();
+        let gone = chunk.remove(&stale);
+        if !gone.is_empty() {
+            tracing::info!(
+                rows = gone.len(),
+                "rows of revoked partitions left to their new owner"
+            );
+            self.offsets.abandon_many(gone.len());
+        }
+        if chunk.is_empty() {
+            return Ok(true);
+        }
+        let mut suspects = self.marks.cover(&self.clickhouse, chunk).await?;
+        if *all_suspect {
+            suspects.iter_mut().for_each(|s| *s = true);
+        }
+        let present = self.clickhouse.present(chunk, &suspects).await?;
+        if !present.is_empty() {
+            let found: Vec<bool> = chunk
+                .rows
+                .iter()
+                .zip(&suspects)
+                .map(|(row, suspect)| *suspect && crate::dedup::is_present(chunk, row, &present))
+                .collect();
+            let done = chunk.remove(&found);
+            if !done.is_empty() {
+                tracing::info!(
+                    rows = done.len(),
+                    "rows already in ClickHouse (read again) are not inserted twice"
+                );
+                self.metrics.deduplicated(done.len() as u64);
+                self.offsets
+                    .done_all(done.iter().map(|row| &row.record.source));
+            }
+        }
+        Ok(chunk.is_empty())
+    }
+
+    async fn insert(&mut self, chunk: &mut Rows) -> Attempt {
+        // The query id of an attempt that failed without a clear answer:
+        // ClickHouse may still be writing its rows.
+        let mut last: Option<String> = None;
+        let mut all_suspect = false;
         loop {
             if *self.cancel.borrow() {
                 return Attempt::Cancelled;
@@ -176,6 +256,25 @@ impl Writer {
                     }
                 }
             }
+            if self.deduplicate {
+                let started = Instant::now();
+                match self.prepare(chunk, &mut last, &mut all_suspect).await {
+                    Ok(true) => return Attempt::Inserted,
+                    Ok(false) => {}
+                    Err(error) => {
+                        if matches!(error, InsertError::MissingTable(_)) {
+                            self.schema_ready = false;
+                        }
+                        let seconds = started.elapsed().as_secs_f64();
+                        if !self.failed(error.to_string(), seconds).await {
+                            return Attempt::Cancelled;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let body = chunk.body();
+            let query_id = uuid::Uuid::new_v4().to_string();
             let span = tracing::info_span!(
                 "insert",
                 otel.name = format!("INSERT {}", self.clickhouse.table_name()),
@@ -200,7 +299,7 @@ impl Writer {
             let started = Instant::now();
             let result = self
                 .clickhouse
-                .insert(body.clone())
+                .insert(body, &query_id)
                 .instrument(span.clone())
                 .await;
             let seconds = started.elapsed().as_secs_f64();
@@ -222,13 +321,11 @@ impl Writer {
                     if matches!(error, InsertError::MissingTable(_)) {
                         self.schema_ready = false;
                     }
-                    let reason = error.to_string();
-                    self.metrics.insert_failed(seconds);
-                    self.health.insert_failed(self.id, &reason);
-                    let wait = self.backoff.next_wait();
-                    tracing::warn!(%reason, rows = chunk.len(), retry_in_ms = wait.as_millis() as u64, "insert failed; retrying");
+                    // Without a clear answer the rows may be in, or going
+                    // in: the next attempt first waits for this one and asks.
+                    last = Some(query_id);
                     drop(span);
-                    if !self.sleep(wait).await {
+                    if !self.failed(error.to_string(), seconds).await {
                         return Attempt::Cancelled;
                     }
                 }

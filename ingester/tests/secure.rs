@@ -150,6 +150,13 @@ async fn a_user_that_may_only_insert_works_with_manage_schema_off() {
         ns.qualified_table()
     ))
     .await;
+    // And the marks table beside it.
+    readyz_says(&ingester, 503, &["_marks does not exist"]).await;
+    ch.query(&venus_ingester::clickhouse::create_marks_sql(
+        "venus",
+        &ns.table(),
+    ))
+    .await;
     readyz_says(&ingester, 200, &["ready"]).await;
 
     let app = common::gateway(broker, &ns).await;

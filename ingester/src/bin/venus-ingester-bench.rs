@@ -187,7 +187,9 @@ async fn main() -> anyhow::Result<()> {
                             let Some(batch) = next else {
                                 return Ok::<(), anyhow::Error>(());
                             };
-                            client.insert(batch).await?;
+                            client
+                                .insert(batch, &uuid::Uuid::new_v4().to_string())
+                                .await?;
                         }
                     })
                 })
