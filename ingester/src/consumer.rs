@@ -107,7 +107,8 @@ impl ConsumerContext for Context {
         // next owner then finds them committed, not to be inserted again.
         // Rows still unfinished at the bound are dropped by the writer
         // before its next attempt (their epoch is gone).
-        let deadline = Instant::now() + self.revoke_wait;
+        let started = Instant::now();
+        let deadline = started + self.revoke_wait;
         let pending = || {
             revoked
                 .elements()
@@ -115,7 +116,8 @@ impl ConsumerContext for Context {
                 .map(|e| self.offsets.pending(e.topic(), e.partition()))
                 .sum::<usize>()
         };
-        let mut left = pending();
+        let in_flight = pending();
+        let mut left = in_flight;
         while left > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
             left = pending();
@@ -140,7 +142,12 @@ impl ConsumerContext for Context {
                 );
             }
         }
-        tracing::info!(partitions = revoked.count(), "partitions revoked");
+        tracing::info!(
+            partitions = revoked.count(),
+            in_flight,
+            waited_ms = started.elapsed().as_millis() as u64,
+            "partitions revoked"
+        );
         if commit.count() > 0 {
             if let Err(error) = consumer.commit(&commit, CommitMode::Sync) {
                 tracing::warn!(%error, "commit on revoke failed");

@@ -7,6 +7,7 @@ pub mod clickhouse;
 pub mod dashboard;
 pub mod gateway;
 pub mod otlp;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::HashMap;
