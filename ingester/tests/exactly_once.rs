@@ -331,7 +331,7 @@ async fn the_same_batch_three_times_once_after_a_1004_is_one_row_per_event() {
     // The ingester starts after the broker's pause: tansu gives a member
     // that lost its session in a pause no partitions again
     // (docs/INGESTER.md), and the test is about the client's copies.
-    let ingester = IngesterProcess::start(&env(&broker, &ch.url(), &ns, &[]));
+    let _ingester = IngesterProcess::start(&env(&broker, &ch.url(), &ns, &[]));
     eventually(
         Duration::from_secs(60),
         "the copies in the table",
