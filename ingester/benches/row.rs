@@ -64,8 +64,13 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             for record in &records {
-                venus_ingester::row::write_row(&mut out, black_box(record), 1_700_000_001)
-                    .expect("a gateway message is a row");
+                venus_ingester::row::write_row(
+                    &mut out,
+                    black_box(record),
+                    1_700_000_001,
+                    venus_ingester::row::Layout::Classic,
+                )
+                .expect("a gateway message is a row");
             }
             black_box(out.len())
         })

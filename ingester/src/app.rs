@@ -147,6 +147,7 @@ impl Ingester {
             tracer,
             attributes: SpanAttributes::new(&ingester.group_id),
             cancel: cancel.clone(),
+            layout: clickhouse.layout_receiver(),
         }
         .run(records_rx);
         let processor = {

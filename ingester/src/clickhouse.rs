@@ -15,7 +15,7 @@ use std::time::Duration;
 use venus_shared::secret::Secret;
 
 use crate::config::ClickHouseSettings;
-use crate::row::COLUMNS;
+use crate::row::{Layout, COLUMNS};
 
 /// The events table: a `ReplacingMergeTree` whose sorting key is the
 /// event's identity as the client means it, (`category`, the UTC day of
@@ -25,10 +25,12 @@ use crate::row::COLUMNS;
 /// inserted stays (`ingested_at`). Time-range queries of a category read
 /// only the days they ask for. A message Kafka delivers again is never a
 /// second row even without `FINAL`: the writer does not insert it
-/// ([`crate::dedup`]). No `DateTime64`, `LowCardinality` or JSON functions:
-/// this must run on 18.16 too.
-pub fn create_table_sql(database: &str, table: &str) -> String {
-    let columns: Vec<String> = COLUMNS
+/// ([`crate::dedup`]). The column types are `layout`'s: 18.16's, or the
+/// current servers' (`DateTime64`, `LowCardinality`); the names, the key
+/// and every documented query are the same in both.
+pub fn create_table_sql(database: &str, table: &str, layout: Layout) -> String {
+    let columns: Vec<String> = layout
+        .columns()
         .iter()
         .map(|(name, kind)| format!("    {name} {kind}"))
         .collect();
@@ -58,6 +60,45 @@ pub fn create_marks_sql(database: &str, table: &str) -> String {
 ) ENGINE = ReplacingMergeTree(high_offset)
 ORDER BY (consumer_group, kafka_topic, kafka_partition)"
     )
+}
+
+/// The question for the mark of `group` for `topic`/`partition`: its
+/// highest offset and how many marks there are (none: no mark).
+pub fn marks_read_sql(
+    database: &str,
+    table: &str,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> String {
+    format!(
+        "SELECT max(high_offset), count() FROM {database}.{table}_marks WHERE consumer_group = {} AND kafka_topic = {} AND kafka_partition = {partition} FORMAT TabSeparated",
+        crate::dedup::quote(group),
+        crate::dedup::quote(topic)
+    )
+}
+
+/// The insert of marks of `group`: (topic, partition, high offset).
+pub fn marks_write_sql(
+    database: &str,
+    table: &str,
+    group: &str,
+    marks: &[(&str, i32, i64)],
+) -> String {
+    let mut sql = format!(
+        "INSERT INTO {database}.{table}_marks (consumer_group, kafka_topic, kafka_partition, high_offset, written_at) VALUES "
+    );
+    for (i, (topic, partition, high)) in marks.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "({}, {}, {partition}, {high}, now())",
+            crate::dedup::quote(group),
+            crate::dedup::quote(topic)
+        ));
+    }
+    sql
 }
 
 /// The insert statement: the columns named, in the order rows are written,
@@ -178,6 +219,9 @@ pub struct ClickHouse {
     /// The server's version, learnt when the schema is prepared (and again
     /// after the table went missing, as after an upgrade).
     version: Arc<Mutex<Option<Version>>>,
+    /// The table's layout, once read (`None` until the schema is ready):
+    /// rows are encoded the way the table stores them.
+    layout: Arc<tokio::sync::watch::Sender<Option<Layout>>>,
     manage_schema: bool,
 }
 
@@ -202,6 +246,7 @@ impl ClickHouse {
             timeout: Duration::from_millis(settings.timeout_ms),
             ping_timeout: Duration::from_millis(settings.ping_timeout_ms),
             version: Arc::new(Mutex::new(None)),
+            layout: Arc::new(tokio::sync::watch::channel(None).0),
             manage_schema: settings.manage_schema,
         })
     }
@@ -249,6 +294,16 @@ impl ClickHouse {
         }
     }
 
+    /// The table's layout, as soon as the schema is ready.
+    pub fn layout_receiver(&self) -> tokio::sync::watch::Receiver<Option<Layout>> {
+        self.layout.subscribe()
+    }
+
+    /// The table's layout (classic until it is known).
+    pub fn layout(&self) -> Layout {
+        self.layout.borrow().unwrap_or_default()
+    }
+
     /// The server's version, once known.
     pub fn version(&self) -> Option<Version> {
         *self.version.lock().unwrap_or_else(|e| e.into_inner())
@@ -258,14 +313,15 @@ impl ClickHouse {
     /// the database and the table when missing (`manage_schema`), and
     /// checks that the table has every column the rows carry.
     pub async fn ensure_schema(&self) -> Result<(), InsertError> {
-        let version = self.query("SELECT version()").await?;
-        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Version::parse(&version);
+        let version = Version::parse(&self.query("SELECT version()").await?);
+        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = version;
+        let new_layout = Layout::for_version(version.map(|v| (v.major, v.minor)));
         if self.manage_schema {
             // The statement goes in the body: `query=` plus a body would be
             // read as one statement.
             for sql in [
                 format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
-                create_table_sql(&self.database, &self.table),
+                create_table_sql(&self.database, &self.table, new_layout),
                 create_marks_sql(&self.database, &self.table),
             ] {
                 self.query(&sql).await?;
@@ -290,11 +346,20 @@ impl ClickHouse {
         ] {
             let columns = self
                 .query(&format!(
-                    "SELECT name FROM system.columns WHERE database = '{}' AND table = '{table}'",
+                    "SELECT name, type FROM system.columns WHERE database = '{}' AND table = '{table}' FORMAT TabSeparated",
                     self.database
                 ))
                 .await?;
-            let present: Vec<&str> = columns.lines().map(str::trim).collect();
+            let typed: Vec<(&str, &str)> = columns
+                .lines()
+                .filter_map(|line| line.split_once('\t'))
+                .collect();
+            if table == self.table {
+                if let Some((_, kind)) = typed.iter().find(|(name, _)| *name == "upload_time") {
+                    self.layout.send_replace(Some(Layout::of_upload_time(kind)));
+                }
+            }
+            let present: Vec<&str> = typed.iter().map(|(name, _)| *name).collect();
             let name = format!("{}.{table}", self.database);
             if present.is_empty() {
                 return Err(InsertError::MissingTable(format!(
@@ -366,7 +431,8 @@ impl ClickHouse {
         rows: &crate::batch::Rows,
         suspects: &[bool],
     ) -> Result<std::collections::HashSet<crate::dedup::Identity>, InsertError> {
-        match crate::dedup::presence_sql(&self.database, &self.table, rows, suspects) {
+        match crate::dedup::presence_sql(&self.database, &self.table, rows, suspects, self.layout())
+        {
             Some(sql) => Ok(crate::dedup::parse_present(&self.query(&sql).await?)),
             None => Ok(Default::default()),
         }
@@ -380,12 +446,12 @@ impl ClickHouse {
         partition: i32,
     ) -> Result<Option<i64>, InsertError> {
         let answer = self
-            .query(&format!(
-                "SELECT max(high_offset), count() FROM {}.{}_marks WHERE consumer_group = {} AND kafka_topic = {} AND kafka_partition = {partition} FORMAT TabSeparated",
-                self.database,
-                self.table,
-                crate::dedup::quote(group),
-                crate::dedup::quote(topic)
+            .query(&marks_read_sql(
+                &self.database,
+                &self.table,
+                group,
+                topic,
+                partition,
             ))
             .await?;
         let mut fields = answer.trim().split('\t');
@@ -400,20 +466,7 @@ impl ClickHouse {
         group: &str,
         marks: &[(&str, i32, i64)],
     ) -> Result<(), InsertError> {
-        let mut sql = format!(
-            "INSERT INTO {}.{}_marks (consumer_group, kafka_topic, kafka_partition, high_offset, written_at) VALUES ",
-            self.database, self.table
-        );
-        for (i, (topic, partition, high)) in marks.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "({}, {}, {partition}, {high}, now())",
-                crate::dedup::quote(group),
-                crate::dedup::quote(topic)
-            ));
-        }
+        let sql = marks_write_sql(&self.database, &self.table, group, marks);
         self.query(&sql).await.map(|_| ())
     }
 
@@ -515,7 +568,7 @@ mod tests {
 
     #[test]
     fn the_ddl_has_every_column_and_the_replacing_engine() {
-        let sql = create_table_sql("venus", "events");
+        let sql = create_table_sql("venus", "events", Layout::Classic);
         for column in [
             "backend_id",
             "app_id",
@@ -544,5 +597,18 @@ mod tests {
         for unsupported in ["DateTime64", "LowCardinality", "JSON"] {
             assert!(!sql.contains(unsupported), "18.16 lacks {unsupported}");
         }
+        assert!(sql.contains("ORDER BY (category, toDate(upload_time, 'UTC'), app_id, event_id)"));
+        let current = create_table_sql("venus", "events", Layout::Current);
+        assert!(
+            current.contains("\n    upload_time DateTime64(3, 'UTC'),"),
+            "{current}"
+        );
+        assert!(
+            current.contains("\n    category LowCardinality(String),"),
+            "{current}"
+        );
+        assert!(
+            current.contains("ORDER BY (category, toDate(upload_time, 'UTC'), app_id, event_id)")
+        );
     }
 }

@@ -29,6 +29,7 @@ use std::fmt::Write;
 use serde::Deserialize;
 
 use crate::batch::{PendingRow, Rows};
+use crate::row::Layout;
 
 /// An event's identity in the table (its sorting key).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
@@ -104,15 +105,21 @@ fn string<'a>(bytes: &'a [u8], at: &mut usize) -> Option<&'a str> {
     std::str::from_utf8(text).ok()
 }
 
-/// The head of a row written by `row::write_row`.
-pub fn row_head(row: &[u8]) -> Option<RowHead<'_>> {
+/// The head of a row written by `row::write_row` in `layout`.
+pub fn row_head(row: &[u8], layout: Layout) -> Option<RowHead<'_>> {
     let high = u64::from_le_bytes(row.get(0..8)?.try_into().ok()?);
     let low = u64::from_le_bytes(row.get(8..16)?.try_into().ok()?);
     let mut at = 16;
     let app_id = string(row, &mut at)?;
     let category = string(row, &mut at)?;
     let event_id = string(row, &mut at)?;
-    let upload_time = u32::from_le_bytes(row.get(at..at + 4)?.try_into().ok()?);
+    let upload_time = match layout {
+        Layout::Classic => u32::from_le_bytes(row.get(at..at + 4)?.try_into().ok()?),
+        Layout::Current => {
+            let ms = i64::from_le_bytes(row.get(at..at + 8)?.try_into().ok()?);
+            u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX)
+        }
+    };
     Some(RowHead {
         backend_id: uuid::Uuid::from_u64_pair(high, low),
         app_id,
@@ -145,7 +152,13 @@ pub fn quote(text: &str) -> String {
 
 /// The question for the rows of `rows` marked in `suspects`: which of their
 /// identities are in `database.table`. `None` when there is nothing to ask.
-pub fn presence_sql(database: &str, table: &str, rows: &Rows, suspects: &[bool]) -> Option<String> {
+pub fn presence_sql(
+    database: &str,
+    table: &str,
+    rows: &Rows,
+    suspects: &[bool],
+    layout: Layout,
+) -> Option<String> {
     let mut categories = BTreeSet::new();
     let mut days = BTreeSet::new();
     let mut pairs = BTreeSet::new();
@@ -153,7 +166,7 @@ pub fn presence_sql(database: &str, table: &str, rows: &Rows, suspects: &[bool])
         if !suspect {
             continue;
         }
-        let head = row_head(rows.row_bytes(row))?;
+        let head = row_head(rows.row_bytes(row), layout)?;
         categories.insert(head.category);
         days.insert(utc_day(head.upload_time));
         pairs.insert((head.app_id, head.event_id));
@@ -186,8 +199,13 @@ pub fn parse_present(answer: &str) -> HashSet<Identity> {
 }
 
 /// Whether `row` of `rows` is among `present`.
-pub fn is_present(rows: &Rows, row: &PendingRow, present: &HashSet<Identity>) -> bool {
-    row_head(rows.row_bytes(row)).is_some_and(|head| present.contains(&head.identity()))
+pub fn is_present(
+    rows: &Rows,
+    row: &PendingRow,
+    present: &HashSet<Identity>,
+    layout: Layout,
+) -> bool {
+    row_head(rows.row_bytes(row), layout).is_some_and(|head| present.contains(&head.identity()))
 }
 
 #[cfg(test)]
@@ -205,6 +223,10 @@ mod tests {
     }
 
     fn rows(messages: &[String]) -> Rows {
+        rows_in(messages, Layout::Classic)
+    }
+
+    fn rows_in(messages: &[String], layout: Layout) -> Rows {
         let mut batch = Batch::new(Limits {
             rows: 100,
             bytes: 1 << 20,
@@ -220,7 +242,7 @@ mod tests {
             let record = Record::new(source, value.as_bytes(), None, std::iter::empty());
             batch
                 .push_with(record, SpanContext::empty_context(), |out, record| {
-                    crate::row::write_row(out, record, 0)
+                    crate::row::write_row(out, record, 0, layout)
                 })
                 .unwrap();
         }
@@ -240,7 +262,15 @@ mod tests {
     #[test]
     fn the_head_of_a_written_row_reads_back() {
         let rows = rows(&[message("page's", "e\\t1", 1_700_000_000_123)]);
-        let head = row_head(rows.row_bytes(&rows.rows[0])).unwrap();
+        let head = row_head(rows.row_bytes(&rows.rows[0]), Layout::Classic).unwrap();
+        let current = rows_in(
+            &[message("page's", "e\\t1", 1_700_000_000_123)],
+            Layout::Current,
+        );
+        assert_eq!(
+            row_head(current.row_bytes(&current.rows[0]), Layout::Current),
+            Some(RowHead { ..head })
+        );
         assert_eq!(
             head.backend_id.to_string(),
             "0190a0a0-0000-7000-8000-000000000001"
@@ -258,8 +288,22 @@ mod tests {
             message("b'x", "e2", 1_700_100_000_000),
             message("c", "e3", 1_700_000_000_000),
         ]);
-        assert!(presence_sql("venus", "events", &rows, &[false, false, false]).is_none());
-        let sql = presence_sql("venus", "events", &rows, &[true, true, false]).unwrap();
+        assert!(presence_sql(
+            "venus",
+            "events",
+            &rows,
+            &[false, false, false],
+            Layout::Classic
+        )
+        .is_none());
+        let sql = presence_sql(
+            "venus",
+            "events",
+            &rows,
+            &[true, true, false],
+            Layout::Classic,
+        )
+        .unwrap();
         assert!(sql.contains("FROM venus.events WHERE category IN ('a', 'b\\'x') AND toDate(upload_time, 'UTC') IN (toDate('2023-11-14'), toDate('2023-11-16'))"), "{sql}");
         assert!(
             sql.contains("(app_id, event_id) IN (('a', 'e1'), ('a', 'e2'))"),
@@ -285,7 +329,7 @@ mod tests {
         let found: Vec<bool> = rows
             .rows
             .iter()
-            .map(|row| is_present(&rows, row, &present))
+            .map(|row| is_present(&rows, row, &present, Layout::Classic))
             .collect();
         // e2 is there on another day: another event.
         assert_eq!(found, vec![true, false, false]);

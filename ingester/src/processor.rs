@@ -38,6 +38,9 @@ pub struct Processor {
     pub tracer: SdkTracer,
     pub attributes: SpanAttributes,
     pub cancel: watch::Receiver<bool>,
+    /// The table's layout: rows are written the way the table stores them,
+    /// so none is written before the writers have read it.
+    pub layout: watch::Receiver<Option<row::Layout>>,
 }
 
 /// Partition numbers whose text [`SpanAttributes`] keeps.
@@ -97,7 +100,24 @@ impl Processor {
         self.flush().await;
     }
 
+    /// The table's layout, waiting for the schema if need be; `None` when
+    /// cancelled first (the end of the shutdown grace).
+    async fn layout(&mut self) -> Option<row::Layout> {
+        if let Some(layout) = *self.layout.borrow() {
+            return Some(layout);
+        }
+        tokio::select! {
+            layout = self.layout.wait_for(Option::is_some) => layout.ok().and_then(|l| *l),
+            _ = self.cancel.wait_for(|c| *c) => None,
+        }
+    }
+
     async fn process(&mut self, record: Record) {
+        let Some(layout) = self.layout().await else {
+            // Given up at shutdown: read again by the next instance.
+            self.offsets.abandon();
+            return;
+        };
         let parent = venus_shared::telemetry::extract_with(&RecordHeaders(&record));
         let source = &record.source;
         let attributes = vec![
@@ -130,9 +150,9 @@ impl Processor {
             .start_with_context(&self.tracer, &parent);
         let link = span.span_context().clone();
         let now = now_seconds();
-        let pushed = self
-            .batch
-            .push_with(record, link, |out, record| row::write_row(out, record, now));
+        let pushed = self.batch.push_with(record, link, |out, record| {
+            row::write_row(out, record, now, layout)
+        });
         match pushed {
             Ok(full) => {
                 span.end();

@@ -4,9 +4,11 @@
 //! The message value is `{"backend_id","upload_time","ip","country",
 //! "region","city","meta","data"}` as the gateway's `pipeline::write_kafka`
 //! writes it (the contract is `venus_shared::message`); `meta` and `data`
-//! are stored exactly as they are in the message. Times are epoch seconds
-//! for `DateTime` (a `UInt32`, the same on every server whatever its time
-//! zone) and milliseconds beside them, since 18.16 has no `DateTime64`.
+//! are stored exactly as they are in the message. Times are written as the
+//! table stores them ([`Layout`]): epoch seconds for 18.16's `DateTime` (a
+//! `UInt32`, the same on every server whatever its time zone), epoch
+//! milliseconds for a current server's `DateTime64(3)`; the milliseconds
+//! are in a column of their own as well, in both layouts.
 //!
 //! Why `RowBinary` and not `JSONEachRow`: both work the same on 18.16 and
 //! on current servers, but JSON makes each side do the expensive part
@@ -60,8 +62,9 @@ fn string_field<'v>(
     }
 }
 
-/// The events table's columns and types, in the order [`write_row`]
-/// writes them; the DDL and the insert's column list are made from it.
+/// The events table's columns and their types in the classic layout, in
+/// the order [`write_row`] writes them; the DDL and the insert's column
+/// list are made from it ([`Layout::columns`] for the current layout).
 pub const COLUMNS: &[(&str, &str)] = &[
     ("backend_id", "UUID"),
     ("app_id", "String"),
@@ -84,6 +87,62 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("kafka_offset", "Int64"),
     ("ingested_at", "DateTime"),
 ];
+
+/// How a table stores what a row carries. The writer encodes each row the
+/// way the table it inserts into stores it (read from `system.columns`),
+/// whatever version made that table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// ClickHouse 18.16's types: `DateTime` (seconds) for the times, plain
+    /// `String` everywhere; also the tables earlier versions made.
+    #[default]
+    Classic,
+    /// Current servers' (20.3 and later): `DateTime64(3, 'UTC')` for
+    /// `upload_time` and `client_time` (milliseconds, no second column
+    /// needed, though `upload_time_ms` and `client_time_ms` stay so that
+    /// queries work on both), and `LowCardinality(String)` for the columns
+    /// with a few thousand values at most (app, category, location).
+    Current,
+}
+
+impl Layout {
+    /// The layout a new table gets on a server of `version`.
+    pub fn for_version(version: Option<(u32, u32)>) -> Self {
+        match version {
+            Some(version) if version >= (20, 3) => Self::Current,
+            _ => Self::Classic,
+        }
+    }
+
+    /// The layout of a table whose `upload_time` has the type `kind`.
+    pub fn of_upload_time(kind: &str) -> Self {
+        if kind.starts_with("DateTime64") {
+            Self::Current
+        } else {
+            Self::Classic
+        }
+    }
+
+    /// The columns and their types in this layout, in the order
+    /// [`write_row`] writes them.
+    pub fn columns(self) -> Vec<(&'static str, &'static str)> {
+        COLUMNS
+            .iter()
+            .map(|&(name, kind)| {
+                let kind = match (self, name) {
+                    (Self::Classic, _) => kind,
+                    (_, "upload_time") => "DateTime64(3, 'UTC')",
+                    (_, "client_time") => "Nullable(DateTime64(3, 'UTC'))",
+                    (_, "app_id" | "category" | "country" | "region" | "city") => {
+                        "LowCardinality(String)"
+                    }
+                    _ => kind,
+                };
+                (name, kind)
+            })
+            .collect()
+    }
+}
 
 /// How deep a message value may nest: the gateway's limit for a whole
 /// batch document (the message contract's).
@@ -111,6 +170,10 @@ impl RowBinary<'_> {
     }
 
     fn u32(&mut self, value: u32) {
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
+
+    fn i64(&mut self, value: i64) {
         self.0.extend_from_slice(&value.to_le_bytes());
     }
 
@@ -157,7 +220,12 @@ pub fn trace_id(traceparent: Option<&str>) -> &str {
 
 /// Appends the row of `record` in `RowBinary` to `out`, or says why the
 /// message can never be inserted. `out` is left as it was on error.
-pub fn write_row(out: &mut Vec<u8>, record: &Record, ingested_at: u64) -> Result<(), Poison> {
+pub fn write_row(
+    out: &mut Vec<u8>,
+    record: &Record,
+    ingested_at: u64,
+    layout: Layout,
+) -> Result<(), Poison> {
     // First the gateway's own pre-parse scan: sonic-rs skips nested values
     // by recursion with no limit, so a value nested a million deep would
     // overflow the stack and abort the process, and the restarted ingester
@@ -220,11 +288,22 @@ pub fn write_row(out: &mut Vec<u8>, record: &Record, ingested_at: u64) -> Result
     row.string(app_id.as_str().unwrap_or_default());
     row.string(category.as_str().unwrap_or_default());
     row.string(event_id);
-    row.u32(datetime(message.upload_time / 1000));
-    row.u64(message.upload_time);
-    // A client time beyond `DateTime` keeps only its milliseconds.
-    let client_time = timestamp.and_then(|ms| u32::try_from(ms / 1000).ok());
-    row.nullable(client_time, RowBinary::u32);
+    match layout {
+        Layout::Classic => {
+            row.u32(datetime(message.upload_time / 1000));
+            row.u64(message.upload_time);
+            // A client time beyond `DateTime` keeps only its milliseconds.
+            let client_time = timestamp.and_then(|ms| u32::try_from(ms / 1000).ok());
+            row.nullable(client_time, RowBinary::u32);
+        }
+        Layout::Current => {
+            // `DateTime64(3)`: milliseconds as an `Int64`.
+            row.i64(i64::try_from(message.upload_time).unwrap_or(i64::MAX));
+            row.u64(message.upload_time);
+            let client_time = timestamp.and_then(|ms| i64::try_from(ms).ok());
+            row.nullable(client_time, RowBinary::i64);
+        }
+    }
     row.nullable(timestamp, RowBinary::u64);
     row.string(&message.ip);
     row.string(&message.country);
@@ -303,6 +382,8 @@ mod tests {
                 json!(std::str::from_utf8(take(bytes, length)).unwrap())
             }
             "DateTime" => json!(le(bytes, 4)),
+            "LowCardinality(String)" => read("String", bytes),
+            datetime64 if datetime64.starts_with("DateTime64") => json!(le(bytes, 8) as i64),
             "UInt64" => json!(le(bytes, 8)),
             "Int32" => json!(le(bytes, 4) as u32 as i32),
             "Int64" => json!(le(bytes, 8) as i64),
@@ -313,11 +394,15 @@ mod tests {
     /// The row `write_row` appends, read back column by column; it must
     /// end exactly where the row ends.
     fn row(payload: &str) -> Result<Value, Poison> {
+        row_in(payload, Layout::Classic)
+    }
+
+    fn row_in(payload: &str, layout: Layout) -> Result<Value, Poison> {
         let mut out = b"previous".to_vec();
-        write_row(&mut out, &record(payload), 1_700_000_100)?;
+        write_row(&mut out, &record(payload), 1_700_000_100, layout)?;
         let mut bytes = out.strip_prefix(b"previous").unwrap();
         let mut columns = serde_json::Map::new();
-        for (name, kind) in COLUMNS {
+        for (name, kind) in layout.columns() {
             columns.insert(name.to_string(), read(kind, &mut bytes));
         }
         assert!(
@@ -329,6 +414,44 @@ mod tests {
     }
 
     const META: &str = r#"{"app_id":"shop","category":"click","extra":[1, 2]}"#;
+
+    #[test]
+    fn the_current_layout_writes_milliseconds_and_the_same_columns() {
+        let payload = format!(
+            r#"{{"backend_id":"0190a0e0-0000-7000-8000-000000000001","upload_time":1700000005678,"ip":"81.2.69.142","country":"GB","meta":{META},"data":{{"id":"e1","timestamp":1700000000123}}}}"#
+        );
+        let classic = row_in(&payload, Layout::Classic).unwrap();
+        let current = row_in(&payload, Layout::Current).unwrap();
+        assert_eq!(classic["upload_time"], 1_700_000_005u64);
+        assert_eq!(current["upload_time"], 1_700_000_005_678i64);
+        assert_eq!(current["client_time"], 1_700_000_000_123i64);
+        for column in [
+            "backend_id",
+            "app_id",
+            "category",
+            "event_id",
+            "upload_time_ms",
+            "client_time_ms",
+            "country",
+            "meta",
+            "data",
+            "kafka_offset",
+            "ingested_at",
+        ] {
+            assert_eq!(classic[column], current[column], "{column}");
+        }
+        let names =
+            |layout: Layout| -> Vec<&str> { layout.columns().iter().map(|(n, _)| *n).collect() };
+        assert_eq!(names(Layout::Classic), names(Layout::Current));
+        assert_eq!(Layout::for_version(Some((18, 16))), Layout::Classic);
+        assert_eq!(Layout::for_version(Some((26, 9))), Layout::Current);
+        assert_eq!(Layout::for_version(None), Layout::Classic);
+        assert_eq!(
+            Layout::of_upload_time("DateTime64(3, 'UTC')"),
+            Layout::Current
+        );
+        assert_eq!(Layout::of_upload_time("DateTime"), Layout::Classic);
+    }
 
     #[test]
     fn every_column_is_mapped() {
@@ -417,7 +540,7 @@ mod tests {
             ),
         ] {
             let mut out = b"kept".to_vec();
-            let err = write_row(&mut out, &record(&payload), 0).unwrap_err();
+            let err = write_row(&mut out, &record(&payload), 0, Layout::Classic).unwrap_err();
             assert_eq!(out, b"kept", "{payload}");
             let matches = matches!(
                 (&err, kind),
@@ -455,7 +578,7 @@ mod tests {
             "]".repeat(MAX_NESTING - 2)
         );
         let mut out = Vec::new();
-        write_row(&mut out, &message(deepest.as_bytes()), 0).unwrap();
+        write_row(&mut out, &message(deepest.as_bytes()), 0, Layout::Classic).unwrap();
         for (name, data) in [
             ("one level deeper", format!("[{deepest}]").into_bytes()),
             ("a million nested arrays", deep),
@@ -475,7 +598,7 @@ mod tests {
             ("a bad escape", b"{\"id\":\"\\q\"}".to_vec()),
         ] {
             let mut out = b"kept".to_vec();
-            let result = write_row(&mut out, &message(&data), 0);
+            let result = write_row(&mut out, &message(&data), 0, Layout::Classic);
             assert!(result.is_err(), "{name} was taken as a row");
             assert_eq!(out, b"kept", "{name}");
         }

@@ -208,12 +208,15 @@ impl Writer {
             suspects.iter_mut().for_each(|s| *s = true);
         }
         let present = self.clickhouse.present(chunk, &suspects).await?;
+        let layout = self.clickhouse.layout();
         if !present.is_empty() {
             let found: Vec<bool> = chunk
                 .rows
                 .iter()
                 .zip(&suspects)
-                .map(|(row, suspect)| *suspect && crate::dedup::is_present(chunk, row, &present))
+                .map(|(row, suspect)| {
+                    *suspect && crate::dedup::is_present(chunk, row, &present, layout)
+                })
                 .collect();
             let done = chunk.remove(&found);
             if !done.is_empty() {

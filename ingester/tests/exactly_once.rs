@@ -292,6 +292,7 @@ async fn the_same_batch_three_times_once_after_a_1004_is_one_row_per_event() {
     ch.query(&venus_ingester::clickhouse::create_table_sql(
         "venus",
         &ns.table(),
+        venus_ingester::row::Layout::Classic,
     ))
     .await;
     ch.query(&format!("SYSTEM STOP MERGES {}", ns.qualified_table()))

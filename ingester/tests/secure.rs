@@ -140,7 +140,11 @@ async fn a_user_that_may_only_insert_works_with_manage_schema_off() {
     readyz_says(&ingester, 503, &["does not exist"]).await;
     // The operator creates it, first without a column the rows need.
     ch.query("CREATE DATABASE IF NOT EXISTS venus").await;
-    let ddl = venus_ingester::clickhouse::create_table_sql("venus", &ns.table());
+    let ddl = venus_ingester::clickhouse::create_table_sql(
+        "venus",
+        &ns.table(),
+        venus_ingester::row::Layout::Classic,
+    );
     let without = ddl.replace("    request_id String,\n", "");
     assert_ne!(without, ddl, "the DDL has request_id");
     ch.query(&without).await;

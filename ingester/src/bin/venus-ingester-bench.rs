@@ -139,21 +139,6 @@ async fn main() -> anyhow::Result<()> {
             batch_rows,
             concurrency,
         } => {
-            let mut batches: Vec<Vec<u8>> = vec![Vec::new()];
-            let mut rows_in_last = 0;
-            let now = venus_ingester::processor::now_seconds();
-            let topic: std::sync::Arc<str> = cli.topic.as_str().into();
-            read_all(cli.from_offset, &cli.brokers, &cli.topic, cli.count, |m| {
-                let record = Record::from_message(m, topic.clone(), 0);
-                let last = batches.last_mut().expect("one batch at least");
-                if venus_ingester::row::write_row(last, &record, now).is_ok() {
-                    rows_in_last += 1;
-                    if rows_in_last == batch_rows {
-                        batches.push(Vec::new());
-                        rows_in_last = 0;
-                    }
-                }
-            })?;
             let client = ClickHouse::new(&ClickHouseSettings {
                 url: clickhouse,
                 database,
@@ -167,6 +152,23 @@ async fn main() -> anyhow::Result<()> {
                 ping_timeout_ms: 1_000,
             })?;
             client.ensure_schema().await?;
+            // Rows in the table's own layout.
+            let layout = client.layout();
+            let mut batches: Vec<Vec<u8>> = vec![Vec::new()];
+            let mut rows_in_last = 0;
+            let now = venus_ingester::processor::now_seconds();
+            let topic: std::sync::Arc<str> = cli.topic.as_str().into();
+            read_all(cli.from_offset, &cli.brokers, &cli.topic, cli.count, |m| {
+                let record = Record::from_message(m, topic.clone(), 0);
+                let last = batches.last_mut().expect("one batch at least");
+                if venus_ingester::row::write_row(last, &record, now, layout).is_ok() {
+                    rows_in_last += 1;
+                    if rows_in_last == batch_rows {
+                        batches.push(Vec::new());
+                        rows_in_last = 0;
+                    }
+                }
+            })?;
             let bytes: u64 = batches.iter().map(|b| b.len() as u64).sum();
             // Each of `concurrency` tasks takes the next batch when free,
             // as the ingester's writers do.
