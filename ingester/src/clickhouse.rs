@@ -28,7 +28,7 @@ use crate::row::{Layout, COLUMNS};
 /// ([`crate::dedup`]). The column types are `layout`'s: 18.16's, or the
 /// current servers' (`DateTime64`, `LowCardinality`); the names, the key
 /// and every documented query are the same in both.
-pub fn create_table_sql(database: &str, table: &str, layout: Layout) -> String {
+pub fn create_table_sql(database: &str, table: &str, layout: Layout, ttl_days: u32) -> String {
     let columns: Vec<String> = layout
         .columns()
         .iter()
@@ -39,9 +39,19 @@ pub fn create_table_sql(database: &str, table: &str, layout: Layout) -> String {
 {}
 ) ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toYYYYMM(upload_time)
-ORDER BY (category, toDate(upload_time, 'UTC'), app_id, event_id)",
-        columns.join(",\n")
+ORDER BY (category, toDate(upload_time, 'UTC'), app_id, event_id){}",
+        columns.join(",\n"),
+        if ttl_days > 0 && layout.has_ttl() {
+            format!("\n{}", ttl_clause(ttl_days))
+        } else {
+            String::new()
+        }
     )
+}
+
+/// Rows older than `days` (by `upload_time`) are deleted in merges.
+pub fn ttl_clause(days: u32) -> String {
+    format!("TTL toDateTime(upload_time) + INTERVAL {days} DAY")
 }
 
 /// The marks table beside the events table: per consumer group and
@@ -223,6 +233,7 @@ pub struct ClickHouse {
     /// rows are encoded the way the table stores them.
     layout: Arc<tokio::sync::watch::Sender<Option<Layout>>>,
     manage_schema: bool,
+    ttl_days: u32,
 }
 
 impl ClickHouse {
@@ -248,6 +259,7 @@ impl ClickHouse {
             version: Arc::new(Mutex::new(None)),
             layout: Arc::new(tokio::sync::watch::channel(None).0),
             manage_schema: settings.manage_schema,
+            ttl_days: settings.ttl_days,
         })
     }
 
@@ -321,7 +333,7 @@ impl ClickHouse {
             // read as one statement.
             for sql in [
                 format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
-                create_table_sql(&self.database, &self.table, new_layout),
+                create_table_sql(&self.database, &self.table, new_layout, self.ttl_days),
                 create_marks_sql(&self.database, &self.table),
             ] {
                 self.query(&sql).await?;
@@ -370,11 +382,49 @@ impl ClickHouse {
                 .into_iter()
                 .filter(|column| !present.contains(column))
                 .collect();
-            if !missing.is_empty() {
-                return Err(InsertError::MissingColumns {
-                    table: name,
-                    columns: missing.join(", "),
-                });
+            if missing.is_empty() {
+                continue;
+            }
+            if self.manage_schema && table == self.table {
+                // Columns a later version added: added to the table as it
+                // is, in its own layout (`ALTER TABLE ADD COLUMN`; 18.16 has
+                // no `IF NOT EXISTS` there, so only the missing ones).
+                let layout = self.layout();
+                for column in &missing {
+                    let kind = layout
+                        .columns()
+                        .into_iter()
+                        .find(|(n, _)| n == column)
+                        .map(|(_, kind)| kind)
+                        .unwrap_or("String");
+                    self.query(&format!("ALTER TABLE {name} ADD COLUMN {column} {kind}"))
+                        .await?;
+                    tracing::info!(table = %name, column, kind, "column added");
+                }
+                continue;
+            }
+            return Err(InsertError::MissingColumns {
+                table: name,
+                columns: missing.join(", "),
+            });
+        }
+        if self.ttl_days > 0 {
+            if !Layout::for_version(version.map(|v| (v.major, v.minor))).has_ttl() {
+                return Err(InsertError::Transient(format!(
+                    "ingester.clickhouse.ttl_days needs ClickHouse 19.6 or later for TTL (this server is {}): set it to 0 and drop old monthly partitions (ALTER TABLE {}.{} DROP PARTITION 202301)",
+                    version.map(|v| format!("{}.{}", v.major, v.minor)).unwrap_or_else(|| "unknown".into()),
+                    self.database,
+                    self.table
+                )));
+            }
+            if self.manage_schema {
+                self.query(&format!(
+                    "ALTER TABLE {}.{} MODIFY {}",
+                    self.database,
+                    self.table,
+                    ttl_clause(self.ttl_days)
+                ))
+                .await?;
             }
         }
         Ok(())
@@ -568,7 +618,8 @@ mod tests {
 
     #[test]
     fn the_ddl_has_every_column_and_the_replacing_engine() {
-        let sql = create_table_sql("venus", "events", Layout::Classic);
+        let sql = create_table_sql("venus", "events", Layout::Classic, 30);
+        assert!(!sql.contains("TTL"), "18.16 has no TTL: {sql}");
         for column in [
             "backend_id",
             "app_id",
@@ -598,7 +649,12 @@ mod tests {
             assert!(!sql.contains(unsupported), "18.16 lacks {unsupported}");
         }
         assert!(sql.contains("ORDER BY (category, toDate(upload_time, 'UTC'), app_id, event_id)"));
-        let current = create_table_sql("venus", "events", Layout::Current);
+        let current = create_table_sql("venus", "events", Layout::Current, 30);
+        assert!(
+            current.ends_with("\nTTL toDateTime(upload_time) + INTERVAL 30 DAY"),
+            "{current}"
+        );
+        assert!(!create_table_sql("venus", "events", Layout::Current, 0).contains("TTL"));
         assert!(
             current.contains("\n    upload_time DateTime64(3, 'UTC'),"),
             "{current}"

@@ -170,6 +170,13 @@ pub struct ClickHouseSettings {
     /// missing.
     #[serde(default = "defaults::manage_schema")]
     pub manage_schema: bool,
+    /// Keep rows this many days after their `upload_time`; 0: forever.
+    /// A `TTL` on the table (set at start with `manage_schema`, also on a
+    /// table made earlier); ClickHouse deletes older rows as it merges.
+    /// Needs a server with `TTL` (19.6 and later); on 18.16 `/readyz` says
+    /// so: drop old monthly partitions there instead.
+    #[serde(default)]
+    pub ttl_days: u32,
     /// Timeout of every ClickHouse request (inserts, DDL).
     #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
@@ -178,6 +185,9 @@ pub struct ClickHouseSettings {
     #[serde(default = "defaults::ping_timeout_ms")]
     pub ping_timeout_ms: u64,
 }
+
+/// The longest retention: beyond, `DateTime` arithmetic wraps around.
+pub const MAX_TTL_DAYS: u32 = 10_000;
 
 /// More concurrent inserts than this only make parts for ClickHouse to
 /// merge.
@@ -330,6 +340,14 @@ impl Settings {
                     format!("{:?} is not an http:// or https:// URL", clickhouse.url),
                 ))
             }
+        }
+        // `toDateTime(upload_time) + INTERVAL n DAY` past 2106 wraps around
+        // in ClickHouse, and every row would be expired at once.
+        if clickhouse.ttl_days > MAX_TTL_DAYS {
+            return Err(ConfigError::invalid(
+                "ingester.clickhouse.ttl_days",
+                format!("must be at most {MAX_TTL_DAYS} (ClickHouse's DateTime ends in 2106)"),
+            ));
         }
         // A CA file that cannot be used stops start-up, naming the key.
         venus_shared::tls::client_config(
@@ -559,6 +577,23 @@ mod tests {
         for secret in ["0456", "0789"] {
             assert!(!debug.contains(secret), "a secret in Debug: {debug}");
         }
+    }
+
+    #[test]
+    fn a_retention_past_2106_is_refused() {
+        let error = Settings::load_with_env(
+            &repo_config(),
+            env(&[("VENUS__INGESTER__CLICKHOUSE__TTL_DAYS", "36500")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("ingester.clickhouse.ttl_days"), "{error}");
+        let settings = Settings::load_with_env(
+            &repo_config(),
+            env(&[("VENUS__INGESTER__CLICKHOUSE__TTL_DAYS", "400")]),
+        )
+        .unwrap();
+        assert_eq!(settings.ingester.clickhouse.ttl_days, 400);
     }
 
     #[test]

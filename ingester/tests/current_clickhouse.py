@@ -43,8 +43,8 @@ def main():
             "SELECT *, toString(backend_id) AS backend_id_text, "
             "toUnixTimestamp64Milli(upload_time) AS upload_ms FROM venus.events "
             "ORDER BY kafka_offset").splitlines()]
-        report["presence"] = [json.loads(line) for line in run(
-            spec["presence"].replace(" FORMAT JSONEachRow", "")).splitlines()]
+        presence = spec["presence"].replace(" FORMAT JSONEachRow", "")
+        report["presence"] = [json.loads(line) for line in run(presence).splitlines()]
         run(spec["marks_write"])
         report["marks"] = run(spec["marks_read"].replace(" FORMAT TabSeparated", ""),
                               "TabSeparated").strip()

@@ -140,7 +140,8 @@ fn a_current_clickhouse_takes_the_schema_the_rows_and_every_documented_query() {
     let spec = serde_json::json!({
         "ddl": [
             "CREATE DATABASE IF NOT EXISTS venus",
-            venus_ingester::clickhouse::create_table_sql("venus", "events", layout),
+            // With a retention (ten years: the rows are from 2023).
+            venus_ingester::clickhouse::create_table_sql("venus", "events", layout, 3_650),
             venus_ingester::clickhouse::create_marks_sql("venus", "events"),
         ],
         "structure": structure(layout),
@@ -232,7 +233,7 @@ async fn clickhouse_18_16_takes_every_documented_query_too() {
     let layout = Layout::Classic;
     ch.query("CREATE DATABASE IF NOT EXISTS venus").await;
     ch.query(&venus_ingester::clickhouse::create_table_sql(
-        "venus", "events", layout,
+        "venus", "events", layout, 0,
     ))
     .await;
     let rows = rows(layout);

@@ -293,6 +293,7 @@ async fn the_same_batch_three_times_once_after_a_1004_is_one_row_per_event() {
         "venus",
         &ns.table(),
         venus_ingester::row::Layout::Classic,
+        0,
     ))
     .await;
     ch.query(&format!("SYSTEM STOP MERGES {}", ns.qualified_table()))

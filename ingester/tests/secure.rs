@@ -144,6 +144,7 @@ async fn a_user_that_may_only_insert_works_with_manage_schema_off() {
         "venus",
         &ns.table(),
         venus_ingester::row::Layout::Classic,
+        0,
     );
     let without = ddl.replace("    request_id String,\n", "");
     assert_ne!(without, ddl, "the DDL has request_id");

@@ -148,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
                 password_file: None,
                 ca_file: None,
                 manage_schema: true,
+                ttl_days: 0,
                 timeout_ms: 120_000,
                 ping_timeout_ms: 1_000,
             })?;
