@@ -19,6 +19,12 @@ struct Cli {
     /// Configuration file; every key can be overridden as VENUS__SECTION__KEY.
     #[arg(long, default_value = "config.yaml")]
     config: PathBuf,
+    /// Print the statements that create the database, the events table and
+    /// its marks table in this layout (`current` for ClickHouse 20.3 and
+    /// later, `classic` for 18.16), for the configured names, and exit:
+    /// for a deployment with `manage_schema: false`. Connects to nothing.
+    #[arg(long, value_name = "LAYOUT", value_parser = ["current", "classic"])]
+    print_schema: Option<String>,
 }
 
 #[tokio::main]
@@ -31,6 +37,28 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(layout) = cli.print_schema {
+        let layout = match layout.as_str() {
+            "classic" => venus_ingester::row::Layout::Classic,
+            _ => venus_ingester::row::Layout::Current,
+        };
+        let clickhouse = &settings.ingester.clickhouse;
+        println!("CREATE DATABASE IF NOT EXISTS {};\n", clickhouse.database);
+        println!(
+            "{};\n",
+            venus_ingester::clickhouse::create_table_sql(
+                &clickhouse.database,
+                &clickhouse.table,
+                layout,
+                clickhouse.ttl_days
+            )
+        );
+        println!(
+            "{};",
+            venus_ingester::clickhouse::create_marks_sql(&clickhouse.database, &clickhouse.table)
+        );
+        return ExitCode::SUCCESS;
+    }
     let mut telemetry = settings.telemetry.clone();
     if telemetry.service_name.trim().is_empty()
         && std::env::var("OTEL_SERVICE_NAME")

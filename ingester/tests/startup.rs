@@ -48,3 +48,37 @@ fn a_forbidden_consumer_key_fails_start_up_naming_it() {
         "{said}"
     );
 }
+
+#[test]
+fn print_schema_prints_the_statements_and_connects_to_nothing() {
+    for (layout, wanted) in [
+        ("current", "upload_time DateTime64(3, 'UTC')"),
+        ("classic", "upload_time DateTime,"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_venus-ingester"))
+            .arg("--config")
+            .arg(repo_config())
+            .args(["--print-schema", layout])
+            // Nothing listens there: printing must not need it.
+            .env("VENUS__KAFKA__BROKERS", "127.0.0.1:1")
+            .env("VENUS__INGESTER__CLICKHOUSE__URL", "http://127.0.0.1:1")
+            .env("VENUS__INGESTER__CLICKHOUSE__TABLE", "mine")
+            .output()
+            .expect("run venus-ingester");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{text}");
+        assert!(
+            text.contains("CREATE DATABASE IF NOT EXISTS venus;"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CREATE TABLE IF NOT EXISTS venus.mine ("),
+            "{text}"
+        );
+        assert!(text.contains(wanted), "{layout}: {text}");
+        assert!(
+            text.contains("CREATE TABLE IF NOT EXISTS venus.mine_marks ("),
+            "{text}"
+        );
+    }
+}
