@@ -11,10 +11,6 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
-
 use common::{
     count_final_sql, eventually, ingester_env, upload_events, IngesterProcess, Namespace,
 };
@@ -172,25 +168,6 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_once() {
     app.stop().await;
 }
 
-/// The group's committed offset of partition 0 of `topic`.
-fn committed(broker: &support::Broker, group: &str, topic: &str) -> Option<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.address())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, 0);
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .unwrap();
-    match committed.find_partition(topic, 0)?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_exits_0_commits_and_nothing_is_inserted_twice() {
     let broker = shared_broker();
@@ -226,7 +203,7 @@ async fn sigterm_mid_stream_exits_0_commits_and_nothing_is_inserted_twice() {
     let inserted = raw_count(&ns, category).await;
     assert!(inserted < EVENTS as u64, "stopped mid-stream ({inserted})");
     assert_eq!(
-        committed(broker, &ns.group(), &topic),
+        common::committed(broker, &ns.group(), &topic),
         Some(inserted as i64),
         "the committed offset is the next message after the inserted rows"
     );

@@ -11,36 +11,17 @@ mod common;
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 
-use common::Namespace;
-use common::{count_final_sql, eventually, ingester_env, metric, upload_events, IngesterProcess};
+use common::{
+    count_final_sql, eventually, ingester_env, metric, upload_events, IngesterProcess, Namespace,
+};
 use support::clickhouse::ClickHouseServer;
 use support::Broker;
 
 async fn final_count(ch: &ClickHouseServer, ns: &Namespace, category: &str) -> u64 {
     ch.count(&count_final_sql(&ns.qualified_table(), category))
         .await
-}
-
-/// The group's committed offset of partition 0 of `topic`.
-fn committed(broker: &Broker, ns: &Namespace, topic: &str) -> Option<i64> {
-    let consumer: BaseConsumer = broker
-        .client_config()
-        .set("group.id", ns.group())
-        .create()
-        .unwrap();
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, 0);
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .unwrap();
-    match committed.find_partition(topic, 0)?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +104,7 @@ async fn a_dead_letter_the_broker_cannot_take_stops_the_partition_and_shows_in_r
     // past the poison message.
     ingester.kill();
     broker.resume();
-    let offset = committed(&broker, &ns, &topic);
+    let offset = common::committed(&broker, &ns.group(), &topic);
     assert!(
         offset.is_none_or(|o| o <= poison_offset),
         "committed {offset:?} past the poison message at {poison_offset}"
@@ -159,7 +140,7 @@ async fn a_dead_letter_the_broker_cannot_take_stops_the_partition_and_shows_in_r
     })
     .await;
     eventually(Duration::from_secs(30), "the commit past it", || async {
-        (committed(&broker, &ns, &topic) == Some(8)).then_some(())
+        (common::committed(&broker, &ns.group(), &topic) == Some(8)).then_some(())
     })
     .await;
 }

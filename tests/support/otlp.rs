@@ -87,51 +87,40 @@ pub fn start_https(pki: &super::tls::Pki) -> (String, Received) {
         .with_single_cert(certificates, key)
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let received = Received::default();
-    let state = received.clone();
-    let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            let app = Router::new()
-                .route("/v1/traces", post(traces))
-                .route("/v1/metrics", post(metrics))
-                .with_state(state);
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+    let (address, received) = serve(move |listener, app| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                // A client that does not trust the certificate ends the
+                // handshake: nothing to serve.
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
                 };
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    // A client that does not trust the certificate ends
-                    // the handshake: nothing to serve.
-                    let Ok(tls) = acceptor.accept(stream).await else {
-                        return;
-                    };
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(
-                        hyper_util::rt::TokioIo::new(tls),
-                        hyper_util::service::TowerToHyperService::new(app),
-                    )
-                    .await;
-                });
-            }
-        });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(tls),
+                    hyper_util::service::TowerToHyperService::new(app),
+                )
+                .await;
+            });
+        }
     });
-    let address = rx.recv().unwrap();
     (format!("https://{address}"), received)
 }
 
-/// Starts the receiver on its own thread and runtime (tests each have their
-/// own runtime, which ends with the test); returns its base URL.
-pub fn start() -> (String, Received) {
+/// Runs `serve_with` on the receiver's routes and a listener of its own,
+/// on a thread and runtime of its own (tests each have their own runtime,
+/// which ends with the test).
+fn serve<F, Fut>(serve_with: F) -> (SocketAddr, Received)
+where
+    F: FnOnce(tokio::net::TcpListener, Router) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let received = Received::default();
     let state = received.clone();
     let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
@@ -147,10 +136,17 @@ pub fn start() -> (String, Received) {
                 .route("/v1/traces", post(traces))
                 .route("/v1/metrics", post(metrics))
                 .with_state(state);
-            axum::serve(listener, app).await.unwrap();
+            serve_with(listener, app).await;
         });
     });
-    let address = rx.recv().unwrap();
+    (rx.recv().unwrap(), received)
+}
+
+/// Starts the receiver on its own thread and runtime; returns its base URL.
+pub fn start() -> (String, Received) {
+    let (address, received) = serve(|listener, app| async move {
+        axum::serve(listener, app).await.unwrap();
+    });
     (format!("http://{address}"), received)
 }
 

@@ -326,3 +326,23 @@ pub async fn upload_events(
 pub fn count_final_sql(table: &str, category: &str) -> String {
     format!("SELECT count() FROM {table} FINAL WHERE category = '{category}'")
 }
+
+/// The group's committed offset of partition 0 of `topic` (`None`: none).
+pub fn committed(broker: &Broker, group: &str, topic: &str) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = broker
+        .client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    match committed.find_partition(topic, 0)?.offset() {
+        rdkafka::Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
