@@ -121,7 +121,7 @@ impl Ingester {
                         offsets: offsets.clone(),
                         metrics: metrics.clone(),
                         health: health.clone(),
-                        dead_letters: dead_letters.clone(),
+                        dead_letters: dead_letters.for_sender(&format!("writer {id}")),
                         backoff: Backoff::new(
                             Duration::from_millis(ingester.retry_initial_ms),
                             Duration::from_millis(ingester.retry_max_ms),
@@ -142,7 +142,7 @@ impl Ingester {
                 interval: ingester.flush_interval(),
             }),
             writer: batches_tx,
-            dead_letters,
+            dead_letters: dead_letters.for_sender("processor"),
             offsets: offsets.clone(),
             tracer,
             attributes: SpanAttributes::new(&ingester.group_id),

@@ -41,7 +41,7 @@ pub fn create_table_sql(database: &str, table: &str, layout: Layout, ttl_days: u
 PARTITION BY toYYYYMM(upload_time)
 ORDER BY (category, toDate(upload_time, 'UTC'), app_id, event_id){}",
         columns.join(",\n"),
-        if ttl_days > 0 && layout.has_ttl() {
+        if ttl_days > 0 {
             format!("\n{}", ttl_clause(ttl_days))
         } else {
             String::new()
@@ -135,6 +135,14 @@ impl Version {
         let major = parts.next()?.parse().ok()?;
         let minor = parts.next()?.parse().ok()?;
         Some(Self { major, minor })
+    }
+
+    /// Servers from 19.6 have `TTL`.
+    fn has_ttl(self) -> bool {
+        self >= Version {
+            major: 19,
+            minor: 6,
+        }
     }
 
     /// Servers from 21.11 have asynchronous inserts.
@@ -333,7 +341,18 @@ impl ClickHouse {
             // read as one statement.
             for sql in [
                 format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
-                create_table_sql(&self.database, &self.table, new_layout, self.ttl_days),
+                create_table_sql(
+                    &self.database,
+                    &self.table,
+                    new_layout,
+                    // Only where the server has TTL (the check below says
+                    // so otherwise).
+                    if version.is_some_and(Version::has_ttl) {
+                        self.ttl_days
+                    } else {
+                        0
+                    },
+                ),
                 create_marks_sql(&self.database, &self.table),
             ] {
                 self.query(&sql).await?;
@@ -409,7 +428,7 @@ impl ClickHouse {
             });
         }
         if self.ttl_days > 0 {
-            if !Layout::for_version(version.map(|v| (v.major, v.minor))).has_ttl() {
+            if !version.is_some_and(Version::has_ttl) {
                 return Err(InsertError::Transient(format!(
                     "ingester.clickhouse.ttl_days needs ClickHouse 19.6 or later for TTL (this server is {}): set it to 0 and drop old monthly partitions (ALTER TABLE {}.{} DROP PARTITION 202301)",
                     version.map(|v| format!("{}.{}", v.major, v.minor)).unwrap_or_else(|| "unknown".into()),
@@ -432,9 +451,19 @@ impl ClickHouse {
 
     /// Runs `sql` (sent as the body) and returns the response body.
     pub async fn query(&self, sql: &str) -> Result<String, InsertError> {
+        self.query_with(sql, &[]).await
+    }
+
+    /// [`ClickHouse::query`] with `settings` in the URL.
+    async fn query_with(
+        &self,
+        sql: &str,
+        settings: &[(&'static str, &'static str)],
+    ) -> Result<String, InsertError> {
         let response = self
             .http
             .post(format!("{}/", self.url))
+            .query(settings)
             .basic_auth(&self.user, Some(self.password.expose()))
             .timeout(self.timeout)
             .body(sql.to_owned())
@@ -446,10 +475,9 @@ impl ClickHouse {
         if (200..300).contains(&status) {
             Ok(text)
         } else {
-            Err(InsertError::Transient(format!(
-                "HTTP {status}: {}",
-                text.trim()
-            )))
+            // A missing table (the marks', say) sends the writer back to
+            // preparing the schema, as for an insert.
+            Err(classify(status, &text))
         }
     }
 
@@ -481,11 +509,12 @@ impl ClickHouse {
         rows: &crate::batch::Rows,
         suspects: &[bool],
     ) -> Result<std::collections::HashSet<crate::dedup::Identity>, InsertError> {
-        match crate::dedup::presence_sql(&self.database, &self.table, rows, suspects, self.layout())
-        {
-            Some(sql) => Ok(crate::dedup::parse_present(&self.query(&sql).await?)),
-            None => Ok(Default::default()),
+        let mut present = std::collections::HashSet::new();
+        let layout = self.layout();
+        for sql in crate::dedup::presence_sql(&self.database, &self.table, rows, suspects, layout) {
+            present.extend(crate::dedup::parse_present(&self.query(&sql).await?));
         }
+        Ok(present)
     }
 
     /// The mark of `group` for `topic`/`partition` ([`crate::marks`]).
@@ -516,8 +545,13 @@ impl ClickHouse {
         group: &str,
         marks: &[(&str, i32, i64)],
     ) -> Result<(), InsertError> {
+        // Like the rows' inserts: answered only once written (a mark must be
+        // readable before the rows it covers go in).
+        // The statement in the body: 18.16 refuses a POST without one.
         let sql = marks_write_sql(&self.database, &self.table, group, marks);
-        self.query(&sql).await.map(|_| ())
+        self.query_with(&sql, &insert_settings(self.version()))
+            .await
+            .map(|_| ())
     }
 
     /// `SELECT 1` with the short readiness timeout (a real query, not
@@ -543,8 +577,13 @@ impl ClickHouse {
 }
 
 /// An error with its sources, e.g. "error sending request: connection
-/// refused".
+/// refused"; a URL's user and password never in it (it goes to the log and
+/// `/readyz`).
 fn error_chain(error: &dyn std::error::Error) -> String {
+    venus_shared::secret::redact_urls(&full_chain(error))
+}
+
+fn full_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -618,8 +657,11 @@ mod tests {
 
     #[test]
     fn the_ddl_has_every_column_and_the_replacing_engine() {
-        let sql = create_table_sql("venus", "events", Layout::Classic, 30);
-        assert!(!sql.contains("TTL"), "18.16 has no TTL: {sql}");
+        let sql = create_table_sql("venus", "events", Layout::Classic, 0);
+        assert!(!sql.contains("TTL"), "{sql}");
+        assert!(create_table_sql("venus", "events", Layout::Classic, 30).contains("TTL"));
+        assert!(Version::parse("19.6.1").unwrap().has_ttl());
+        assert!(!Version::parse("18.16.1").unwrap().has_ttl());
         for column in [
             "backend_id",
             "app_id",

@@ -186,6 +186,9 @@ pub struct ClickHouseSettings {
     pub ping_timeout_ms: u64,
 }
 
+/// The longest wait for a revoke's messages in flight.
+pub const MAX_REVOKE_WAIT_MS: u64 = 60_000;
+
 /// The longest retention: beyond, `DateTime` arithmetic wraps around.
 pub const MAX_TTL_DAYS: u32 = 10_000;
 
@@ -316,6 +319,14 @@ impl Settings {
         )?;
         self.ingester.consumer_files.clear();
         self.kafka.security.resolve()?;
+        // The revoke's wait holds the poll thread: well below librdkafka's
+        // max.poll.interval.ms (300 s), past which the group drops us.
+        if self.ingester.revoke_wait_ms > MAX_REVOKE_WAIT_MS {
+            return Err(ConfigError::invalid(
+                "ingester.revoke_wait_ms",
+                format!("must be at most {MAX_REVOKE_WAIT_MS} (the poll thread waits that long in a rebalance)"),
+            ));
+        }
         let clickhouse = &mut self.ingester.clickhouse;
         if let Some(path) = clickhouse.password_file.take() {
             if !clickhouse.password.is_empty() {
@@ -337,7 +348,10 @@ impl Settings {
             _ => {
                 return Err(ConfigError::invalid(
                     "ingester.clickhouse.url",
-                    format!("{:?} is not an http:// or https:// URL", clickhouse.url),
+                    format!(
+                        "{:?} is not an http:// or https:// URL",
+                        venus_shared::secret::redact_urls(&clickhouse.url)
+                    ),
                 ))
             }
         }

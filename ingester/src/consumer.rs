@@ -1,5 +1,7 @@
 //! The Kafka side: one thread that polls the group consumer without pause
-//! (so `max.poll.interval.ms` never expires, whatever ClickHouse does),
+//! (so `max.poll.interval.ms` never expires, whatever ClickHouse does; the
+//! one wait is a revoke's, for the revoked partitions' messages in flight,
+//! at most `ingester.revoke_wait_ms`),
 //! hands messages on, pauses and resumes the assignment by how much is
 //! buffered, stores the offsets the markers allow, and commits on revoke and
 //! at shutdown.
@@ -58,6 +60,9 @@ pub struct Context {
     offsets: Arc<Offsets>,
     /// `ingester.revoke_wait_ms`.
     revoke_wait: Duration,
+    /// Set when fetching stops for shutdown: the final revoke (when the
+    /// consumer closes) does not wait, the drain did.
+    stopping: Arc<AtomicBool>,
     metrics: Metrics,
     paused: Arc<AtomicBool>,
     health: Arc<Health>,
@@ -108,7 +113,12 @@ impl ConsumerContext for Context {
         // Rows still unfinished at the bound are dropped by the writer
         // before its next attempt (their epoch is gone).
         let started = Instant::now();
-        let deadline = started + self.revoke_wait;
+        let wait = if self.stopping.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            self.revoke_wait
+        };
+        let deadline = started + wait;
         let pending = || {
             revoked
                 .elements()
@@ -236,10 +246,12 @@ impl PollThread {
         grace: Duration,
     ) -> anyhow::Result<Self> {
         let paused = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer<Context> =
             consumer_config(settings).create_with_context(Context {
                 offsets: offsets.clone(),
                 revoke_wait: Duration::from_millis(settings.ingester.revoke_wait_ms),
+                stopping: stop.clone(),
                 metrics: metrics.clone(),
                 paused: paused.clone(),
                 health: health.clone(),
@@ -247,7 +259,6 @@ impl PollThread {
         let pattern = subscription_pattern(&settings.kafka.topic_template);
         consumer.subscribe(&[pattern.as_str()])?;
         tracing::info!(%pattern, group = %settings.ingester.group_id, "subscribed");
-        let stop = Arc::new(AtomicBool::new(false));
         let (drained, drained_rx) = std::sync::mpsc::channel();
         let poller = Poller {
             consumer,

@@ -26,7 +26,8 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::record::Record;
 
-/// The `/readyz` part of dead-letter sends.
+/// The `/readyz` part of dead-letter sends, one per sender (the processor,
+/// each writer): one sender's success does not clear another's alarm.
 const SEND_PART: &str = "dead letters";
 /// The `/readyz` part of the topic's creation.
 const TOPIC_PART: &str = "dead-letter topic";
@@ -47,17 +48,31 @@ pub struct DeadLetters {
     metrics: Metrics,
     health: Arc<Health>,
     alarm_after: Duration,
+    /// This sender's `/readyz` part.
+    part: String,
 }
 
 impl DeadLetters {
     pub fn new(settings: &Settings, metrics: Metrics, health: Arc<Health>) -> anyhow::Result<Self> {
         let ingester = &settings.ingester;
+        let alarm_after = Duration::from_millis(ingester.dead_letter_alarm_ms);
         let producer = settings
             .kafka
             .client_config()
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "10000")
+            // A failed send is known (and retried, and alarmed) within the
+            // alarm's time, at most 10 s.
+            .set(
+                "message.timeout.ms",
+                alarm_after.as_millis().clamp(1_000, 10_000).to_string(),
+            )
+            // The largest message the gateway writes, and the headers a dead
+            // letter adds.
+            .set(
+                "message.max.bytes",
+                (settings.kafka.max_message_bytes + 64 * 1024 + 16 * 1024).to_string(),
+            )
             .create()?;
         Ok(Self {
             producer,
@@ -65,8 +80,17 @@ impl DeadLetters {
             group: ingester.group_id.clone(),
             metrics,
             health,
-            alarm_after: Duration::from_millis(ingester.dead_letter_alarm_ms),
+            alarm_after,
+            part: SEND_PART.to_owned(),
         })
+    }
+
+    /// The same producer, reporting to `/readyz` as `sender`'s part.
+    pub fn for_sender(&self, sender: &str) -> Self {
+        Self {
+            part: format!("{SEND_PART} ({sender})"),
+            ..self.clone()
+        }
     }
 
     pub fn topic(&self) -> &str {
@@ -114,7 +138,7 @@ impl DeadLetters {
             }
             match self.producer.send(message, Timeout::Never).await {
                 Ok(_) => {
-                    self.health.ok(SEND_PART);
+                    self.health.ok(&self.part);
                     self.metrics.dead_letter(stage);
                     tracing::warn!(
                         topic = %record.source.topic,
@@ -130,7 +154,7 @@ impl DeadLetters {
                     tracing::warn!(%error, topic = %self.topic, "dead-letter send failed; retrying");
                     if started.elapsed() >= self.alarm_after {
                         self.health.fail(
-                            SEND_PART,
+                            self.part.clone(),
                             format!(
                                 "a dead letter has not reached {} for {} s: {error}",
                                 self.topic,

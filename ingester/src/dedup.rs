@@ -150,15 +150,21 @@ pub fn quote(text: &str) -> String {
     out
 }
 
-/// The question for the rows of `rows` marked in `suspects`: which of their
-/// identities are in `database.table`. `None` when there is nothing to ask.
+/// Longest text of one lookup: ClickHouse refuses queries over
+/// `max_query_size` (256 KiB by default), and 10,000 suspects with UUID ids
+/// are more than twice that.
+pub const MAX_LOOKUP_BYTES: usize = 128 * 1024;
+
+/// The questions for the rows of `rows` marked in `suspects`: which of
+/// their identities are in `database.table`, in as many queries as keep
+/// each under [`MAX_LOOKUP_BYTES`]. Empty when there is nothing to ask.
 pub fn presence_sql(
     database: &str,
     table: &str,
     rows: &Rows,
     suspects: &[bool],
     layout: Layout,
-) -> Option<String> {
+) -> Vec<String> {
     let mut categories = BTreeSet::new();
     let mut days = BTreeSet::new();
     let mut pairs = BTreeSet::new();
@@ -166,28 +172,42 @@ pub fn presence_sql(
         if !suspect {
             continue;
         }
-        let head = row_head(rows.row_bytes(row), layout)?;
+        let Some(head) = row_head(rows.row_bytes(row), layout) else {
+            continue;
+        };
         categories.insert(head.category);
         days.insert(utc_day(head.upload_time));
         pairs.insert((head.app_id, head.event_id));
     }
     if pairs.is_empty() {
-        return None;
+        return Vec::new();
     }
     let list = |items: &mut dyn Iterator<Item = String>| items.collect::<Vec<_>>().join(", ");
-    let mut sql = format!(
+    let head = format!(
         "SELECT category, toString(toDate(upload_time, 'UTC')) AS day, app_id, event_id FROM {database}.{table} WHERE category IN ({}) AND toDate(upload_time, 'UTC') IN ({}) AND (app_id, event_id) IN (",
         list(&mut categories.iter().map(|c| quote(c))),
         list(&mut days.iter().map(|d| format!("toDate('{d}')"))),
     );
-    for (i, (app_id, event_id)) in pairs.iter().enumerate() {
-        if i > 0 {
+    const TAIL: &str = ") FORMAT JSONEachRow";
+    let mut queries = Vec::new();
+    let mut sql = head.clone();
+    let mut in_this = 0;
+    for (app_id, event_id) in &pairs {
+        let pair = format!("({}, {})", quote(app_id), quote(event_id));
+        if in_this > 0 && sql.len() + 2 + pair.len() + TAIL.len() > MAX_LOOKUP_BYTES {
+            sql.push_str(TAIL);
+            queries.push(std::mem::replace(&mut sql, head.clone()));
+            in_this = 0;
+        }
+        if in_this > 0 {
             sql.push_str(", ");
         }
-        let _ = write!(sql, "({}, {})", quote(app_id), quote(event_id));
+        let _ = write!(sql, "{pair}");
+        in_this += 1;
     }
-    sql.push_str(") FORMAT JSONEachRow");
-    Some(sql)
+    sql.push_str(TAIL);
+    queries.push(sql);
+    queries
 }
 
 /// The identities in ClickHouse's answer to [`presence_sql`].
@@ -295,21 +315,51 @@ mod tests {
             &[false, false, false],
             Layout::Classic
         )
-        .is_none());
+        .is_empty());
         let sql = presence_sql(
             "venus",
             "events",
             &rows,
             &[true, true, false],
             Layout::Classic,
-        )
-        .unwrap();
+        );
+        assert_eq!(sql.len(), 1);
+        let sql = &sql[0];
         assert!(sql.contains("FROM venus.events WHERE category IN ('a', 'b\\'x') AND toDate(upload_time, 'UTC') IN (toDate('2023-11-14'), toDate('2023-11-16'))"), "{sql}");
         assert!(
             sql.contains("(app_id, event_id) IN (('a', 'e1'), ('a', 'e2'))"),
             "{sql}"
         );
         assert!(!sql.contains("'e3'"), "{sql}");
+    }
+
+    #[test]
+    fn many_suspects_are_asked_for_in_queries_clickhouse_takes() {
+        let messages: Vec<String> = (0..10_000)
+            .map(|i| {
+                message(
+                    "page_view",
+                    &format!("{}", uuid::Uuid::from_u128(i)),
+                    1_700_000_000_000,
+                )
+            })
+            .collect();
+        let rows = rows(&messages);
+        let sql = presence_sql(
+            "venus",
+            "events",
+            &rows,
+            &vec![true; 10_000],
+            Layout::Classic,
+        );
+        assert!(sql.len() >= 4, "{} queries", sql.len());
+        let mut asked = 0;
+        for query in &sql {
+            assert!(query.len() <= MAX_LOOKUP_BYTES, "{}", query.len());
+            assert!(query.ends_with(") FORMAT JSONEachRow"));
+            asked += query.matches("('a', '").count();
+        }
+        assert_eq!(asked, 10_000, "every suspect asked for once");
     }
 
     #[test]

@@ -114,12 +114,6 @@ impl Layout {
         }
     }
 
-    /// Whether servers of this layout have `TTL` (19.6 and later: every
-    /// server of the current layout, none of the classic).
-    pub fn has_ttl(self) -> bool {
-        self == Self::Current
-    }
-
     /// The layout of a table whose `upload_time` has the type `kind`.
     pub fn of_upload_time(kind: &str) -> Self {
         if kind.starts_with("DateTime64") {

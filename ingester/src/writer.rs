@@ -262,7 +262,13 @@ impl Writer {
             if self.deduplicate {
                 let started = Instant::now();
                 match self.prepare(chunk, &mut last, &mut all_suspect).await {
-                    Ok(true) => return Attempt::Inserted,
+                    Ok(true) => {
+                        // Nothing left to insert: every row was in (an
+                        // earlier attempt's, whose answer was lost).
+                        self.health.insert_ok(self.id);
+                        self.backoff.reset();
+                        return Attempt::Inserted;
+                    }
                     Ok(false) => {}
                     Err(error) => {
                         if matches!(error, InsertError::MissingTable(_)) {

@@ -166,18 +166,20 @@ pub struct KafkaSettings {
     #[serde(default)]
     pub security: crate::kafka_security::KafkaSecurity,
     /// Any other librdkafka producer setting, passed through (these win
-    /// over the keys above; the security keys belong in `security`). An `_` in a key is read as `.` (no settable
-    /// librdkafka key but `log_level` and `enabled_events` has one), so
-    /// `VENUS__KAFKA__PRODUCER__SASL_PASSWORD=...` sets `sasl.password`. The
-    /// keys venus's guarantees rest on (the gateway's
+    /// over the keys above; the security keys belong in `security`, and are
+    /// refused here). An `_` in a key is read as `.` (no settable librdkafka
+    /// key but `log_level` and `enabled_events` has one), so
+    /// `VENUS__KAFKA__PRODUCER__CLIENT_ID=...` sets `client.id`. The keys
+    /// venus's guarantees rest on (the gateway's
     /// `config::FORBIDDEN_PRODUCER_KEYS`) cannot be set.
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
-    /// Producer settings whose value is read from a file at start-up, for
-    /// secrets mounted as files: `sasl.password: /run/secrets/kafka`, or
-    /// `VENUS__KAFKA__PRODUCER_FILES__SASL_PASSWORD=/run/secrets/kafka`. Keys
+    /// Producer settings whose value is read from a file at start-up (a
+    /// mounted file): `client.id: /etc/venus/client-id`, or
+    /// `VENUS__KAFKA__PRODUCER_FILES__CLIENT_ID=/etc/venus/client-id`. Keys
     /// are spelled as in `producer`; a trailing newline of the file is
     /// dropped. After loading, the values are merged into `producer`.
+    /// (Passwords belong in `security`.)
     #[serde(default)]
     pub producer_files: BTreeMap<String, PathBuf>,
 }

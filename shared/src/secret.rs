@@ -33,3 +33,46 @@ impl std::fmt::Debug for Secret {
         })
     }
 }
+
+/// `text` with the user and password of every URL in it replaced
+/// (`https://user:pw@host/` becomes `https://[redacted]@host/`): for error
+/// texts and log lines that quote a URL a client was configured with.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == ')')
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(userinfo_end) => {
+                out.push_str("[redacted]");
+                rest = &tail[userinfo_end..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_user_and_password() {
+        assert_eq!(
+            redact_urls("error sending request for url (https://venus:s3cret@ch:8443/?query=1)"),
+            "error sending request for url (https://[redacted]@ch:8443/?query=1)"
+        );
+        assert_eq!(
+            redact_urls("http://ch:8123/ and mailto a@b"),
+            "http://ch:8123/ and mailto a@b"
+        );
+        assert_eq!(redact_urls("x://u@h y://h"), "x://[redacted]@h y://h");
+        assert_eq!(format!("{:?}", Secret::new("pw")), "[redacted]");
+    }
+}

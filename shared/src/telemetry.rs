@@ -226,6 +226,10 @@ impl opentelemetry_http::HttpClient for OtlpHttpClient {
                     cause.push_str(&next.to_string());
                     source = next.source();
                 }
+                let (cause, uri) = (
+                    crate::secret::redact_urls(&cause),
+                    crate::secret::redact_urls(&uri),
+                );
                 tracing::warn!(error = %cause, %uri, "OTLP export failed; what it carried is dropped");
             }
         }
