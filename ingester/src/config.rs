@@ -143,6 +143,22 @@ pub struct ClickHouseSettings {
     /// HTTP interface base URL, e.g. `http://127.0.0.1:8123`.
     #[serde(default = "defaults::clickhouse_url")]
     pub url: String,
+    /// Other replicas of the same shard as `url` (cluster mode): when the
+    /// server in use fails, the next one in this list takes over, and stays
+    /// in use while it answers. Give every ingester of a group the same
+    /// order, so that they all write to the same replica while it is up
+    /// (docs/INGESTER.md, "Cluster mode"). From the environment, a
+    /// comma-separated list.
+    #[serde(default)]
+    pub replica_urls: Vec<String>,
+    /// A cluster of the servers' `remote_servers` (one shard's replicas,
+    /// or more shards): the tables are made `ON CLUSTER`, replicated
+    /// (`ReplicatedReplacingMergeTree`, with the servers' `{shard}` and
+    /// `{replica}` macros), with a `Distributed` table `<table>_all` over
+    /// them for queries. Rows are inserted into the replicated table of
+    /// `url`'s shard. Unset: one server, no ZooKeeper.
+    #[serde(default)]
+    pub cluster: Option<String>,
     /// Database, created on start when missing.
     #[serde(default = "defaults::database")]
     pub database: String,
@@ -343,17 +359,45 @@ impl Settings {
             })?;
             clickhouse.password = Secret::new(text.trim_end_matches(['\r', '\n']));
         }
-        match clickhouse.url.split_once("://") {
-            Some(("http" | "https", rest)) if !rest.is_empty() => {}
-            _ => {
-                return Err(ConfigError::invalid(
-                    "ingester.clickhouse.url",
-                    format!(
-                        "{:?} is not an http:// or https:// URL",
-                        venus_shared::secret::redact_urls(&clickhouse.url)
-                    ),
-                ))
+        let urls = std::iter::once(("ingester.clickhouse.url", &clickhouse.url)).chain(
+            clickhouse
+                .replica_urls
+                .iter()
+                .map(|url| ("ingester.clickhouse.replica_urls", url)),
+        );
+        for (key, url) in urls {
+            match url.split_once("://") {
+                Some(("http" | "https", rest)) if !rest.is_empty() => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!(
+                            "{:?} is not an http:// or https:// URL",
+                            venus_shared::secret::redact_urls(url)
+                        ),
+                    ))
+                }
             }
+        }
+        if let Some(cluster) = &clickhouse.cluster {
+            // It goes into DDL as it is.
+            if cluster.is_empty()
+                || !cluster
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(ConfigError::invalid(
+                    "ingester.clickhouse.cluster",
+                    format!("{cluster:?} must be a cluster name of letters, digits and _"),
+                ));
+            }
+        } else if !clickhouse.replica_urls.is_empty() {
+            // Failing over between servers that do not replicate each other
+            // would split the table (and the marks) in two.
+            return Err(ConfigError::invalid(
+                "ingester.clickhouse.replica_urls",
+                "needs ingester.clickhouse.cluster: replicas of a Replicated table",
+            ));
         }
         // `toDateTime(upload_time) + INTERVAL n DAY` past 2106 wraps around
         // in ClickHouse, and every row would be expired at once.
@@ -608,6 +652,61 @@ mod tests {
         )
         .unwrap();
         assert_eq!(settings.ingester.clickhouse.ttl_days, 400);
+    }
+
+    #[test]
+    fn replicas_need_a_cluster_and_come_from_the_environment_as_a_list() {
+        let error = Settings::load_with_env(
+            &repo_config(),
+            env(&[("VENUS__INGESTER__CLICKHOUSE__REPLICA_URLS", "http://b:8123")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("ingester.clickhouse.replica_urls")
+                && error.contains("ingester.clickhouse.cluster"),
+            "{error}"
+        );
+        let error = Settings::load_with_env(
+            &repo_config(),
+            env(&[("VENUS__INGESTER__CLICKHOUSE__CLUSTER", "a; DROP TABLE x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("ingester.clickhouse.cluster"), "{error}");
+        let error = Settings::load_with_env(
+            &repo_config(),
+            env(&[
+                ("VENUS__INGESTER__CLICKHOUSE__CLUSTER", "venus"),
+                (
+                    "VENUS__INGESTER__CLICKHOUSE__REPLICA_URLS",
+                    "http://b:8123, ftp://c",
+                ),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("ingester.clickhouse.replica_urls") && error.contains("ftp://c"),
+            "{error}"
+        );
+        let settings = Settings::load_with_env(
+            &repo_config(),
+            env(&[
+                ("VENUS__INGESTER__CLICKHOUSE__CLUSTER", "venus_2"),
+                (
+                    "VENUS__INGESTER__CLICKHOUSE__REPLICA_URLS",
+                    "http://b:8123, https://c:8443",
+                ),
+            ]),
+        )
+        .unwrap();
+        let clickhouse = &settings.ingester.clickhouse;
+        assert_eq!(clickhouse.cluster.as_deref(), Some("venus_2"));
+        assert_eq!(
+            clickhouse.replica_urls,
+            vec!["http://b:8123".to_owned(), "https://c:8443".to_owned()]
+        );
     }
 
     #[test]

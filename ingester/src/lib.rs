@@ -13,7 +13,8 @@
 //! * `marks`, `dedup`: which messages may be in ClickHouse already (the
 //!   partition's mark, written before the inserts it covers) and which of
 //!   those are (a message read again is never a second row);
-//! * `clickhouse`: DDL and the HTTP client; `dead_letter`: the DLQ producer;
+//! * `schema`: the tables' DDL, on one server or a cluster;
+//! * `clickhouse`: the HTTP client (replicas in turn); `dead_letter`: the DLQ producer;
 //! * `health`, `server`, `metrics`: `/readyz`, `/healthz`, `/metrics`;
 //! * `config`: the `ingester:` section; `app`: the wiring and the drain.
 
@@ -32,6 +33,7 @@ pub mod offsets;
 pub mod processor;
 pub mod record;
 pub mod row;
+pub mod schema;
 pub mod server;
 pub mod writer;
 

@@ -43,20 +43,14 @@ async fn main() -> ExitCode {
             _ => venus_ingester::row::Layout::Current,
         };
         let clickhouse = &settings.ingester.clickhouse;
-        println!("CREATE DATABASE IF NOT EXISTS {};\n", clickhouse.database);
-        println!(
-            "{};\n",
-            venus_ingester::clickhouse::create_table_sql(
-                &clickhouse.database,
-                &clickhouse.table,
-                layout,
-                clickhouse.ttl_days
-            )
-        );
-        println!(
-            "{};",
-            venus_ingester::clickhouse::create_marks_sql(&clickhouse.database, &clickhouse.table)
-        );
+        let schema = venus_ingester::schema::Schema {
+            database: &clickhouse.database,
+            table: &clickhouse.table,
+            cluster: clickhouse.cluster.as_deref(),
+        };
+        for sql in schema.creates(layout, clickhouse.ttl_days) {
+            println!("{sql};\n");
+        }
         return ExitCode::SUCCESS;
     }
     let mut telemetry = settings.telemetry.clone();

@@ -141,8 +141,8 @@ fn a_current_clickhouse_takes_the_schema_the_rows_and_every_documented_query() {
         "ddl": [
             "CREATE DATABASE IF NOT EXISTS venus",
             // With a retention (ten years: the rows are from 2023).
-            venus_ingester::clickhouse::create_table_sql("venus", "events", layout, 3_650),
-            venus_ingester::clickhouse::create_marks_sql("venus", "events"),
+            venus_ingester::schema::Schema::single("venus", "events").create_table(layout, 3_650),
+            venus_ingester::schema::Schema::single("venus", "events").create_marks(),
         ],
         "structure": structure(layout),
         "rows": rows_file.display().to_string(),
@@ -232,10 +232,8 @@ async fn clickhouse_18_16_takes_every_documented_query_too() {
     let ch = ClickHouseServer::start();
     let layout = Layout::Classic;
     ch.query("CREATE DATABASE IF NOT EXISTS venus").await;
-    ch.query(&venus_ingester::clickhouse::create_table_sql(
-        "venus", "events", layout, 0,
-    ))
-    .await;
+    ch.query(&venus_ingester::schema::Schema::single("venus", "events").create_table(layout, 0))
+        .await;
     let rows = rows(layout);
     let response = reqwest::Client::new()
         .post(format!(

@@ -289,12 +289,10 @@ async fn the_same_batch_three_times_once_after_a_1004_is_one_row_per_event() {
     broker.create_topic(&ns.topic(category)).await;
     // The table as the ingester makes it, its merges stopped before any row.
     ch.query("CREATE DATABASE IF NOT EXISTS venus").await;
-    ch.query(&venus_ingester::clickhouse::create_table_sql(
-        "venus",
-        &ns.table(),
-        venus_ingester::row::Layout::Classic,
-        0,
-    ))
+    ch.query(
+        &venus_ingester::schema::Schema::single("venus", &ns.table())
+            .create_table(venus_ingester::row::Layout::Classic, 0),
+    )
     .await;
     ch.query(&format!("SYSTEM STOP MERGES {}", ns.qualified_table()))
         .await;

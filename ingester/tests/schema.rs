@@ -27,8 +27,8 @@ async fn a_column_a_later_version_added_appears_on_an_older_table() {
     broker.create_topic(&ns.topic(category)).await;
     // The table as an earlier version made it: without `trace_id`.
     ch.query("CREATE DATABASE IF NOT EXISTS venus").await;
-    let ddl =
-        venus_ingester::clickhouse::create_table_sql("venus", &ns.table(), Layout::Classic, 0);
+    let ddl = venus_ingester::schema::Schema::single("venus", &ns.table())
+        .create_table(Layout::Classic, 0);
     let older = ddl.replace("    trace_id String,\n", "");
     assert_ne!(older, ddl);
     ch.query(&older).await;

@@ -140,12 +140,8 @@ async fn a_user_that_may_only_insert_works_with_manage_schema_off() {
     readyz_says(&ingester, 503, &["does not exist"]).await;
     // The operator creates it, first without a column the rows need.
     ch.query("CREATE DATABASE IF NOT EXISTS venus").await;
-    let ddl = venus_ingester::clickhouse::create_table_sql(
-        "venus",
-        &ns.table(),
-        venus_ingester::row::Layout::Classic,
-        0,
-    );
+    let ddl = venus_ingester::schema::Schema::single("venus", &ns.table())
+        .create_table(venus_ingester::row::Layout::Classic, 0);
     let without = ddl.replace("    request_id String,\n", "");
     assert_ne!(without, ddl, "the DDL has request_id");
     ch.query(&without).await;
@@ -157,11 +153,8 @@ async fn a_user_that_may_only_insert_works_with_manage_schema_off() {
     .await;
     // And the marks table beside it.
     readyz_says(&ingester, 503, &["_marks does not exist"]).await;
-    ch.query(&venus_ingester::clickhouse::create_marks_sql(
-        "venus",
-        &ns.table(),
-    ))
-    .await;
+    ch.query(&venus_ingester::schema::Schema::single("venus", &ns.table()).create_marks())
+        .await;
     readyz_says(&ingester, 200, &["ready"]).await;
 
     let app = common::gateway(broker, &ns).await;

@@ -82,8 +82,9 @@ pub fn load_layered<T: serde::de::DeserializeOwned>(
 }
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 3] = [
+const LIST_KEYS: [&str; 4] = [
     "categories",
+    "ingester.clickhouse.replica_urls",
     "server.trusted_proxies",
     "server.cors.allowed_origins",
 ];

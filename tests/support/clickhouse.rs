@@ -49,14 +49,18 @@ impl ClickHouseServer {
     }
 
     fn start_with(env: Vec<(&'static str, String)>) -> Self {
+        Self::start_on(free_port(), free_port(), env)
+    }
+
+    fn start_on(http_port: u16, tcp_port: u16, env: Vec<(&'static str, String)>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("venus-clickhouse-")
             .tempdir()
             .unwrap();
         let mut server = Self {
             child: None,
-            http_port: free_port(),
-            tcp_port: free_port(),
+            http_port,
+            tcp_port,
             https_port: None,
             env,
             dir,
@@ -180,5 +184,51 @@ impl Drop for ClickHouseServer {
             unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
         }
         self.kill();
+    }
+}
+
+/// The replicas of one shard of the cluster [`ClickHouseCluster::NAME`]
+/// (`remote_servers`, `internal_replication`), over a real ZooKeeper: what
+/// Replicated tables and `ON CLUSTER` DDL need. Each replica can be killed
+/// and started again on its ports and data like any server.
+pub struct ClickHouseCluster {
+    pub replicas: Vec<ClickHouseServer>,
+    /// Dropped after the replicas (field order).
+    pub zookeeper: super::zookeeper::ZooKeeper,
+}
+
+impl ClickHouseCluster {
+    /// The cluster's name in the servers' `remote_servers`.
+    pub const NAME: &'static str = "venus_cluster";
+
+    /// `count` replicas (macros `{shard}` 01, `{replica}` r1, r2, ...).
+    pub fn start(count: usize) -> Self {
+        let zookeeper = super::zookeeper::ZooKeeper::start();
+        let ports: Vec<(u16, u16)> = (0..count).map(|_| (free_port(), free_port())).collect();
+        let members: Vec<String> = ports
+            .iter()
+            .map(|(_, tcp)| format!("127.0.0.1:{tcp}"))
+            .collect();
+        let replicas = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (http, tcp))| {
+                ClickHouseServer::start_on(
+                    *http,
+                    *tcp,
+                    vec![
+                        ("CLICKHOUSE_ZOOKEEPER", zookeeper.address()),
+                        ("CLICKHOUSE_CLUSTER", Self::NAME.to_owned()),
+                        ("CLICKHOUSE_REPLICAS", members.join(",")),
+                        ("CLICKHOUSE_REPLICA", format!("r{}", i + 1)),
+                        ("CLICKHOUSE_INTERSERVER_PORT", free_port().to_string()),
+                    ],
+                )
+            })
+            .collect();
+        Self {
+            replicas,
+            zookeeper,
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod otlp;
 pub mod proxy;
 pub mod tls;
+pub mod zookeeper;
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -141,6 +141,8 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let client = ClickHouse::new(&ClickHouseSettings {
                 url: clickhouse,
+                replica_urls: Vec::new(),
+                cluster: None,
                 database,
                 table,
                 user: "default".into(),
