@@ -16,6 +16,7 @@ async fn under_load_every_accepted_event_is_in_kafka_exactly_once() {
     let (first, _) = support::fresh_topic("smoke_a").await;
     let (second, _) = support::fresh_topic("smoke_b").await;
     let app = TestApp::spawn(support::settings(&broker.address(), &[])).await;
+    let ids = tempfile::NamedTempFile::new().unwrap();
     let report = run(Config {
         url: app.url("/api/v1/upload"),
         connections: 4,
@@ -26,6 +27,7 @@ async fn under_load_every_accepted_event_is_in_kafka_exactly_once() {
             ..GenConfig::default()
         },
         verify: true,
+        accepted_ids: Some(ids.path().to_owned()),
         brokers: Some(broker.address()),
         verify_idle: Duration::from_secs(3),
         ..Config::default()
@@ -47,6 +49,14 @@ async fn under_load_every_accepted_event_is_in_kafka_exactly_once() {
     assert_eq!(verify.unreadable, 0, "{report}");
     // Every message read is one this run accepted.
     assert_eq!(verify.messages_read, verify.found, "{report}");
+    // --accepted-ids: every accepted event's backend_id, once.
+    let written = std::fs::read_to_string(ids.path()).unwrap();
+    let ids: std::collections::HashSet<uuid::Uuid> = written
+        .lines()
+        .map(|line| line.parse().expect("a UUID a line"))
+        .collect();
+    assert_eq!(written.lines().count() as u64, report.events_accepted);
+    assert_eq!(ids.len() as u64, report.events_accepted);
     app.stop().await;
 }
 

@@ -80,5 +80,33 @@ fn print_schema_prints_the_statements_and_connects_to_nothing() {
             text.contains("CREATE TABLE IF NOT EXISTS venus.mine_marks ("),
             "{text}"
         );
+        assert!(!text.contains("ON CLUSTER"), "{text}");
+    }
+    // Cluster mode: the same, replicated ON CLUSTER, and the Distributed
+    // table.
+    let output = Command::new(env!("CARGO_BIN_EXE_venus-ingester"))
+        .arg("--config")
+        .arg(repo_config())
+        .args(["--print-schema", "current"])
+        .env("VENUS__KAFKA__BROKERS", "127.0.0.1:1")
+        .env("VENUS__INGESTER__CLICKHOUSE__URL", "http://127.0.0.1:1")
+        .env(
+            "VENUS__INGESTER__CLICKHOUSE__REPLICA_URLS",
+            "http://127.0.0.1:2",
+        )
+        .env("VENUS__INGESTER__CLICKHOUSE__CLUSTER", "analytics")
+        .env("VENUS__INGESTER__CLICKHOUSE__TABLE", "mine")
+        .output()
+        .expect("run venus-ingester");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    for wanted in [
+        "CREATE DATABASE IF NOT EXISTS venus ON CLUSTER analytics;",
+        "CREATE TABLE IF NOT EXISTS venus.mine ON CLUSTER analytics (",
+        "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/venus/mine', '{replica}', ingested_at)",
+        "CREATE TABLE IF NOT EXISTS venus.mine_marks ON CLUSTER analytics (",
+        "CREATE TABLE IF NOT EXISTS venus.mine_all ON CLUSTER analytics AS venus.mine ENGINE = Distributed(analytics, venus, mine);",
+    ] {
+        assert!(text.contains(wanted), "{wanted}: {text}");
     }
 }

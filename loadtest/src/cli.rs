@@ -113,6 +113,11 @@ pub struct Cli {
     #[arg(long, requires = "brokers", help_heading = "Kafka")]
     pub verify: bool,
 
+    /// With --verify: also write the backend_id of every accepted event to
+    /// this file, one UUID a line (to check a table downstream against).
+    #[arg(long, value_name = "FILE", requires = "verify", help_heading = "Kafka")]
+    pub accepted_ids: Option<std::path::PathBuf>,
+
     /// Verification stops when nothing new arrived for this long.
     #[arg(long, value_parser = parse_duration, default_value = "5s", help_heading = "Kafka")]
     pub verify_idle: Duration,
@@ -189,6 +194,7 @@ impl Cli {
             brokers: self.brokers.clone(),
             topic_template: self.topic_template.clone(),
             verify: self.verify,
+            accepted_ids: self.accepted_ids.clone(),
             verify_idle: self.verify_idle,
             verify_timeout: self.verify_timeout,
             producer: self.producer.clone(),

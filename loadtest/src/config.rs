@@ -255,6 +255,8 @@ pub struct Config {
     /// After the load, read the topics back and check every accepted event
     /// is there exactly once.
     pub verify: bool,
+    /// With `verify`: where to write the accepted events' backend_ids.
+    pub accepted_ids: Option<std::path::PathBuf>,
     /// Verification ends when nothing new arrived for this long.
     pub verify_idle: Duration,
     /// Verification ends after this long in any case.
@@ -282,6 +284,7 @@ impl Default for Config {
             brokers: None,
             topic_template: DEFAULT_TOPIC_TEMPLATE.into(),
             verify: false,
+            accepted_ids: None,
             verify_idle: Duration::from_secs(5),
             verify_timeout: Duration::from_secs(300),
             producer: Vec::new(),

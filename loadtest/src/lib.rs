@@ -196,6 +196,9 @@ where
             timeout: config.verify_timeout,
         };
         let stats = driven.stats;
+        if let Some(path) = &config.accepted_ids {
+            write_ids(path, &stats.accepted_ids)?;
+        }
         let expected: Vec<TopicIds> = topics
             .into_iter()
             .zip(stats.accepted_ids.into_iter().zip(stats.failed_ids))
@@ -210,6 +213,19 @@ where
     }
     progress.finish();
     Ok(report)
+}
+
+/// The backend_ids of `ids` (every category's), one UUID a line.
+fn write_ids(path: &std::path::Path, ids: &[Vec<u128>]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("--accepted-ids {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for id in ids.iter().flatten() {
+        writeln!(out, "{}", uuid::Uuid::from_u128(*id).hyphenated())?;
+    }
+    out.flush()
+        .with_context(|| format!("--accepted-ids {}", path.display()))
 }
 
 /// Runs blocking Kafka work off the async workers.
