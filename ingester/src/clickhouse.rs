@@ -108,8 +108,18 @@ impl Version {
 /// `async_insert=0`: a profile with `async_insert=1,
 /// wait_for_async_insert=0` would answer before the rows are written, and
 /// the ingester would commit past rows a crash then loses.
-pub fn insert_settings(version: Option<Version>) -> Vec<(&'static str, &'static str)> {
+///
+/// `insert_deduplicate=1` on replicated tables (cluster mode): a batch
+/// resent to another replica after a failure is dropped if the first one
+/// wrote it (docs/INGESTER.md, "Cluster mode"), whatever the profile says.
+pub fn insert_settings(
+    version: Option<Version>,
+    replicated: bool,
+) -> Vec<(&'static str, &'static str)> {
     let mut settings = Vec::new();
+    if replicated {
+        settings.push(("insert_deduplicate", "1"));
+    }
     if version.is_some_and(Version::has_async_insert) {
         settings.push(("async_insert", "0"));
     }
@@ -170,6 +180,21 @@ pub fn classify(status: u16, body: &str) -> InsertError {
     }
 }
 
+/// Whether a transient failure says the replica itself is unwell (and the
+/// next one should take over): no answer at all (refused, reset, timed
+/// out), a 5xx without a ClickHouse error (a proxy's), or a replica that
+/// lost ZooKeeper (read-only). Not an error of the query or the user (a
+/// wrong password is wrong on every replica), and not code 159 (another
+/// replica did not run `ON CLUSTER` DDL in time).
+fn replica_unwell(reason: &str) -> bool {
+    match error_code(reason) {
+        // 242 TABLE_IS_READ_ONLY, 225 NO_ZOOKEEPER, 999 KEEPER_EXCEPTION,
+        // 210 NETWORK_ERROR, 209 SOCKET_TIMEOUT.
+        Some(code) => matches!(code, 242 | 225 | 999 | 210 | 209),
+        None => !reason.starts_with("HTTP 4"),
+    }
+}
+
 /// A ClickHouse HTTP client for one table, on one server or on the
 /// replicas of one shard (cluster mode), one at a time.
 #[derive(Clone)]
@@ -180,6 +205,9 @@ pub struct ClickHouse {
     /// The index in `urls` requests go to: it moves on to the next replica
     /// when one fails, and stays there while that one answers.
     current: Arc<AtomicUsize>,
+    /// Readiness pings that got no answer in a row (3 move to the next
+    /// replica: one slow ping is not a dead replica).
+    ping_misses: Arc<AtomicUsize>,
     cluster: Option<String>,
     user: String,
     password: Secret,
@@ -217,6 +245,7 @@ impl ClickHouse {
                     .collect(),
             ),
             current: Arc::new(AtomicUsize::new(0)),
+            ping_misses: Arc::new(AtomicUsize::new(0)),
             cluster: settings.cluster.clone(),
             user: settings.user.clone(),
             password: settings.password.clone(),
@@ -273,11 +302,13 @@ impl ClickHouse {
         }
     }
 
-    /// `result` of a request to `urls[index]`, failing over on a
-    /// transient error.
+    /// `result` of a request to `urls[index]`, failing over when the
+    /// failure says that replica is unwell.
     fn checked<T>(&self, index: usize, result: Result<T, InsertError>) -> Result<T, InsertError> {
         if let Err(InsertError::Transient(reason)) = &result {
-            self.fail_over(index, reason);
+            if replica_unwell(reason) {
+                self.fail_over(index, reason);
+            }
         }
         result
     }
@@ -303,7 +334,7 @@ impl ClickHouse {
                 .http
                 .post(format!("{url}/"))
                 .query(&[("query", query), ("query_id", query_id)])
-                .query(&insert_settings(self.version()))
+                .query(&insert_settings(self.version(), self.cluster.is_some()))
                 .basic_auth(&self.user, Some(self.password.expose()))
                 .timeout(timeout)
                 .body(body)
@@ -462,11 +493,28 @@ impl ClickHouse {
                     self.table
                 )));
             }
-            if self.manage_schema {
+            if self.manage_schema && !self.has_ttl(self.ttl_days).await? {
                 self.ddl(&schema.modify_ttl(self.ttl_days)).await?;
             }
         }
         Ok(())
+    }
+
+    /// Whether the table's `TTL` is `days` already. On one server the
+    /// `ALTER` is cheap and always sent; in cluster mode it would wait for
+    /// every replica (a dead one included), so only a change is sent.
+    async fn has_ttl(&self, days: u32) -> Result<bool, InsertError> {
+        if self.cluster.is_none() {
+            return Ok(false);
+        }
+        let engine = self
+            .query(&format!(
+                "SELECT engine_full FROM system.tables WHERE database = '{}' AND name = '{}' FORMAT TabSeparated",
+                self.database, self.table
+            ))
+            .await?;
+        Ok(engine.contains(&format!("toIntervalDay({days})"))
+            || engine.contains(&format!("INTERVAL {days} DAY")))
     }
 
     /// Cluster mode: makes `<table>_all` again when it lacks a column of
@@ -593,15 +641,49 @@ impl ClickHouse {
             .map(|_| ())
     }
 
-    /// Whether the query `query_id` is still running on the server.
-    pub async fn running(&self, query_id: &str) -> Result<bool, InsertError> {
-        let answer = self
-            .query(&format!(
-                "SELECT count() FROM system.processes WHERE query_id = '{}'",
-                query_id.replace(['\\', '\''], "")
-            ))
-            .await?;
-        Ok(answer.trim() != "0")
+    /// The replica requests go to now (an index for [`ClickHouse::running`]).
+    pub fn replica(&self) -> usize {
+        self.target().0
+    }
+
+    /// Whether the query `query_id` is still running on `replica`, the
+    /// server the attempt went to (after a failover, not the one in use).
+    /// A replica that does not answer at all is taken as not running it:
+    /// if it still completes, the replicated table drops the resent block
+    /// when its bytes are the same.
+    pub async fn running(&self, query_id: &str, replica: usize) -> Result<bool, InsertError> {
+        let sql = format!(
+            "SELECT count() FROM system.processes WHERE query_id = '{}'",
+            query_id.replace(['\\', '\''], "")
+        );
+        let Some(url) = self
+            .urls
+            .get(replica)
+            .filter(|_| replica != self.target().0)
+        else {
+            let answer = self.query(&sql).await?;
+            return Ok(answer.trim() != "0");
+        };
+        let response = self
+            .http
+            .post(format!("{url}/"))
+            .basic_auth(&self.user, Some(self.password.expose()))
+            .timeout(self.ping_timeout)
+            .body(sql)
+            .send()
+            .await;
+        match response {
+            Err(_) => Ok(false),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let text = response.text().await.unwrap_or_default();
+                if (200..300).contains(&status) {
+                    Ok(text.trim() != "0")
+                } else {
+                    Err(classify(status, &text))
+                }
+            }
+        }
     }
 
     /// Which identities of the rows of `rows` marked in `suspects` are in
@@ -651,9 +733,12 @@ impl ClickHouse {
         // readable before the rows it covers go in).
         // The statement in the body: 18.16 refuses a POST without one.
         let sql = marks_write_sql(&self.database, &self.table, group, marks);
-        self.query_with(&sql, &insert_settings(self.version()))
-            .await
-            .map(|_| ())
+        self.query_with(
+            &sql,
+            &insert_settings(self.version(), self.cluster.is_some()),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// `SELECT 1` with the short readiness timeout (a real query, not
@@ -679,10 +764,16 @@ impl ClickHouse {
             Err(format!("HTTP {}: {}", status.as_u16(), body.trim()))
         }
         .await;
-        if let Err(reason) = &result {
-            // A replica that stopped answering is left before an insert
-            // has to find out.
-            self.fail_over(index, reason);
+        match &result {
+            // A replica that stopped answering three pings in a row is left
+            // before an insert has to find out.
+            Err(reason) if !reason.starts_with("HTTP ") => {
+                if self.ping_misses.fetch_add(1, Ordering::Relaxed) + 1 >= 3 {
+                    self.ping_misses.store(0, Ordering::Relaxed);
+                    self.fail_over(index, reason);
+                }
+            }
+            _ => self.ping_misses.store(0, Ordering::Relaxed),
         }
         result
     }
@@ -727,15 +818,39 @@ mod tests {
             })
         );
         assert_eq!(Version::parse("garbage"), None);
-        assert!(insert_settings(Version::parse("18.16.1")).is_empty());
-        assert!(insert_settings(Version::parse("21.10.1")).is_empty());
-        assert!(insert_settings(None).is_empty());
+        assert!(insert_settings(Version::parse("18.16.1"), false).is_empty());
+        assert!(insert_settings(Version::parse("21.10.1"), false).is_empty());
+        assert!(insert_settings(None, false).is_empty());
+        assert_eq!(
+            insert_settings(Version::parse("18.16.1"), true),
+            vec![("insert_deduplicate", "1")]
+        );
         for current in ["21.11.1", "25.8.2.29", "26.9.1"] {
             assert_eq!(
-                insert_settings(Version::parse(current)),
+                insert_settings(Version::parse(current), false),
                 vec![("async_insert", "0")],
                 "{current}"
             );
+        }
+    }
+
+    #[test]
+    fn only_a_replica_that_is_unwell_is_left() {
+        for unwell in [
+            "error sending request: connection refused",
+            "operation timed out",
+            "HTTP 502: bad gateway",
+            "HTTP 500: Code: 242, e.displayText() = DB::Exception: Table is in readonly mode",
+        ] {
+            assert!(replica_unwell(unwell), "{unwell}");
+        }
+        for not in [
+            "HTTP 500: Code: 159, e.displayText() = DB::Exception: Watching task is executing longer than distributed_ddl_task_timeout",
+            "HTTP 401: Code: 516, authentication failed",
+            "HTTP 500: Code: 241, Memory limit exceeded",
+            "HTTP 404: not found",
+        ] {
+            assert!(!replica_unwell(not), "{not}");
         }
     }
 

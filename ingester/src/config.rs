@@ -382,13 +382,28 @@ impl Settings {
         if let Some(cluster) = &clickhouse.cluster {
             // It goes into DDL as it is.
             if cluster.is_empty()
+                || cluster.starts_with(|c: char| c.is_ascii_digit())
                 || !cluster
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_')
             {
                 return Err(ConfigError::invalid(
                     "ingester.clickhouse.cluster",
-                    format!("{cluster:?} must be a cluster name of letters, digits and _"),
+                    format!("{cluster:?} must be a cluster name of letters, digits and _, not starting with a digit"),
+                ));
+            }
+            // ON CLUSTER DDL waits half of it for the other replicas: the
+            // answer must come before the request gives up.
+            if clickhouse.timeout_ms < 4_000 {
+                return Err(ConfigError::invalid(
+                    "ingester.clickhouse.timeout_ms",
+                    "must be at least 4000 in cluster mode (ON CLUSTER DDL waits half of it)",
+                ));
+            }
+            if clickhouse.replica_urls.contains(&clickhouse.url) {
+                return Err(ConfigError::invalid(
+                    "ingester.clickhouse.replica_urls",
+                    "lists ingester.clickhouse.url itself",
                 ));
             }
         } else if !clickhouse.replica_urls.is_empty() {

@@ -174,11 +174,11 @@ impl Writer {
     async fn prepare(
         &mut self,
         chunk: &mut Rows,
-        last: &mut Option<String>,
+        last: &mut Option<(String, usize)>,
         all_suspect: &mut bool,
     ) -> Result<bool, InsertError> {
-        if let Some(query_id) = last.as_deref() {
-            if self.clickhouse.running(query_id).await? {
+        if let Some((query_id, replica)) = last.as_ref() {
+            if self.clickhouse.running(query_id, *replica).await? {
                 return Err(InsertError::Transient(format!(
                     "the previous attempt ({query_id}) is still running on the server"
                 )));
@@ -235,7 +235,7 @@ impl Writer {
     async fn insert(&mut self, chunk: &mut Rows) -> Attempt {
         // The query id of an attempt that failed without a clear answer:
         // ClickHouse may still be writing its rows.
-        let mut last: Option<String> = None;
+        let mut last: Option<(String, usize)> = None;
         let mut all_suspect = false;
         loop {
             if *self.cancel.borrow() {
@@ -306,6 +306,7 @@ impl Writer {
                 }
             }
             let started = Instant::now();
+            let replica = self.clickhouse.replica();
             let result = self
                 .clickhouse
                 .insert(body, &query_id)
@@ -332,7 +333,7 @@ impl Writer {
                     }
                     // Without a clear answer the rows may be in, or going
                     // in: the next attempt first waits for this one and asks.
-                    last = Some(query_id);
+                    last = Some((query_id, replica));
                     drop(span);
                     if !self.failed(error.to_string(), seconds).await {
                         return Attempt::Cancelled;

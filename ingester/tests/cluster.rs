@@ -79,6 +79,10 @@ async fn a_replica_killed_mid_stream_loses_nothing_and_doubles_nothing() {
         cluster.replicas[1].url(),
     );
     env.insert("VENUS__INGESTER__BATCH_ROWS".into(), "20".into());
+    env.insert(
+        "VENUS__INGESTER__CLICKHOUSE__TIMEOUT_MS".into(),
+        "4000".into(),
+    );
     let mut ingester = IngesterProcess::start(&env);
     ingester.wait_assigned();
     let app = common::gateway(broker, &ns).await;
@@ -126,6 +130,20 @@ async fn a_replica_killed_mid_stream_loses_nothing_and_doubles_nothing() {
         })
     };
     tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let failover = "ClickHouse replica failed; the next one takes over";
+    let said = |ingester: &IngesterProcess, message: &str| {
+        ingester
+            .logs()
+            .iter()
+            .any(|line| line["message"] == message)
+    };
+    assert!(!said(&ingester, failover), "a failover before the kill");
+    // Mid-stream: part of the stream is in, part is not.
+    let before_kill = counts(&cluster.replicas[0], &ns, category).await.0;
+    assert!(
+        (100..500).contains(&before_kill),
+        "{before_kill} rows at the kill"
+    );
     cluster.replicas[0].kill();
     streaming.await.unwrap();
     ingester.wait_for_log(
@@ -151,7 +169,7 @@ async fn a_replica_killed_mid_stream_loses_nothing_and_doubles_nothing() {
     drop(ingester);
     // tansu gives a member that joins before the killed one's session
     // ended no partitions (as in crash.rs).
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     env.insert(
         "VENUS__INGESTER__LISTEN".into(),
         format!("127.0.0.1:{}", IngesterProcess::free_port()),
@@ -167,6 +185,13 @@ async fn a_replica_killed_mid_stream_loses_nothing_and_doubles_nothing() {
     .await;
     let (status, body) = ingester.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
+    assert!(
+        !said(
+            &ingester,
+            "a ClickHouse replica has not run the DDL yet; it will when it is back"
+        ),
+        "the restarted ingester ran ON CLUSTER DDL"
+    );
 
     // The killed replica comes back: both hold every event, once (rows,
     // distinct ids and FINAL agree: nothing was inserted twice).
