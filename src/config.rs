@@ -60,10 +60,58 @@ pub struct Settings {
     /// own: the IP mode and field rules (see `privacy`). Reloaded on SIGHUP.
     #[serde(default)]
     pub privacy: crate::privacy::PrivacySettings,
+    /// The local spool for events Kafka is not taking (off by default).
+    #[serde(default)]
+    pub spool: SpoolSettings,
     /// Where these settings were read from, so that SIGHUP can read them
     /// again.
     #[serde(skip)]
     pub origin: Option<ConfigOrigin>,
+}
+
+/// `spool`: where events go while Kafka is not taking them (see
+/// `crate::spool`). Off by default: the default promise stays "200 means
+/// Kafka acknowledged".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSettings {
+    /// Spool events Kafka is not taking, and answer them 0 (`spooled`)
+    /// once fsynced, instead of 1004.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The spool's directory (created when missing); one per gateway
+    /// process, on a disk that survives a restart.
+    #[serde(default = "defaults::spool_path")]
+    pub path: PathBuf,
+    /// Most bytes of segment files on disk; past it, events Kafka is not
+    /// taking are answered 1004 (HTTP 503 with `Retry-After`) as without a
+    /// spool.
+    #[serde(default = "defaults::spool_max_bytes")]
+    pub max_bytes: u64,
+    /// Free bytes the spool always leaves on its file system.
+    #[serde(default = "defaults::spool_min_free_bytes")]
+    pub min_free_bytes: u64,
+    /// A segment file is closed (and may be replayed) at this size, or one
+    /// second after it was opened.
+    #[serde(default = "defaults::spool_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Most spooled events replayed to Kafka per second, leaving room for
+    /// live traffic.
+    #[serde(default = "defaults::spool_replay_events_per_sec")]
+    pub replay_events_per_sec: u32,
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: defaults::spool_path(),
+            max_bytes: defaults::spool_max_bytes(),
+            min_free_bytes: defaults::spool_min_free_bytes(),
+            segment_bytes: defaults::spool_segment_bytes(),
+            replay_events_per_sec: defaults::spool_replay_events_per_sec(),
+        }
+    }
 }
 
 /// What the gateway reads of the `ingester` section: only the name of the
@@ -295,6 +343,21 @@ fn one_or_many_paths<'de, D: serde::Deserializer<'de>>(
 }
 
 mod defaults {
+    pub fn spool_path() -> std::path::PathBuf {
+        "spool".into()
+    }
+    pub fn spool_max_bytes() -> u64 {
+        1 << 30
+    }
+    pub fn spool_min_free_bytes() -> u64 {
+        256 << 20
+    }
+    pub fn spool_segment_bytes() -> u64 {
+        16 << 20
+    }
+    pub fn spool_replay_events_per_sec() -> u32 {
+        20_000
+    }
     pub fn max_body_bytes() -> usize {
         10 * 1024 * 1024
     }
@@ -380,6 +443,23 @@ impl Settings {
     }
 
     fn validated(mut self) -> Result<Self, ConfigError> {
+        if self.spool.enabled {
+            for (key, value) in [
+                ("spool.max_bytes", self.spool.max_bytes),
+                ("spool.segment_bytes", self.spool.segment_bytes),
+                (
+                    "spool.replay_events_per_sec",
+                    u64::from(self.spool.replay_events_per_sec),
+                ),
+            ] {
+                if value == 0 {
+                    return Err(invalid(key, "must be greater than 0"));
+                }
+            }
+            if self.spool.path.as_os_str().is_empty() {
+                return Err(invalid("spool.path", "must name a directory"));
+            }
+        }
         self.server
             .listen
             .parse::<SocketAddr>()

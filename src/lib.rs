@@ -42,6 +42,7 @@ pub mod peers;
 pub mod pipeline;
 pub mod privacy;
 pub mod server;
+pub mod spool;
 pub mod upload_body;
 pub mod wire;
 

@@ -29,14 +29,32 @@ enum Command {
     /// is read from standard input (so it stays out of the shell history),
     /// one key, a trailing newline ignored.
     HashKey,
+    /// The local spool (`spool.path`).
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum SpoolCommand {
+    /// Checks a spool directory offline, changing nothing: every segment's
+    /// records (pending and replayed), pending records per topic, the
+    /// oldest pending record, torn tails and corrupt records, and what is
+    /// in quarantine/. Exit status 1 if a segment outside quarantine is
+    /// torn or corrupt (the gateway cuts or quarantines it at start).
+    Verify {
+        /// The spool directory.
+        path: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     venus::allocator::disable_transparent_huge_pages();
     venus::allocator::return_freed_memory_promptly();
     let cli = Cli::parse();
-    if let Some(Command::HashKey) = cli.command {
-        return hash_key();
+    match &cli.command {
+        Some(Command::HashKey) => return hash_key(),
+        Some(Command::Spool(SpoolCommand::Verify { path })) => return verify_spool(path),
+        None => {}
     }
     // Parsing recurses once per nesting level of a batch (bounded by
     // `split_and_validate::MAX_NESTING`); larger worker stacks keep a wide
@@ -51,6 +69,75 @@ fn main() -> ExitCode {
             eprintln!("venus: cannot start the runtime: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn verify_spool(path: &std::path::Path) -> ExitCode {
+    use venus::spool::segment;
+    if !path.is_dir() {
+        eprintln!("venus spool verify: {} is not a directory", path.display());
+        return ExitCode::from(2);
+    }
+    let inspection = match segment::inspect(path) {
+        Ok(inspection) => inspection,
+        Err(error) => {
+            eprintln!("venus spool verify: {}: {error}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let now = venus::spool::now_ms();
+    let describe = |report: &segment::SegmentReport| {
+        let state = if report.corrupt {
+            format!(
+                "CORRUPT after {} records (byte {} of {})",
+                report.records, report.valid_bytes, report.file_bytes
+            )
+        } else if report.torn_tail {
+            format!(
+                "TORN TAIL: {} bytes after the last whole record",
+                report.file_bytes - report.valid_bytes
+            )
+        } else {
+            "ok".to_owned()
+        };
+        let oldest = report
+            .oldest_pending_ms
+            .map(|ms| format!(", oldest pending {} s old", now.saturating_sub(ms) / 1000))
+            .unwrap_or_default();
+        println!(
+            "segment {:020}: {} records, {} pending ({} bytes replayed){oldest}: {state}",
+            report.id, report.records, report.pending_records, report.replayed_bytes
+        );
+    };
+    let mut topics = std::collections::BTreeMap::<String, u64>::new();
+    let mut bad = 0;
+    for report in &inspection.segments {
+        describe(report);
+        bad += usize::from(report.corrupt || report.torn_tail);
+        for (topic, n) in &report.topics {
+            *topics.entry(topic.clone()).or_default() += n;
+        }
+    }
+    for report in &inspection.quarantined {
+        print!("quarantine/ ");
+        describe(report);
+    }
+    let pending: u64 = topics.values().sum();
+    println!(
+        "{} segments, {pending} records pending, {} in quarantine",
+        inspection.segments.len(),
+        inspection.quarantined.len()
+    );
+    for (topic, n) in topics {
+        println!("  {topic}: {n}");
+    }
+    if bad > 0 {
+        println!(
+            "{bad} segments torn or corrupt: the gateway cuts or quarantines them when it starts"
+        );
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

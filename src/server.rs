@@ -108,6 +108,8 @@ struct Shared {
     readiness: ReadinessCache,
     drain: Drain,
     apps: Apps,
+    /// The local spool, when `spool.enabled`.
+    spool: Option<crate::spool::Spool>,
     /// Keeps the observable instruments (and their callbacks) alive.
     _gauges: Gauges,
 }
@@ -173,9 +175,17 @@ impl Application {
             settings.server.max_in_flight_bytes,
             settings.server.max_in_flight_bytes_per_client,
         );
-        let gauges = register_gauges(&metering, &sink, &budget, &geoip, &apps);
+        let spool = if settings.spool.enabled {
+            Some(crate::spool::Spool::open(&settings.spool)?)
+        } else {
+            None
+        };
+        let gauges = register_gauges(&metering, &sink, &budget, &geoip, &apps, spool.as_ref());
 
         let (drain_control, drain) = DrainControl::new();
+        if let Some(spool) = &spool {
+            crate::spool::replay::spawn(spool.clone(), sink.clone(), drain.clone());
+        }
         let limits = BatchLimits {
             max_events: settings.server.max_events_per_batch,
             max_meta_bytes: settings.server.max_meta_bytes,
@@ -193,6 +203,7 @@ impl Application {
                 sink.clone(),
                 metrics.clone(),
                 drain.clone(),
+                spool.clone(),
             )),
         ]);
         let client_ip = ClientIpResolver::new(
@@ -218,6 +229,7 @@ impl Application {
             readiness: ReadinessCache::default(),
             drain,
             apps,
+            spool,
             _gauges: gauges,
         }));
         let cors = cors_layer(&settings.server.cors);
@@ -876,8 +888,22 @@ struct Readiness<'a> {
     /// Every GeoIP file in use: path, type, layout, address family, build
     /// time; a reload shows here at once.
     geoip_files: Vec<crate::geoip::FileInfo>,
+    /// With `spool.enabled`: what the spool holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spool: Option<SpoolReadiness>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a String>,
+}
+
+/// The spool's part of `/readyz`.
+#[derive(serde::Serialize)]
+struct SpoolReadiness {
+    /// `empty`, `in use` (records wait for Kafka), or `full` (no room for
+    /// another segment: events Kafka does not take are answered 1004).
+    state: &'static str,
+    records: u64,
+    bytes: u64,
+    oldest_age_seconds: f64,
 }
 
 /// How long a Kafka readiness answer is reused: probes in a burst share one
@@ -919,6 +945,27 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let database = state.geoip.current();
     let geoip = database.database_type();
     let geoip_files: Vec<crate::geoip::FileInfo> = database.files().cloned().collect();
+    let spool = state.spool.as_ref().map(|spool| {
+        let depth = spool.depth();
+        let room = spool.has_room();
+        SpoolReadiness {
+            state: if !room {
+                "full"
+            } else if depth.records > 0 {
+                "in use"
+            } else {
+                "empty"
+            },
+            records: depth.records,
+            bytes: depth.bytes,
+            oldest_age_seconds: depth.oldest_age.map_or(0.0, |age| age.as_secs_f64()),
+        }
+    });
+    // With room in the spool, a Kafka that does not deliver does not stop
+    // the gateway from answering 0: it stays in rotation (not while
+    // draining).
+    let spooling =
+        spool.as_ref().is_some_and(|s| s.state != "full") && state.drain.phase() == Phase::Serving;
     let (status, body) = match &kafka {
         Ok(()) => (
             StatusCode::OK,
@@ -927,16 +974,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 kafka: "reachable",
                 geoip,
                 geoip_files,
+                spool,
                 reason: None,
             },
         ),
         Err((kafka, reason)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
+            if spooling {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
             Readiness {
-                status: "not ready",
+                status: if spooling { "ready" } else { "not ready" },
                 kafka,
                 geoip,
                 geoip_files,
+                spool,
                 reason: Some(reason),
             },
         ),
@@ -1029,6 +1082,76 @@ struct Gauges {
     _budget: opentelemetry::metrics::ObservableGauge<u64>,
     _geoip: opentelemetry::metrics::ObservableGauge<u64>,
     _tracked_apps: opentelemetry::metrics::ObservableGauge<u64>,
+    _spool: Vec<SpoolInstrument>,
+}
+
+/// One of the spool's observable instruments.
+#[allow(dead_code)]
+enum SpoolInstrument {
+    Gauge(opentelemetry::metrics::ObservableGauge<u64>),
+    FloatGauge(opentelemetry::metrics::ObservableGauge<f64>),
+    Counter(opentelemetry::metrics::ObservableCounter<u64>),
+}
+
+/// The spool's depth, bytes, oldest record's age, and its counters
+/// (spooled, replayed, refused for room, torn tails, quarantined segments,
+/// fsyncs).
+fn spool_instruments(
+    meter: &opentelemetry::metrics::Meter,
+    spool: &crate::spool::Spool,
+) -> Vec<SpoolInstrument> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut instruments = Vec::new();
+    let depth = spool.clone();
+    instruments.push(SpoolInstrument::Gauge(
+        meter
+            .u64_observable_gauge("venus.spool.records")
+            .with_description("Spooled events not yet acknowledged by Kafka")
+            .with_callback(move |o| o.observe(depth.depth().records, &[]))
+            .build(),
+    ));
+    let bytes = spool.clone();
+    instruments.push(SpoolInstrument::Gauge(
+        meter
+            .u64_observable_gauge("venus.spool.size")
+            .with_unit("By")
+            .with_description("Bytes of spool segment files on disk")
+            .with_callback(move |o| o.observe(bytes.depth().bytes, &[]))
+            .build(),
+    ));
+    let age = spool.clone();
+    instruments.push(SpoolInstrument::FloatGauge(
+        meter
+            .f64_observable_gauge("venus.spool.oldest_age")
+            .with_unit("s")
+            .with_description(
+                "Age of the oldest spooled event not yet acknowledged by Kafka (0: none)",
+            )
+            .with_callback(move |o| {
+                o.observe(age.depth().oldest_age.map_or(0.0, |a| a.as_secs_f64()), &[])
+            })
+            .build(),
+    ));
+    type Pick = fn(&crate::spool::Counters) -> &std::sync::atomic::AtomicU64;
+    let counters: [(&'static str, &'static str, Pick); 6] = [
+        ("venus.spool.spooled", "Events written and fsynced to the spool (answered 0, spooled)", |c| &c.spooled),
+        ("venus.spool.replayed", "Spooled events Kafka acknowledged on replay", |c| &c.replayed),
+        ("venus.spool.refused", "Events the spool had no room for (spool.max_bytes or spool.min_free_bytes; answered 1004)", |c| &c.refused_full),
+        ("venus.spool.torn_tails", "Segments whose last record was cut short by a crash, cut at start-up", |c| &c.torn_tails),
+        ("venus.spool.quarantined", "Segments with a corrupt record, moved to quarantine/ at start-up", |c| &c.quarantined),
+        ("venus.spool.fsyncs", "fdatasync calls of the spool (one per group of appends)", |c| &c.fsyncs),
+    ];
+    for (name, description, pick) in counters {
+        let spool = spool.clone();
+        instruments.push(SpoolInstrument::Counter(
+            meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |o| o.observe(pick(spool.counters()).load(Relaxed), &[]))
+                .build(),
+        ));
+    }
+    instruments
 }
 
 /// The producer's queue depth, librdkafka's transmission errors and
@@ -1039,6 +1162,7 @@ fn register_gauges(
     budget: &MemoryBudget,
     geoip: &Arc<GeoIp>,
     apps: &Apps,
+    spool: Option<&crate::spool::Spool>,
 ) -> Gauges {
     use opentelemetry::metrics::MeterProvider;
     let meter = metering.provider.meter("venus");
@@ -1109,6 +1233,9 @@ fn register_gauges(
         .with_callback(move |observer| observer.observe(apps.load().tracked_unlisted() as u64, &[]))
         .build();
     Gauges {
+        _spool: spool
+            .map(|spool| spool_instruments(&meter, spool))
+            .unwrap_or_default(),
         _tracked_apps: tracked,
         _geoip: geoip,
         _budget: budget,

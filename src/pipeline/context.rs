@@ -70,6 +70,10 @@ pub enum EventStatus {
     /// Valid so far, waiting for the next handler.
     Pending,
     Accepted,
+    /// Kafka was not taking events: written and fsynced to the local spool
+    /// (`spool.enabled`), replayed to Kafka later. Answered 0 like
+    /// `Accepted`, with `data` "spooled".
+    Spooled,
     Failed {
         code: PartCode,
         reason: String,
@@ -105,6 +109,7 @@ impl Event {
     fn part(&self) -> Part {
         let (code, data) = match &self.status {
             EventStatus::Accepted => (PartCode::Accepted, Cow::Borrowed("accepted")),
+            EventStatus::Spooled => (PartCode::Accepted, Cow::Borrowed("spooled")),
             EventStatus::Failed { code, reason } => (*code, Cow::Owned(reason.clone())),
             // A chain that ends with an event still pending never reached
             // Kafka with it: it must not be reported accepted.

@@ -6,6 +6,13 @@
 //! anything else (queue full, broker error, timeout) fails it with code 1004.
 //! An event too large for a message fails with code 1003 and is not sent.
 //!
+//! With the spool on (`spool.enabled`), events Kafka is not taking go to the
+//! spool instead of failing: all of a batch at once when deliveries are
+//! failing with no acknowledgement or the topic is missing, and after an
+//! attempt the events it failed or timed out (not a slow acknowledgement
+//! within the timeout). Written and fsynced there, they are `Spooled`
+//! (answered 0, "spooled"); a full spool leaves them failed with 1004.
+//!
 //! Message value (built from slices of the request, nothing is re-parsed):
 //! `{"backend_id","upload_time","ip","country","region","city","meta","data"}`
 //! with `meta` and `data` exactly as the client sent them, or as the app's
@@ -29,6 +36,8 @@ use crate::metrics::Metrics;
 use crate::pipeline::context::{Batch, Enrichment, EventStatus};
 use crate::pipeline::{cpu_heavy, Handler, Outcome, SpanKind, UploadContext};
 use crate::privacy::StoredIp;
+use crate::spool::record::SpoolRecord;
+use crate::spool::Spool;
 use crate::telemetry;
 use crate::wire::PartCode;
 use rdkafka::types::RDKafkaErrorCode;
@@ -38,14 +47,17 @@ pub struct WriteKafka {
     metrics: Metrics,
     /// Ends the wait for acknowledgements when the shutdown grace runs out.
     drain: Drain,
+    /// Where events Kafka is not taking go, when enabled.
+    spool: Option<Spool>,
 }
 
 impl WriteKafka {
-    pub fn new(sink: Arc<KafkaSink>, metrics: Metrics, drain: Drain) -> Self {
+    pub fn new(sink: Arc<KafkaSink>, metrics: Metrics, drain: Drain, spool: Option<Spool>) -> Self {
         Self {
             sink,
             metrics,
             drain,
+            spool,
         }
     }
 }
@@ -152,7 +164,156 @@ fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
     })
 }
 
+/// Lets go of the request's bytes (see `run`).
+fn release_bytes(ctx: &mut UploadContext) {
+    for event in ctx.events.iter_mut() {
+        event.raw = bytes::Bytes::new();
+    }
+    if let Some(batch) = ctx.batch.as_mut() {
+        batch.meta = bytes::Bytes::copy_from_slice(&batch.meta);
+    }
+    ctx.request.document = bytes::Bytes::new();
+}
+
+/// The key of one event's message.
+fn event_key<'k>(
+    key: &MessageKey,
+    key_of_batch: Option<&'k [u8]>,
+    backend_id: &uuid::Uuid,
+    buffer: &'k mut [u8],
+) -> Option<&'k [u8]> {
+    match key {
+        MessageKey::None => None,
+        MessageKey::BackendId => Some(backend_id.hyphenated().encode_lower(buffer).as_bytes()),
+        MessageKey::MetaField(_) => key_of_batch,
+    }
+}
+
 impl WriteKafka {
+    /// Writes the events `select` picks to the spool, each as the message
+    /// Kafka would have got, and marks them `Spooled` once fsynced. When
+    /// the spool refuses them (full, or failing), they keep (or get) a
+    /// 1004 naming why. Returns how many were spooled.
+    async fn spool(
+        &self,
+        spool: &Spool,
+        ctx: &mut UploadContext,
+        topic: &str,
+        headers: &[(String, Vec<u8>)],
+        why: &str,
+        select: impl Fn(&crate::pipeline::context::Event) -> bool,
+    ) -> usize {
+        let Some(batch) = ctx.batch.as_ref() else {
+            return 0;
+        };
+        let key_of_batch = batch_key(self.sink.key(), batch);
+        let now = crate::spool::now_ms();
+        let mut records = Vec::new();
+        let mut chosen = Vec::new();
+        let mut value = Vec::with_capacity(4096);
+        for (index, event) in ctx.events.iter().enumerate() {
+            if !select(event) || event.raw.is_empty() {
+                continue;
+            }
+            let Some(enrichment) = event.enrichment.as_ref() else {
+                continue;
+            };
+            write_message_value(&mut value, batch, enrichment, &event.raw);
+            let mut buffer = uuid::Uuid::encode_buffer();
+            let key = event_key(
+                self.sink.key(),
+                key_of_batch.as_deref(),
+                &enrichment.backend_id,
+                &mut buffer,
+            );
+            records.push(SpoolRecord {
+                topic: topic.to_owned(),
+                key: key.map(<[u8]>::to_vec),
+                headers: headers.to_vec(),
+                value: value.clone(),
+                spooled_at_ms: now,
+            });
+            chosen.push(index);
+        }
+        if records.is_empty() {
+            return 0;
+        }
+        match spool.append(&records).await {
+            Ok(()) => {
+                for index in &chosen {
+                    ctx.events[*index].status = EventStatus::Spooled;
+                }
+                chosen.len()
+            }
+            Err(error) => {
+                for index in chosen {
+                    ctx.events[index].fail(
+                        PartCode::KafkaDelivery,
+                        format!("{why}, and {error}; retry"),
+                    );
+                }
+                0
+            }
+        }
+    }
+
+    /// The outcome of a batch some of whose events were spooled: what
+    /// still failed is reported as without a spool.
+    fn spooled_outcome(
+        &self,
+        ctx: &mut UploadContext,
+        topic: String,
+        spooled: usize,
+        sent: usize,
+    ) -> Outcome {
+        release_bytes(ctx);
+        let mut failed = 0usize;
+        let mut first_reason = "";
+        for event in &ctx.events {
+            if let EventStatus::Failed {
+                code: PartCode::KafkaDelivery | PartCode::Serialization,
+                reason,
+            } = &event.status
+            {
+                failed += 1;
+                if first_reason.is_empty() {
+                    first_reason = reason;
+                }
+            }
+        }
+        let not_delivered = ctx
+            .events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.status,
+                    EventStatus::Failed {
+                        code: PartCode::KafkaDelivery,
+                        ..
+                    }
+                )
+            })
+            .count();
+        self.metrics.delivery_errors(not_delivered as u64);
+        let outcome = if not_delivered > 0 {
+            Outcome::server_error(format!(
+                "{failed} events not written to Kafka or the spool; first: {first_reason}"
+            ))
+        } else if failed > 0 {
+            Outcome::error(format!(
+                "{failed} events not written to Kafka; first: {first_reason}"
+            ))
+        } else {
+            Outcome::proceed()
+        };
+        outcome
+            .with_attribute(KeyValue::new("messaging.system", "kafka"))
+            .with_attribute(KeyValue::new("messaging.destination.name", topic))
+            .with_attribute(KeyValue::new("messaging.operation.type", "send"))
+            .with_attribute(KeyValue::new("messaging.batch.message_count", sent as i64))
+            .with_attribute(KeyValue::new("venus.spooled", spooled as i64))
+    }
+
     /// Fails the batch's pending events at once (1004) without producing:
     /// its topic does not exist (producing would only wait the delivery
     /// timeout for the same answer), or the gateway is shutting down.
@@ -194,6 +355,43 @@ impl WriteKafka {
                 return self.not_written(ctx, topic, reason.to_owned());
             }
         };
+        let headers_list: Vec<(String, Vec<u8>)> = self
+            .spool
+            .as_ref()
+            .map(|_| {
+                telemetry::propagation_headers(&ctx.request.request_id)
+                    .into_iter()
+                    .map(|(name, value)| (name.to_owned(), value.as_bytes().to_vec()))
+                    .chain(std::iter::once((
+                        "request_id".to_owned(),
+                        ctx.request.request_id.as_bytes().to_vec(),
+                    )))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(spool) = &self.spool {
+            // Kafka is not taking events: straight to the spool, without
+            // waiting a delivery timeout per upload.
+            let why = if state == TopicState::Missing {
+                Some(format!("Kafka topic {topic} does not exist"))
+            } else if spool.depth().records > 0 {
+                // Only while the replay is there to find out when Kafka is
+                // back (its acknowledgements end the failing streak); with
+                // an empty spool, live traffic tries Kafka first.
+                self.sink
+                    .health()
+                    .failing_for()
+                    .map(|_| "Kafka is not acknowledging events".to_owned())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                let spooled = self
+                    .spool(spool, ctx, &topic, &headers_list, &why, |e| e.is_pending())
+                    .await;
+                return self.spooled_outcome(ctx, topic, spooled, 0);
+            }
+        }
         if state == TopicState::Missing {
             let reason = format!(
                 "Kafka topic {topic} does not exist; the operator must create it \
@@ -289,14 +487,11 @@ impl WriteKafka {
         // The reply needs only what the events own (ids, statuses, backend
         // ids); the document and every slice of it can go before the wait for
         // Kafka, the longest part of an upload, so that uploads in flight
-        // hold their events' outcomes and not their bytes.
-        for event in ctx.events.iter_mut() {
-            event.raw = bytes::Bytes::new();
+        // hold their events' outcomes and not their bytes. With the spool
+        // on, they are kept until the answer: a failed event is spooled.
+        if self.spool.is_none() {
+            release_bytes(ctx);
         }
-        if let Some(batch) = ctx.batch.as_mut() {
-            batch.meta = bytes::Bytes::copy_from_slice(&batch.meta);
-        }
-        ctx.request.document = bytes::Bytes::new();
 
         // The response never waits past the delivery timeout; librdkafka's
         // own message timeout is shorter, so it normally fails a message
@@ -361,6 +556,30 @@ impl WriteKafka {
         if sent > 0 {
             self.metrics
                 .produce_duration(started.elapsed().as_secs_f64());
+        }
+        if let Some(spool) = &self.spool {
+            let spooled = self
+                .spool(
+                    spool,
+                    ctx,
+                    &topic,
+                    &headers_list,
+                    "Kafka did not acknowledge the event",
+                    |e| {
+                        matches!(
+                            e.status,
+                            EventStatus::Failed {
+                                code: PartCode::KafkaDelivery,
+                                ..
+                            }
+                        )
+                    },
+                )
+                .await;
+            release_bytes(ctx);
+            if spooled > 0 {
+                return self.spooled_outcome(ctx, topic, spooled, sent);
+            }
         }
 
         let mut too_large = 0usize;

@@ -44,6 +44,12 @@ pub fn is_ingester_metric(name: &str) -> bool {
     name.starts_with("venus_ingester_")
 }
 
+/// Metric names of the spool, exported only with `spool.enabled` (checked
+/// by tests/spool.rs).
+pub fn is_spool_metric(name: &str) -> bool {
+    name.starts_with("venus_spool_")
+}
+
 /// The metric names a Prometheus text exposes.
 pub fn exported_names(text: &str) -> HashSet<&str> {
     text.lines()

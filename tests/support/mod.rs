@@ -205,6 +205,16 @@ impl Broker {
         let _ = self.child.wait();
     }
 
+    /// Kills the broker (-9) and starts an empty one on the same port: with
+    /// in-memory storage every topic and message is gone.
+    pub fn restart_empty(&mut self) {
+        assert!(self.tls.is_none(), "a plain broker only");
+        self.stop();
+        let fresh = Self::spawn(self.port, self.port, None);
+        // The old one is dead: dropping it kills nothing more.
+        drop(std::mem::replace(self, fresh));
+    }
+
     /// Freezes the broker (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&self) {
         // SAFETY: kill(2) on our own child.
@@ -538,6 +548,15 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The names of a message's headers.
+pub fn header_names(message: &OwnedMessage) -> Vec<String> {
+    use rdkafka::message::Headers;
+    message
+        .headers()
+        .map(|headers| headers.iter().map(|h| h.key.to_owned()).collect())
+        .unwrap_or_default()
 }
 
 pub fn value_json(message: &OwnedMessage) -> serde_json::Value {
