@@ -456,6 +456,15 @@ impl Settings {
                     return Err(invalid(key, "must be greater than 0"));
                 }
             }
+            // A segment is read whole when it is replayed.
+            if self.spool.segment_bytes > 256 << 20
+                || self.spool.segment_bytes > self.spool.max_bytes
+            {
+                return Err(invalid(
+                    "spool.segment_bytes",
+                    "must be at most 268435456 (256 MiB) and at most spool.max_bytes",
+                ));
+            }
             if self.spool.path.as_os_str().is_empty() {
                 return Err(invalid("spool.path", "must name a directory"));
             }

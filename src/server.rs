@@ -1133,7 +1133,8 @@ fn spool_instruments(
             .build(),
     ));
     type Pick = fn(&crate::spool::Counters) -> &std::sync::atomic::AtomicU64;
-    let counters: [(&'static str, &'static str, Pick); 6] = [
+    let counters: [(&'static str, &'static str, Pick); 7] = [
+        ("venus.spool.requeued", "Spooled events Kafka refused for their topic (missing, not authorized), moved to the spool's end", |c| &c.requeued),
         ("venus.spool.spooled", "Events written and fsynced to the spool (answered 0, spooled)", |c| &c.spooled),
         ("venus.spool.replayed", "Spooled events Kafka acknowledged on replay", |c| &c.replayed),
         ("venus.spool.refused", "Events the spool had no room for (spool.max_bytes or spool.min_free_bytes; answered 1004)", |c| &c.refused_full),

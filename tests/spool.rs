@@ -56,7 +56,13 @@ fn load(
                     let body =
                         json!({"meta": {"app_id": "load", "category": category}, "data": data});
                     let Ok(response) = http.post(&url).json(&body).send().await else {
-                        // The gateway was killed under us.
+                        // No answer (the gateway was killed under us):
+                        // recorded, so that a test expecting answers sees it.
+                        uploads.lock().unwrap().push(Upload {
+                            status: 0,
+                            retry_after: None,
+                            accepted: Vec::new(),
+                        });
                         break;
                     };
                     let status = response.status().as_u16();
@@ -448,10 +454,20 @@ async fn a_torn_tail_and_a_flipped_byte_are_cut_quarantined_counted_and_the_gate
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    // Everything whole reaches Kafka: 10 + 9 + 3 records, and the live one.
+    // Everything whole reaches Kafka: 10 + 9 + 3 records, and the live one;
+    // nothing past the flipped byte.
     drained(&gateway).await;
-    let messages = broker.read(&topic, 23, Duration::from_secs(5));
-    assert_eq!(messages.len(), 23);
+    let messages = broker.read(&topic, 24, Duration::from_secs(5));
+    let mut ids: Vec<String> = messages.iter().map(support::event_id).collect();
+    ids.sort();
+    let mut wanted: Vec<String> = (0..10)
+        .chain(10..19)
+        .chain(20..23)
+        .map(|n| format!("e{n}"))
+        .chain(std::iter::once("live".to_owned()))
+        .collect();
+    wanted.sort();
+    assert_eq!(ids, wanted);
     let (ok, said) = verify(dir.path());
     assert!(ok, "{said}");
     assert!(said.contains("1 in quarantine"), "{said}");
@@ -486,6 +502,8 @@ async fn a_full_spool_answers_503_with_retry_after_and_loses_nothing_it_took() {
         (response.status().as_u16(), response.text().await.unwrap())
     };
     assert!(body.contains("\"full\""), "{status} {body}");
+    assert_eq!(status, 503, "{body}");
+    assert!(metric(&gateway, "venus_spool_size_bytes").await <= 200_000.0);
     stop.store(true, Ordering::Relaxed);
     for task in clients {
         task.await.unwrap();
@@ -541,4 +559,37 @@ async fn sigterm_while_spooling_exits_0_and_leaves_a_whole_spool_the_next_gatewa
     let uploads = uploads.lock().unwrap().clone();
     let (once, twice) = assert_accepted_in_kafka(&broker, &topic, &uploads);
     println!("SIGTERM: in Kafka once {once}, more than once {twice}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_for_a_missing_topic_wait_at_the_end_and_the_other_topics_go_on() {
+    let broker = Broker::start();
+    let present = support::topic_of(&support::unique_category("spool_present"));
+    let absent = support::topic_of(&support::unique_category("spool_absent"));
+    broker.create_topic(&present).await;
+    let dir = tempfile::tempdir().unwrap();
+    // One segment: two records for a topic that does not exist, first,
+    // then five for one that does.
+    let mut bytes = Vec::new();
+    for n in 0..2 {
+        record(&absent, n).write_frame(&mut bytes);
+    }
+    for n in 2..7 {
+        record(&present, n).write_frame(&mut bytes);
+    }
+    std::fs::write(segment::segment_path(dir.path(), 1), &bytes).unwrap();
+    let gateway = gateway(&broker, dir.path(), &[]);
+    // The present topic's records are not held up behind the others.
+    let messages = broker.read(&present, 5, Duration::from_secs(20));
+    assert_eq!(messages.len(), 5);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&gateway, "venus_spool_requeued_total").await < 2.0 {
+        assert!(Instant::now() < deadline, "nothing requeued");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(metric(&gateway, "venus_spool_records").await, 2.0);
+    // Once the topic exists, they go too.
+    broker.create_topic(&absent).await;
+    drained(&gateway).await;
+    assert_eq!(broker.read(&absent, 2, Duration::from_secs(10)).len(), 2);
 }

@@ -164,6 +164,19 @@ fn batch_key(key: &MessageKey, batch: &Batch) -> Option<Vec<u8>> {
     })
 }
 
+/// Whether an event Kafka failed with `error` should wait in the spool: the
+/// cluster could not take it now (timeouts, transport, leaders, a fenced
+/// producer), or its topic is missing (a broker started again empty gets
+/// its topics back). Not what Kafka refuses for good: too large, not
+/// authorized, an invalid record.
+fn worth_spooling(error: &rdkafka::error::KafkaError) -> bool {
+    crate::kafka::health::is_about_the_producer(error)
+        || matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+        )
+}
+
 /// Lets go of the request's bytes (see `run`).
 fn release_bytes(ctx: &mut UploadContext) {
     for event in ctx.events.iter_mut() {
@@ -201,18 +214,21 @@ impl WriteKafka {
         topic: &str,
         headers: &[(String, Vec<u8>)],
         why: &str,
-        select: impl Fn(&crate::pipeline::context::Event) -> bool,
+        select: impl Fn(usize, &crate::pipeline::context::Event) -> bool,
     ) -> usize {
         let Some(batch) = ctx.batch.as_ref() else {
             return 0;
         };
         let key_of_batch = batch_key(self.sink.key(), batch);
         let now = crate::spool::now_ms();
+        let max_bytes = self.sink.max_message_bytes();
+        let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         let mut records = Vec::new();
         let mut chosen = Vec::new();
+        let mut too_large = Vec::new();
         let mut value = Vec::with_capacity(4096);
         for (index, event) in ctx.events.iter().enumerate() {
-            if !select(event) || event.raw.is_empty() {
+            if !select(index, event) || event.raw.is_empty() {
                 continue;
             }
             let Some(enrichment) = event.enrichment.as_ref() else {
@@ -226,6 +242,19 @@ impl WriteKafka {
                 &enrichment.backend_id,
                 &mut buffer,
             );
+            // As on the way to Kafka: a message Kafka could never take is
+            // the client's problem, not the spool's.
+            let size = value.len() + header_bytes + key.map_or(0, <[u8]>::len);
+            if size > max_bytes {
+                too_large.push((
+                    index,
+                    format!(
+                        "event is {size} bytes as a Kafka message (value, key and headers); \
+                         at most {max_bytes} are allowed"
+                    ),
+                ));
+                continue;
+            }
             records.push(SpoolRecord {
                 topic: topic.to_owned(),
                 key: key.map(<[u8]>::to_vec),
@@ -234,6 +263,9 @@ impl WriteKafka {
                 spooled_at_ms: now,
             });
             chosen.push(index);
+        }
+        for (index, reason) in too_large {
+            ctx.events[index].fail(PartCode::Serialization, reason);
         }
         if records.is_empty() {
             return 0;
@@ -373,6 +405,7 @@ impl WriteKafka {
             // Kafka is not taking events: straight to the spool, without
             // waiting a delivery timeout per upload.
             let why = if state == TopicState::Missing {
+                self.metrics.missing_topic();
                 Some(format!("Kafka topic {topic} does not exist"))
             } else if spool.depth().records > 0 {
                 // Only while the replay is there to find out when Kafka is
@@ -387,7 +420,9 @@ impl WriteKafka {
             };
             if let Some(why) = why {
                 let spooled = self
-                    .spool(spool, ctx, &topic, &headers_list, &why, |e| e.is_pending())
+                    .spool(spool, ctx, &topic, &headers_list, &why, |_, e| {
+                        e.is_pending()
+                    })
                     .await;
                 return self.spooled_outcome(ctx, topic, spooled, 0);
             }
@@ -510,7 +545,11 @@ impl WriteKafka {
         };
         let mut acknowledged = 0usize;
         let mut first_error: Option<rdkafka::error::KafkaError> = None;
-        for (event, outcome) in ctx.events.iter_mut().zip(acks.take()) {
+        // Events Kafka refused for good (too large, not authorized, an
+        // invalid record): the spool would only hold them for ever.
+        let mut refused = vec![false; ctx.events.len()];
+        for ((event, outcome), refused) in ctx.events.iter_mut().zip(acks.take()).zip(&mut refused)
+        {
             match outcome {
                 Some(Ok(())) => {
                     acknowledged += 1;
@@ -521,6 +560,7 @@ impl WriteKafka {
                         PartCode::KafkaDelivery,
                         format!("Kafka did not acknowledge the event: {error}"),
                     );
+                    *refused = !worth_spooling(&error);
                     first_error.get_or_insert(error);
                 }
                 // Not sent, or no answer yet: the status says which.
@@ -565,14 +605,15 @@ impl WriteKafka {
                     &topic,
                     &headers_list,
                     "Kafka did not acknowledge the event",
-                    |e| {
-                        matches!(
-                            e.status,
-                            EventStatus::Failed {
-                                code: PartCode::KafkaDelivery,
-                                ..
-                            }
-                        )
+                    |index, e| {
+                        !refused[index]
+                            && matches!(
+                                e.status,
+                                EventStatus::Failed {
+                                    code: PartCode::KafkaDelivery,
+                                    ..
+                                }
+                            )
                     },
                 )
                 .await;

@@ -103,10 +103,18 @@ pub struct Counters {
     pub torn_tails: AtomicU64,
     pub quarantined: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// Records Kafka refused for their topic (missing, not authorized),
+    /// moved to the spool's end so that the other topics go on.
+    pub requeued: AtomicU64,
 }
 
 struct Shared {
     dir: PathBuf,
+    /// Held for the process's life: an exclusive lock on `dir/LOCK`.
+    _lock: File,
+    /// Free bytes of the spool's file system, as the writer last saw them
+    /// (`/readyz` reads this instead of asking the file system).
+    free: AtomicU64,
     settings: SpoolSettings,
     state: Mutex<State>,
     counters: Counters,
@@ -140,6 +148,9 @@ impl Spool {
     /// quarantined, both counted) and starts the writer thread.
     pub fn open(settings: &SpoolSettings) -> anyhow::Result<Self> {
         let dir = settings.path.clone();
+        let lock = segment::lock(&dir).map_err(|e| {
+            anyhow::anyhow!("configuration key `spool.path`: {}: {e}", dir.display())
+        })?;
         let recovery = segment::recover(&dir).map_err(|e| {
             anyhow::anyhow!("configuration key `spool.path`: {}: {e}", dir.display())
         })?;
@@ -157,7 +168,9 @@ impl Spool {
                 },
             );
         }
-        state.next_id = recovery.segments.last().map_or(1, |s| s.id + 1);
+        // Never an id used before (a leftover cursor or a quarantined
+        // segment of that name would be taken for the new one's).
+        state.next_id = recovery.highest_id + 1;
         let pending = state.pending_records();
         if pending > 0 {
             tracing::info!(
@@ -174,8 +187,11 @@ impl Spool {
         counters
             .quarantined
             .store(recovery.quarantined, Ordering::Relaxed);
+        let free = free_bytes(&dir).unwrap_or(u64::MAX);
         let shared = Arc::new(Shared {
             dir,
+            _lock: lock,
+            free: AtomicU64::new(free),
             settings: settings.clone(),
             state: Mutex::new(state),
             counters,
@@ -231,11 +247,9 @@ impl Spool {
     pub fn has_room(&self) -> bool {
         let settings = &self.shared.settings;
         let bytes = self.depth().bytes;
-        let room =
-            bytes + settings.segment_bytes.min(settings.max_bytes / 10) <= settings.max_bytes;
-        room && free_bytes(&self.shared.dir).is_none_or(|free| {
-            free >= settings.min_free_bytes + settings.segment_bytes.min(settings.max_bytes / 10)
-        })
+        let margin = settings.segment_bytes.min(settings.max_bytes / 10);
+        let free = self.shared.free.load(Ordering::Relaxed);
+        bytes + margin <= settings.max_bytes && free >= settings.min_free_bytes + margin
     }
 
     pub fn counters(&self) -> &Counters {
@@ -247,8 +261,8 @@ impl Spool {
     }
 
     /// The oldest segment, sealing the open one when it is the only one
-    /// with records: `(id, replayed bytes)`.
-    fn oldest_sealed(&self) -> Option<(u64, u64)> {
+    /// with records: `(id, replayed bytes, bytes written)`.
+    fn oldest_sealed(&self) -> Option<(u64, u64, u64)> {
         let state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         let (id, segment) = state.segments.iter().next()?;
         if segment.open {
@@ -257,11 +271,20 @@ impl Spool {
             }
             return None;
         }
-        Some((*id, segment.replayed_bytes))
+        Some((*id, segment.replayed_bytes, segment.bytes))
     }
 
-    /// Kafka acknowledged the records of segment `id` up to `offset`.
-    fn replayed(&self, id: u64, offset: u64, records: u64, next_pending_ms: Option<u64>) {
+    /// The records of segment `id` up to `offset` are done: `acked` of
+    /// them acknowledged by Kafka, the rest of `records` requeued (appended
+    /// at the end first). Blocking file work: called off the runtime.
+    fn replayed(
+        &self,
+        id: u64,
+        offset: u64,
+        records: u64,
+        acked: u64,
+        next_pending_ms: Option<u64>,
+    ) {
         let done = {
             let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             let Some(segment) = state.segments.get_mut(&id) else {
@@ -279,15 +302,51 @@ impl Spool {
         self.shared
             .counters
             .replayed
-            .fetch_add(records, Ordering::Relaxed);
+            .fetch_add(acked, Ordering::Relaxed);
         let dir = &self.shared.dir;
         if done {
-            // Removed only once every record of it was acknowledged.
-            let _ = std::fs::remove_file(segment::segment_path(dir, id));
+            // Removed only once every record of it was acknowledged; the
+            // cursor first (a cursor left without its segment is removed at
+            // start, and ids are never reused).
             let _ = std::fs::remove_file(segment::cursor_path(dir, id));
+            let _ = std::fs::remove_file(segment::segment_path(dir, id));
             let _ = segment::sync_dir(dir);
         } else if let Err(error) = segment::write_cursor(dir, id, offset) {
             tracing::warn!(%error, "cannot write a spool cursor: records may be replayed again after a restart");
+        }
+    }
+}
+
+impl Spool {
+    /// A segment found damaged while replaying (a record that no longer
+    /// reads back): moved to `quarantine/` as it is, counted and logged;
+    /// the replay goes on with the next one. Blocking file work.
+    fn quarantine(&self, id: u64, offset: u64) {
+        let dir = &self.shared.dir;
+        let moved = segment::quarantine(dir, id);
+        let _ = std::fs::remove_file(segment::cursor_path(dir, id));
+        let _ = segment::sync_dir(dir);
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .segments
+            .remove(&id);
+        self.shared
+            .counters
+            .quarantined
+            .fetch_add(1, Ordering::Relaxed);
+        match moved {
+            Ok(aside) => tracing::error!(
+                segment = %aside.display(),
+                replayed_bytes = offset,
+                "a spool segment no longer reads back past its cursor: moved to quarantine (venus spool verify shows what it holds)"
+            ),
+            Err(error) => tracing::error!(
+                %error,
+                segment = id,
+                "a damaged spool segment could not be moved to quarantine"
+            ),
         }
     }
 }
@@ -335,6 +394,9 @@ impl Writer {
             let first = match jobs.recv_timeout(SEAL_AFTER) {
                 Ok(job) => job,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(free) = free_bytes(&self.shared.dir) {
+                        self.shared.free.store(free, Ordering::Relaxed);
+                    }
                     if self
                         .file
                         .as_ref()
@@ -386,6 +448,9 @@ impl Writer {
             .unwrap_or_else(|e| e.into_inner())
             .bytes();
         let free = free_bytes(&self.shared.dir);
+        if let Some(free) = free {
+            self.shared.free.store(free, Ordering::Relaxed);
+        }
         let mut taken: Vec<Append> = Vec::with_capacity(group.len());
         let mut adding = 0u64;
         for append in group {
@@ -511,5 +576,63 @@ impl Writer {
             drop(state);
             self.shared.wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u64) -> SpoolRecord {
+        SpoolRecord {
+            topic: "t".into(),
+            key: None,
+            headers: Vec::new(),
+            value: vec![b'x'; 100 + n as usize],
+            spooled_at_ms: now_ms(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answered_append_is_on_disk_and_leaves_only_when_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = SpoolSettings {
+            enabled: true,
+            path: dir.path().to_owned(),
+            max_bytes: 1_000,
+            min_free_bytes: 0,
+            ..SpoolSettings::default()
+        };
+        let spool = Spool::open(&settings).unwrap();
+        spool.append(&[record(0), record(1)]).await.unwrap();
+        assert_eq!(spool.depth().records, 2);
+        // Answered: the records read back from the file, now.
+        let on_disk = segment::inspect(dir.path()).unwrap();
+        assert_eq!(on_disk.segments.iter().map(|s| s.records).sum::<u64>(), 2);
+        // Past max_bytes: refused, and nothing of it written.
+        let refused = spool.append(&[record(900)]).await;
+        assert!(matches!(refused, Err(SpoolError::Full(_))), "{refused:?}");
+        assert_eq!(spool.depth().records, 2);
+        // The replay takes the segment once sealed, and it goes only when
+        // every record is done.
+        let (id, offset, limit) = loop {
+            if let Some(found) = spool.oldest_sealed() {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(offset, 0);
+        spool.replayed(id, limit / 2, 1, 1, Some(now_ms()));
+        assert!(segment::segment_path(dir.path(), id).exists());
+        assert_eq!(segment::read_cursor(dir.path(), id), limit / 2);
+        spool.replayed(id, limit, 1, 1, None);
+        assert_eq!(spool.depth().records, 0);
+        assert!(!segment::segment_path(dir.path(), id).exists());
+        assert!(!segment::cursor_path(dir.path(), id).exists());
+        assert_eq!(spool.counters().replayed.load(Ordering::Relaxed), 2);
+        // The next segment gets a new id.
+        spool.append(&[record(2)]).await.unwrap();
+        let next = segment::segment_ids(dir.path()).unwrap();
+        assert!(next.iter().all(|n| *n > id), "{next:?}");
     }
 }

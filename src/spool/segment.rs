@@ -62,6 +62,64 @@ pub fn write_cursor(dir: &Path, id: u64, offset: u64) -> std::io::Result<()> {
     fs::rename(&temporary, &path)
 }
 
+/// Takes an exclusive lock on `dir/LOCK` (creating `dir`), held while the
+/// returned file is open: two gateways on one spool would cut and delete
+/// each other's segments.
+pub fn lock(dir: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::io::AsRawFd;
+    fs::create_dir_all(dir)?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::other(
+            "another process (a second gateway?) is using this spool directory",
+        ));
+    }
+    Ok(file)
+}
+
+/// Moves segment `id` to `quarantine/`, under a name no earlier
+/// quarantined file has; returns where it went.
+pub fn quarantine(dir: &Path, id: u64) -> std::io::Result<PathBuf> {
+    let quarantine = dir.join("quarantine");
+    fs::create_dir_all(&quarantine)?;
+    let mut aside = quarantine.join(format!("{id:020}.seg"));
+    let mut n = 1;
+    while aside.exists() {
+        aside = quarantine.join(format!("{id:020}.{n}.seg"));
+        n += 1;
+    }
+    fs::rename(segment_path(dir, id), &aside)?;
+    Ok(aside)
+}
+
+/// The highest id a segment, a cursor or a quarantined segment of `dir`
+/// has (0: none).
+fn highest_id(dir: &Path) -> u64 {
+    let ids = |dir: &Path| -> Vec<u64> {
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|entry| entry.ok())
+                    .filter_map(|entry| {
+                        let name = entry.file_name();
+                        name.to_str()?.split('.').next()?.parse().ok()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    ids(dir)
+        .into_iter()
+        .chain(ids(&dir.join("quarantine")))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Makes a new directory entry durable (a created, renamed or removed
 /// file).
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -143,29 +201,68 @@ pub struct Recovery {
     pub segments: Vec<SegmentReport>,
     /// Torn tails cut off.
     pub torn_tails: u64,
-    /// Segments moved to `quarantine/`.
+    /// Segments moved to `quarantine/` (or left aside unreadable).
     pub quarantined: u64,
+    /// The highest segment id ever used here: new segments count on.
+    pub highest_id: u64,
 }
 
 /// Readies `dir` at start-up (see the module doc). Errors are the
 /// directory's own (cannot be created, read or written), not its contents'.
 pub fn recover(dir: &Path) -> std::io::Result<Recovery> {
     fs::create_dir_all(dir)?;
-    let mut recovery = Recovery::default();
+    let mut recovery = Recovery {
+        highest_id: highest_id(dir),
+        ..Recovery::default()
+    };
+    let segments = segment_ids(dir)?;
     for leftover in fs::read_dir(dir)?.filter_map(|e| e.ok()) {
-        // A cursor write cut short.
-        if leftover.path().extension().is_some_and(|e| e == "tmp") {
-            let _ = fs::remove_file(leftover.path());
+        let path = leftover.path();
+        // A cursor write cut short, or a cursor whose segment is gone (a
+        // crash between removing the two).
+        let stray = path.extension().is_some_and(|e| e == "cursor")
+            && path
+                .file_stem()
+                .and_then(|stem| stem.to_str()?.parse::<u64>().ok())
+                .is_some_and(|id| !segments.contains(&id));
+        if stray || path.extension().is_some_and(|e| e == "tmp") {
+            let _ = fs::remove_file(&path);
         }
     }
-    for id in segment_ids(dir)? {
+    for id in segments {
+        match recover_segment(dir, id, &mut recovery) {
+            Ok(Some(report)) => recovery.segments.push(report),
+            Ok(None) => {}
+            // A segment that cannot be read or repaired is left aside, never
+            // a reason not to start.
+            Err(error) => {
+                recovery.quarantined += 1;
+                let moved = quarantine(dir, id);
+                tracing::error!(
+                    %error,
+                    segment = id,
+                    moved = moved.is_ok(),
+                    "a spool segment cannot be read or repaired: left aside (quarantine/ when it could be moved)"
+                );
+            }
+        }
+    }
+    sync_dir(dir)?;
+    Ok(recovery)
+}
+
+/// Checks and repairs one segment at start-up: `Some` when it has records
+/// left to send.
+fn recover_segment(
+    dir: &Path,
+    id: u64,
+    recovery: &mut Recovery,
+) -> std::io::Result<Option<SegmentReport>> {
+    {
         let report = read_segment(dir, id)?;
         let path = segment_path(dir, id);
         if report.corrupt {
-            let quarantine = dir.join("quarantine");
-            fs::create_dir_all(&quarantine)?;
-            let aside = quarantine.join(format!("{id:020}.seg"));
-            fs::rename(&path, &aside)?;
+            let aside = quarantine(dir, id)?;
             tracing::error!(
                 segment = %aside.display(),
                 kept_records = report.records,
@@ -191,19 +288,17 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovery> {
         }
         if report.valid_bytes == 0 || report.replayed_bytes >= report.valid_bytes {
             // Nothing (left) to send.
-            let _ = fs::remove_file(&path);
             let _ = fs::remove_file(cursor_path(dir, id));
-            continue;
+            let _ = fs::remove_file(&path);
+            return Ok(None);
         }
-        recovery.segments.push(SegmentReport {
+        Ok(Some(SegmentReport {
             file_bytes: report.valid_bytes,
             torn_tail: false,
             corrupt: false,
             ..report
-        });
+        }))
     }
-    sync_dir(dir)?;
-    Ok(recovery)
 }
 
 /// What [`inspect`] found in a spool directory, for `venus spool verify`.
@@ -300,6 +395,25 @@ mod tests {
         // Starting again finds nothing more to do.
         let again = recover(dir.path()).unwrap();
         assert_eq!((again.torn_tails, again.quarantined), (0, 0));
+    }
+
+    #[test]
+    fn a_stray_cursor_is_removed_and_ids_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cursor(dir.path(), 5, 100).unwrap();
+        fs::create_dir_all(dir.path().join("quarantine")).unwrap();
+        fs::write(
+            dir.path().join("quarantine").join(format!("{:020}.seg", 9)),
+            b"x",
+        )
+        .unwrap();
+        let recovery = recover(dir.path()).unwrap();
+        assert!(!cursor_path(dir.path(), 5).exists());
+        assert_eq!(recovery.highest_id, 9);
+        // A second lock on the same directory is refused.
+        let _held = lock(dir.path()).unwrap();
+        let second = lock(dir.path());
+        assert!(second.is_err());
     }
 
     #[test]
