@@ -341,16 +341,7 @@ impl ClickHouse {
                 .send()
                 .await
                 .map_err(|e| InsertError::Transient(error_chain(&e)))?;
-            let status = response.status().as_u16();
-            let text = response
-                .text()
-                .await
-                .map_err(|e| InsertError::Transient(error_chain(&e)))?;
-            if (200..300).contains(&status) {
-                Ok(text)
-            } else {
-                Err(classify(status, &text))
-            }
+            answer(response).await
         }
         .await;
         self.checked(index, result)
@@ -560,15 +551,9 @@ impl ClickHouse {
                 .send()
                 .await
                 .map_err(|e| InsertError::Transient(error_chain(&e)))?;
-            let status = response.status().as_u16();
-            let text = response.text().await.unwrap_or_default();
-            if (200..300).contains(&status) {
-                Ok(text)
-            } else {
-                // A missing table (the marks', say) sends the writer back to
-                // preparing the schema, as for an insert.
-                Err(classify(status, &text))
-            }
+            // A missing table (the marks', say) sends the writer back to
+            // preparing the schema, as for an insert.
+            answer(response).await
         }
         .await;
         self.checked(index, result)
@@ -674,15 +659,7 @@ impl ClickHouse {
             .await;
         match response {
             Err(_) => Ok(false),
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let text = response.text().await.unwrap_or_default();
-                if (200..300).contains(&status) {
-                    Ok(text.trim() != "0")
-                } else {
-                    Err(classify(status, &text))
-                }
-            }
+            Ok(response) => Ok(answer(response).await?.trim() != "0"),
         }
     }
 
@@ -776,6 +753,20 @@ impl ClickHouse {
             _ => self.ping_misses.store(0, Ordering::Relaxed),
         }
         result
+    }
+}
+
+/// A response's body, or its failure classified ([`classify`]).
+async fn answer(response: reqwest::Response) -> Result<String, InsertError> {
+    let status = response.status().as_u16();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| InsertError::Transient(error_chain(&e)))?;
+    if (200..300).contains(&status) {
+        Ok(text)
+    } else {
+        Err(classify(status, &text))
     }
 }
 

@@ -177,6 +177,15 @@ fn worth_spooling(error: &rdkafka::error::KafkaError) -> bool {
         )
 }
 
+/// The OpenTelemetry messaging attributes every outcome of this handler
+/// carries.
+fn messaging(outcome: Outcome, topic: String) -> Outcome {
+    outcome
+        .with_attribute(KeyValue::new("messaging.system", "kafka"))
+        .with_attribute(KeyValue::new("messaging.destination.name", topic))
+        .with_attribute(KeyValue::new("messaging.operation.type", "send"))
+}
+
 /// Lets go of the request's bytes (see `run`).
 fn release_bytes(ctx: &mut UploadContext) {
     for event in ctx.events.iter_mut() {
@@ -338,10 +347,7 @@ impl WriteKafka {
         } else {
             Outcome::proceed()
         };
-        outcome
-            .with_attribute(KeyValue::new("messaging.system", "kafka"))
-            .with_attribute(KeyValue::new("messaging.destination.name", topic))
-            .with_attribute(KeyValue::new("messaging.operation.type", "send"))
+        messaging(outcome, topic)
             .with_attribute(KeyValue::new("messaging.batch.message_count", sent as i64))
             .with_attribute(KeyValue::new("venus.spooled", spooled as i64))
     }
@@ -356,10 +362,10 @@ impl WriteKafka {
             failed += 1;
         }
         self.metrics.delivery_errors(failed);
-        Outcome::server_error(format!("{failed} events not written to Kafka: {reason}"))
-            .with_attribute(KeyValue::new("messaging.system", "kafka"))
-            .with_attribute(KeyValue::new("messaging.destination.name", topic))
-            .with_attribute(KeyValue::new("messaging.operation.type", "send"))
+        messaging(
+            Outcome::server_error(format!("{failed} events not written to Kafka: {reason}")),
+            topic,
+        )
     }
 
     async fn run(&self, ctx: &mut UploadContext) -> Outcome {
@@ -653,10 +659,7 @@ impl WriteKafka {
         } else {
             Outcome::proceed()
         };
-        outcome
-            .with_attribute(KeyValue::new("messaging.system", "kafka"))
-            .with_attribute(KeyValue::new("messaging.destination.name", topic))
-            .with_attribute(KeyValue::new("messaging.operation.type", "send"))
+        messaging(outcome, topic)
             .with_attribute(KeyValue::new("messaging.batch.message_count", sent as i64))
     }
 }
