@@ -3,6 +3,7 @@
 //! database, and a reader for what reached a topic.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod clickhouse;
 pub mod dashboard;
 pub mod gateway;

@@ -1,0 +1,22 @@
+// The script-tag build: dist/venus.js (an ES module with no imports) wrapped
+// in a function, its exports on `window.venus`. No bundler: the module is
+// one file, and this is all a bundler would do to it.
+import { readFileSync, writeFileSync } from "node:fs";
+
+const source = readFileSync(new URL("./dist/venus.js", import.meta.url), "utf8");
+if (/^import /m.test(source)) {
+  throw new Error("dist/venus.js imports something: the script-tag build expects one file");
+}
+const names = [];
+const body = source
+  .replace(/^export (async function|function|class|const|let) (\w+)/gm, (_, kind, name) => {
+    names.push(name);
+    return `${kind} ${name}`;
+  })
+  .replace(/^export \{[^}]*\};?$/gm, "");
+if (/^export /m.test(body)) {
+  throw new Error("an export form the script-tag build does not know");
+}
+const iife = `/* venus browser SDK, script-tag build: window.venus */\n(function () {\n${body}\nglobalThis.venus = { ${names.join(", ")} };\n})();\n`;
+writeFileSync(new URL("./dist/venus.iife.js", import.meta.url), iife);
+console.log(`dist/venus.iife.js: window.venus with ${names.length} names`);
