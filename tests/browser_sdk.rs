@@ -59,6 +59,8 @@ async fn events_queued_when_the_page_goes_arrive_by_send_beacon() {
     let mut want: Vec<&String> = ids.iter().collect();
     want.sort();
     assert_eq!(got, want);
+    // One beacon: each event once (pagehide and the hidden page both fire).
+    assert!(found.values().all(|n| *n == 1), "{found:?}");
     app.stop().await;
 }
 
@@ -138,6 +140,15 @@ async fn an_invalid_event_is_one_request_and_a_warning() {
     assert_eq!(seen["stats"]["uploads"], 1, "{seen}");
     assert_eq!(seen["stats"]["statuses"].to_string(), "[400]", "{seen}");
     assert_eq!(seen["queued"], 0, "{seen}");
+    // What the upload carried: gzip, a new trace, the key.
+    let headers = &seen["stats"]["headers"];
+    assert_eq!(headers["Content-Encoding"], "gzip", "{headers}");
+    assert_eq!(headers["X-Venus-Key"], KEY, "{headers}");
+    let traceparent = headers["traceparent"].as_str().unwrap();
+    assert!(
+        traceparent.len() == 55 && traceparent.starts_with("00-") && traceparent.ends_with("-01"),
+        "{traceparent}"
+    );
     let warnings = strings(&seen["stats"]["warnings"]);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("1001"), "{warnings:?}");

@@ -13,10 +13,17 @@ const body = source
     names.push(name);
     return `${kind} ${name}`;
   })
-  .replace(/^export \{[^}]*\};?$/gm, "");
+  .replace(/^export \{([^}]*)\};?$/gm, (_, list) => {
+    // `export { a, b as c }`: each name as exported.
+    for (const item of list.split(",").map((x) => x.trim()).filter(Boolean)) {
+      const [local, exported] = item.split(/\s+as\s+/);
+      names.push(exported && exported !== local ? `${exported}: ${local}` : local);
+    }
+    return "";
+  });
 if (/^export /m.test(body)) {
   throw new Error("an export form the script-tag build does not know");
 }
-const iife = `/* venus browser SDK, script-tag build: window.venus */\n(function () {\n${body}\nglobalThis.venus = { ${names.join(", ")} };\n})();\n`;
+const iife = `/* venus browser SDK, script-tag build: window.venus */\n(function () {\n"use strict";\n${body}\nglobalThis.venus = { ${names.join(", ")} };\n})();\n`;
 writeFileSync(new URL("./dist/venus.iife.js", import.meta.url), iife);
 console.log(`dist/venus.iife.js: window.venus with ${names.length} names`);

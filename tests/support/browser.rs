@@ -102,11 +102,12 @@ pub fn page(upload: &str, category: &str, key: &str, options: &str, body: &str) 
 <script src="/venus.js"></script>
 <script>
 const upload = {upload:?};
-const stats = {{uploads: 0, statuses: [], warnings: []}};
+const stats = {{uploads: 0, statuses: [], warnings: [], headers: null}};
 const realFetch = window.fetch.bind(window);
 window.fetch = async (url, init) => {{
   if (String(url).startsWith(upload)) {{
     stats.uploads += 1;
+    if (!stats.headers) stats.headers = Object.assign({{}}, init.headers);
     const response = await realFetch(url, init);
     stats.statuses.push(response.status);
     return response;

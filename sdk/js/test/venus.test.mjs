@@ -83,7 +83,15 @@ test("answers are read per event: 0 done, 1004 again, 1001-1003 dropped, 401 sto
   assert.equal(judge(ids, 503, null, 5).retryAfter, 5);
   assert.deepEqual(judge(ids, 429, null, 1).retry, ids);
   assert.deepEqual(judge(ids, 0, null, null).retry, ids);
-  assert.deepEqual(judge(ids, 400, { code: 2, parts: [] }, null).done, ids);
+  const whole = judge(ids, 400, { code: 2, parts: [] }, null);
+  assert.equal(whole.split, true);
+  assert.deepEqual(whole.retry, ids);
+  assert.deepEqual(judge(["a"], 413, null, null).done, ["a"]);
+  assert.equal(judge(ids, 415, null, null).noGzip, true);
+  // Fewer parts than events: matched by id.
+  const byId = judge(["a", "b"], 206, { parts: [{ id: "b", code: 0 }] }, null);
+  assert.deepEqual(byId.done, ["b"]);
+  assert.deepEqual(byId.retry, ["a"]);
   for (const status of [401, 403]) {
     const stop = judge(ids, status, null, null);
     assert.equal(stop.stop, true);
@@ -185,8 +193,112 @@ test("a 401 stops sending until the page reloads; the queue stays stored", async
     await c.flush();
     await new Promise((r) => setTimeout(r, 50));
     assert.equal(calls.length, 1);
-    assert.equal(JSON.parse(storage.getItem("venus:queue:app:clicks")).length, 2);
+    // Node has no sessionStorage: the tab is "page".
+    assert.equal(JSON.parse(storage.getItem("venus:queue:app:clicks:page")).length, 2);
   } finally {
     console.warn = warn;
   }
+});
+
+test("a batch refused as a whole is split until the bad event is alone, then only it is dropped", async () => {
+  const warn = console.warn;
+  const warnings = [];
+  console.warn = (m) => warnings.push(m);
+  try {
+    // The gateway refuses any batch holding the event with n = 2 (400, no parts).
+    const calls = [];
+    const fetch = async (url, init) => {
+      const stream = new Response(init.body).body;
+      const plain = init.headers["Content-Encoding"] === "gzip" ? stream.pipeThrough(new DecompressionStream("gzip")) : stream;
+      const body = JSON.parse(await new Response(plain).text());
+      calls.push(body.data.map((e) => e.n));
+      if (body.data.some((e) => e.n === 2)) {
+        return new Response(JSON.stringify({ code: 2, data: "too deep", parts: [] }), { status: 400 });
+      }
+      return new Response(JSON.stringify({ code: 0, parts: body.data.map(() => ({ code: 0 })) }), { status: 200 });
+    };
+    const c = client(fetch);
+    for (let n = 0; n < 4; n++) c.track({ n });
+    await c.flush();
+    assert.equal(c.queue.length, 0);
+    const sent = calls.filter((batch) => !batch.includes(2)).flat().sort();
+    assert.deepEqual(sent, [0, 1, 3]);
+    assert.equal(warnings.filter((w) => w.includes("dropped")).length, 1);
+  } finally {
+    console.warn = warn;
+  }
+});
+
+test("a 415 turns gzip off and the batch goes again uncompressed", async () => {
+  const encodings = [];
+  const fetch = async (url, init) => {
+    encodings.push(init.headers["Content-Encoding"] ?? "none");
+    if (init.headers["Content-Encoding"] === "gzip") return new Response("{}", { status: 415 });
+    const body = JSON.parse(await new Response(init.body).text());
+    return new Response(JSON.stringify({ parts: body.data.map(() => ({ code: 0 })) }), { status: 200 });
+  };
+  const c = client(fetch);
+  c.track({ n: 1 });
+  await c.flush();
+  assert.deepEqual(encodings, ["gzip", "none"]);
+  assert.equal(c.queue.length, 0);
+});
+
+test("no answer (a network or CORS refusal) is retried; flush waits for the events it had", async () => {
+  let failures = 2;
+  const fetch = async (url, init) => {
+    if (failures-- > 0) throw new TypeError("Failed to fetch");
+    const stream = new Response(init.body).body.pipeThrough(new DecompressionStream("gzip"));
+    const body = JSON.parse(await new Response(stream).text());
+    return new Response(JSON.stringify({ parts: body.data.map(() => ({ code: 0 })) }), { status: 200 });
+  };
+  const c = client(fetch);
+  c.track({ n: 1 });
+  const flushed = c.flush();
+  c.track({ n: 2 });
+  await flushed;
+  assert.equal(failures, -1);
+  assert.ok(c.queue.length <= 1);
+});
+
+test("an event that is not JSON, or too large, is refused at track; storage that throws is no storage", () => {
+  const warn = console.warn;
+  console.warn = () => {};
+  try {
+    const c = client(async () => new Response("{}", { status: 200 }));
+    const cycle = {};
+    cycle.self = cycle;
+    assert.equal(c.track(cycle), null);
+    assert.equal(c.track({ big: "x".repeat(70_000) }), null);
+    assert.equal(c.queue.length, 0);
+    const throwing = {
+      getItem() {
+        throw new Error("SecurityError");
+      },
+      setItem() {
+        throw new Error("QuotaExceededError");
+      },
+      removeItem() {
+        throw new Error("SecurityError");
+      },
+    };
+    const q = new BoundedQueue(5, throwing, "k", "venus:");
+    q.push({ id: "a" });
+    assert.equal(q.length, 1);
+  } finally {
+    console.warn = warn;
+  }
+});
+
+test("a queue another tab left behind is taken over at start", () => {
+  const storage = new MemoryStorage();
+  storage.key = function (i) {
+    return [...this.map.keys()][i] ?? null;
+  };
+  Object.defineProperty(storage, "length", { get() { return this.map.size; } });
+  storage.setItem("venus:queue:app:clicks:other-tab", JSON.stringify([{ id: "left" }]));
+  const q = new BoundedQueue(5, storage, "venus:queue:app:clicks:mine", "venus:queue:app:clicks:");
+  assert.deepEqual(q.all().map((e) => e.id), ["left"]);
+  assert.equal(storage.getItem("venus:queue:app:clicks:other-tab"), null);
+  assert.equal(JSON.parse(storage.getItem("venus:queue:app:clicks:mine"))[0].id, "left");
 });
