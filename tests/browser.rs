@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -16,6 +15,7 @@ use axum::routing::{get, post};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use support::browser::Browser;
 use support::{shared_broker, TestApp};
 
 const KEY: &str = "browser-key-7c1f";
@@ -54,60 +54,6 @@ run();
 </script>"#,
         upload = upload_url,
     )
-}
-
-/// Headless Chromium on `url`, until dropped.
-struct Browser {
-    child: Child,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    fn open(url: &str) -> Self {
-        let profile = tempfile::tempdir().unwrap();
-        let binary = ["chromium", "chromium-browser", "google-chrome"]
-            .into_iter()
-            .find(|b| {
-                Command::new(b)
-                    .arg("--version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
-            .expect("no Chromium: run scripts/install-deps (Debian package `chromium`)");
-        let child = support::spawn_tied_to_tests({
-            let mut command = Command::new(binary);
-            command
-                .args([
-                    "--headless=new",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-dev-shm-usage",
-                    "--no-first-run",
-                    "--no-default-browser-check",
-                    "--disable-extensions",
-                    "--disable-background-networking",
-                ])
-                .arg(format!("--user-data-dir={}", profile.path().display()))
-                .arg(url)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            command
-        });
-        Self {
-            child,
-            _profile: profile,
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn report(results: &mut mpsc::UnboundedReceiver<Value>) -> Value {

@@ -413,14 +413,13 @@ impl WriteKafka {
             let why = if state == TopicState::Missing {
                 self.metrics.missing_topic();
                 Some(format!("Kafka topic {topic} does not exist"))
-            } else if spool.depth().records > 0 {
+            } else if self.sink.health().failing_for().is_some() && spool.depth().records > 0 {
                 // Only while the replay is there to find out when Kafka is
                 // back (its acknowledgements end the failing streak); with
-                // an empty spool, live traffic tries Kafka first.
-                self.sink
-                    .health()
-                    .failing_for()
-                    .map(|_| "Kafka is not acknowledging events".to_owned())
+                // an empty spool, live traffic tries Kafka first. The
+                // streak is checked first: an atomic load, where the
+                // spool's depth takes its lock (not on every healthy upload).
+                Some("Kafka is not acknowledging events".to_owned())
             } else {
                 None
             };
