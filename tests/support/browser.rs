@@ -156,6 +156,9 @@ impl Browser {
                 "--disable-extensions",
                 "--disable-background-networking",
             ])
+            // DevTools on a port of its own choosing, written to
+            // `DevToolsActivePort` in the profile: how a test closes a tab.
+            .arg("--remote-debugging-port=0")
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(url)
             .stdin(Stdio::null())
@@ -165,6 +168,77 @@ impl Browser {
             child: super::spawn_tied_to_tests(command),
             _profile: profile,
         }
+    }
+}
+
+impl Browser {
+    /// The DevTools HTTP endpoint (`http://127.0.0.1:<port>`), once Chromium
+    /// has written its port.
+    async fn devtools(&self) -> String {
+        let file = self._profile.path().join("DevToolsActivePort");
+        for _ in 0..100 {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                if let Some(port) = text.lines().next().filter(|p| !p.is_empty()) {
+                    return format!("http://127.0.0.1:{port}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("Chromium wrote no DevToolsActivePort");
+    }
+
+    /// Closes the tab whose URL starts with `url`, as a user closing it
+    /// does (DevTools' close: the page's unload runs, `pagehide` fires).
+    /// A blank tab is opened first, so the browser outlives the tab and
+    /// the test sees what the closed page sent, not a browser exiting.
+    pub async fn close_tab(&self, url: &str) {
+        let devtools = self.devtools().await;
+        let http = reqwest::Client::new();
+        let blank = http
+            .put(format!("{devtools}/json/new?about:blank"))
+            .send()
+            .await
+            .expect("DevTools answers");
+        assert!(blank.status().is_success(), "new tab: {}", blank.status());
+        let targets: Value = http
+            .get(format!("{devtools}/json/list"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with(url)))
+            .and_then(|t| t["id"].as_str())
+            .unwrap_or_else(|| panic!("no tab on {url}: {targets}"))
+            .to_owned();
+        let closed = http
+            .get(format!("{devtools}/json/close/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(closed.status().is_success(), "close: {}", closed.status());
+    }
+
+    /// How many page tabs are open.
+    pub async fn tabs(&self) -> usize {
+        let devtools = self.devtools().await;
+        let targets: Value = reqwest::get(format!("{devtools}/json/list"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["type"] == "page")
+            .count()
     }
 }
 
