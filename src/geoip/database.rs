@@ -15,8 +15,9 @@
 //! ships); a lookup asks the file for its address family.
 //!
 //! **Memory.** A file is memory-mapped, not read into the heap: only the
-//! pages that lookups touch become resident, and the kernel may drop them
-//! again. Mapping the operator's file itself would be unsafe: overwriting it
+//! pages that lookups touch become resident (not their neighbours: the
+//! copy is dropped from the page cache and read at random, see
+//! `touched_pages_only`), and the kernel may drop them again. Mapping the operator's file itself would be unsafe: overwriting it
 //! in place (`cp new.mmdb city.mmdb`) changes or truncates pages under the
 //! reader, and a truncated mapping kills the process with SIGBUS. So the
 //! gateway maps a **private copy**: an unnamed file (`O_TMPFILE`) in the
@@ -401,5 +402,27 @@ fn map_private_copy(path: &Path) -> std::io::Result<Source> {
     // SAFETY: `copy` has no name in any directory and only this process
     // holds it: nothing else can change or truncate it while it is mapped.
     let map = unsafe { memmap2::MmapOptions::new().map(&copy) }?;
+    touched_pages_only(&copy, &map);
     Ok(Source::Mapped(map))
+}
+
+/// Makes only the pages lookups touch resident (see the module doc).
+///
+/// Writing the copy leaves all of it in the page cache, and a read fault
+/// on a mapping maps the cached pages around the faulting one too (the
+/// kernel's fault-around, 64 KiB): a few thousand lookups then make most
+/// of the file resident, and a container's memory limit counts those
+/// pages as the process's. So the copy is written back and dropped from
+/// the cache, and the mapping is marked random (no read-ahead): a fault
+/// reads the one page a lookup needs. The first lookup into a cold part of
+/// the tree pays a read from disk; the pages of the addresses seen stay.
+/// Best effort: on a filesystem that cannot drop them (a tmpfs temp dir)
+/// the pages simply stay cached.
+fn touched_pages_only(copy: &std::fs::File, map: &Mmap) {
+    use std::os::fd::AsRawFd;
+    if copy.sync_data().is_ok() {
+        // SAFETY: a plain syscall on a file descriptor this function borrows.
+        unsafe { libc::posix_fadvise(copy.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    let _ = map.advise(memmap2::Advice::Random);
 }
