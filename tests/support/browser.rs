@@ -200,14 +200,7 @@ impl Browser {
             .await
             .expect("DevTools answers");
         assert!(blank.status().is_success(), "new tab: {}", blank.status());
-        let targets: Value = http
-            .get(format!("{devtools}/json/list"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let targets = self.targets().await;
         let id = targets
             .as_array()
             .unwrap()
@@ -224,16 +217,21 @@ impl Browser {
         assert!(closed.status().is_success(), "close: {}", closed.status());
     }
 
+    /// What DevTools lists: the tabs (`"type": "page"`) and workers.
+    async fn targets(&self) -> Value {
+        let devtools = self.devtools().await;
+        let list = reqwest::get(format!("{devtools}/json/list"))
+            .await
+            .expect("DevTools answers");
+        list.json()
+            .await
+            .expect("DevTools lists its targets as JSON")
+    }
+
     /// How many page tabs are open.
     pub async fn tabs(&self) -> usize {
-        let devtools = self.devtools().await;
-        let targets: Value = reqwest::get(format!("{devtools}/json/list"))
+        self.targets()
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        targets
             .as_array()
             .unwrap()
             .iter()
