@@ -142,9 +142,10 @@ impl Application {
     /// Opens the GeoIP database, creates the producer and binds the listener.
     /// Kafka need not be up: readiness says so until it is.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let geoip = Arc::new(GeoIp::open_with_cache(
+        let geoip = Arc::new(GeoIp::open_with(
             &settings.geoip.database,
             settings.geoip.cache_entries,
+            settings.geoip.residency,
         )?);
         let metering = Metering::new(&settings.telemetry)?;
         let metrics = Metrics::new(

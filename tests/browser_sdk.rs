@@ -8,6 +8,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use support::browser::{page, report, setup, strings, Browser, KEY};
@@ -31,6 +32,9 @@ async fn events_queued_when_the_tab_is_closed_arrive_by_send_beacon() {
     {
         let mut html = pages.html.lock().unwrap();
         // Nothing would go for a minute: only the page going sends them.
+        // The page waits until the test has put a blank tab in front of it,
+        // so it is hidden before it tracks anything: hiding it cannot be
+        // what sends them.
         html.insert(
             "/".into(),
             page(
@@ -39,18 +43,26 @@ async fn events_queued_when_the_tab_is_closed_arrive_by_send_beacon() {
                 KEY,
                 "{flushIntervalMs: 60000}",
                 r#"
+            while ((await (await realFetch("/go")).text()) !== "1") await sleep(100);
             const ids = [0, 1, 2, 3, 4].map((n) => venus.track({n}));
             // From here on only sendBeacon can carry them.
-            window.fetch = () => Promise.reject(new Error("fetch is off in this test"));
-            await report({ids, uploads: stats.uploads});
+            stats.fetchOff = true;
+            await report({ids, uploads: stats.uploads, visibility: document.visibilityState});
             "#,
             ),
         );
     }
     let browser = Browser::open(&format!("{origin}/"));
+    browser.open_blank_tab().await;
+    pages.go.store(true, Ordering::Relaxed);
     let seen = report(&mut results, Duration::from_secs(60)).await;
     assert_eq!(seen["uploads"], 0, "{seen}");
+    assert_eq!(seen["visibility"], "hidden", "{seen}");
     let ids = strings(&seen["ids"]);
+    assert!(
+        broker.read(&topic, 1, Duration::from_secs(2)).is_empty(),
+        "nothing is sent before the tab closes"
+    );
     // The tab is closed, as a user closes it; the browser stays.
     browser.close_tab(&format!("{origin}/")).await;
     let found = ids_in_kafka(broker, &topic, 5);

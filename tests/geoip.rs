@@ -98,21 +98,39 @@ async fn both_layouts_in_one_or_two_files_locate_v4_and_v6_events() {
     install(&flat4, &v4);
     install(&flat6, &v6);
 
-    for (databases, v4_place, v6_place, layout) in [
+    // Each layout with the files cached whole and with only the pages
+    // lookups read resident (`geoip.residency`): the same answers.
+    for (databases, v4_place, v6_place, layout, residency) in [
         (
             vec![geoip2.as_path()],
             triple("GB", "England", "London"),
             triple("CZ", "Hlavni mesto Praha", "Prague"),
             "geoip2",
+            "cached",
         ),
         (
             vec![flat4.as_path(), flat6.as_path()],
             triple("GB", "England", "Bracknell"),
             triple("CZ", "South Moravian", "Brno"),
             "flat",
+            "cached",
+        ),
+        (
+            vec![geoip2.as_path()],
+            triple("GB", "England", "London"),
+            triple("CZ", "Hlavni mesto Praha", "Prague"),
+            "geoip2",
+            "touched",
+        ),
+        (
+            vec![flat4.as_path(), flat6.as_path()],
+            triple("GB", "England", "Bracknell"),
+            triple("CZ", "South Moravian", "Brno"),
+            "flat",
+            "touched",
         ),
     ] {
-        let app = app_on(&databases, &[]).await;
+        let app = app_on(&databases, &[("VENUS__GEOIP__RESIDENCY", residency)]).await;
         let url = app.url("/api/v1/upload");
         let values = locate(
             &url,
@@ -127,11 +145,19 @@ async fn both_layouts_in_one_or_two_files_locate_v4_and_v6_events() {
             ],
         )
         .await;
-        assert_eq!(place(&values[0]), v4_place, "{layout} v4");
-        assert_eq!(place(&values[1]), v6_place, "{layout} v6");
-        assert_eq!(place(&values[2]), v4_place, "{layout} v4-mapped");
+        assert_eq!(place(&values[0]), v4_place, "{layout} {residency} v4");
+        assert_eq!(place(&values[1]), v6_place, "{layout} {residency} v6");
+        assert_eq!(
+            place(&values[2]),
+            v4_place,
+            "{layout} {residency} v4-mapped"
+        );
         assert_eq!(values[2]["ip"], "81.2.69.142");
-        assert_eq!(place(&values[3]), triple("", "", ""), "{layout} private");
+        assert_eq!(
+            place(&values[3]),
+            triple("", "", ""),
+            "{layout} {residency} private"
+        );
         // /readyz names what is in use.
         let ready: Value = app
             .client
@@ -192,9 +218,14 @@ async fn the_periodic_look_reloads_a_renamed_file_under_load_and_refuses_bad_one
     let files = dir();
     let path = files.path().join("city.mmdb");
     install(&path, &test_support::city_database());
+    // Reloaded files with only the pages lookups read resident: each
+    // reload drops its fresh copy from the page cache.
     let app = app_on(
         &[path.as_path()],
-        &[("VENUS__GEOIP__RELOAD_INTERVAL_MS", "200")],
+        &[
+            ("VENUS__GEOIP__RELOAD_INTERVAL_MS", "200"),
+            ("VENUS__GEOIP__RESIDENCY", "touched"),
+        ],
     )
     .await;
     let url = app.url("/api/v1/upload");

@@ -15,9 +15,9 @@
 //! ships); a lookup asks the file for its address family.
 //!
 //! **Memory.** A file is memory-mapped, not read into the heap: only the
-//! pages that lookups touch become resident (not their neighbours: the
-//! copy is dropped from the page cache and read at random, see
-//! `touched_pages_only`), and the kernel may drop them again. Mapping the operator's file itself would be unsafe: overwriting it
+//! pages that lookups touch become resident (with `geoip.residency:
+//! touched`, not even their neighbours: see [`Residency`]), and the kernel
+//! may drop them again. Mapping the operator's file itself would be unsafe: overwriting it
 //! in place (`cp new.mmdb city.mmdb`) changes or truncates pages under the
 //! reader, and a truncated mapping kills the process with SIGBUS. So the
 //! gateway maps a **private copy**: an unnamed file (`O_TMPFILE`) in the
@@ -65,6 +65,25 @@ pub struct FileInfo {
     pub ip_version: u16,
     /// When the data was built, in seconds since the epoch.
     pub build_epoch: u64,
+}
+
+/// Which pages of a mapped file stay in memory (`geoip.residency`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Residency {
+    /// The copy stays in the page cache: a lookup anywhere in the file is
+    /// a cheap fault, never a read from disk, but the kernel's fault-around
+    /// maps the cached pages around each faulting one, so a few thousand
+    /// addresses make most of the file resident (78 of the 134 MB DB-IP
+    /// files at 256 connections), and a container's limit counts them.
+    #[default]
+    Cached,
+    /// Only the pages lookups read stay (see `touched_pages_only`): 30 MB
+    /// of the same files in the same run. A lookup into a part of the file
+    /// no lookup read before reads its pages from disk, on the thread that
+    /// serves the upload; after a start or a reload, until the addresses
+    /// seen have been looked up once, that lengthens the tail (geoip/README.md).
+    Touched,
 }
 
 /// The bytes of a file: a mapping of its private copy, or (tests,
@@ -179,14 +198,14 @@ struct FlatRecord<'a> {
 impl Database {
     /// Loads and probes `paths` (one file, or an IPv4 and an IPv6 file).
     /// Blocking: reads metadata and copies each file.
-    pub fn open(paths: &[PathBuf]) -> Result<Self, GeoIpError> {
+    pub fn open(paths: &[PathBuf], residency: Residency) -> Result<Self, GeoIpError> {
         let mut files = Vec::with_capacity(paths.len());
         for path in paths {
             let shown = path.display().to_string();
             if !path.exists() {
                 return Err(GeoIpError::Missing { path: shown });
             }
-            let source = map_private_copy(path).map_err(|e| GeoIpError::Invalid {
+            let source = map_private_copy(path, residency).map_err(|e| GeoIpError::Invalid {
                 path: shown.clone(),
                 reason: format!("cannot map a private copy: {e}"),
             })?;
@@ -391,7 +410,7 @@ fn probe(reader: &Reader<Source>) -> Result<(Layout, IpAddr), String> {
 /// in the temp dir when that one is read-only, and maps the copy: a mapping
 /// nobody else can open or change (see the module doc). An unnamed file
 /// leaves nothing behind, whatever happens.
-fn map_private_copy(path: &Path) -> std::io::Result<Source> {
+fn map_private_copy(path: &Path, residency: Residency) -> std::io::Result<Source> {
     let mut original = std::fs::File::open(path)?;
     let beside = path
         .parent()
@@ -402,11 +421,13 @@ fn map_private_copy(path: &Path) -> std::io::Result<Source> {
     // SAFETY: `copy` has no name in any directory and only this process
     // holds it: nothing else can change or truncate it while it is mapped.
     let map = unsafe { memmap2::MmapOptions::new().map(&copy) }?;
-    touched_pages_only(&copy, &map);
+    if residency == Residency::Touched {
+        touched_pages_only(&copy, &map)?;
+    }
     Ok(Source::Mapped(map))
 }
 
-/// Makes only the pages lookups touch resident (see the module doc).
+/// Makes only the pages lookups touch resident ([`Residency::Touched`]).
 ///
 /// Writing the copy leaves all of it in the page cache, and a read fault
 /// on a mapping maps the cached pages around the faulting one too (the
@@ -416,13 +437,14 @@ fn map_private_copy(path: &Path) -> std::io::Result<Source> {
 /// the cache, and the mapping is marked random (no read-ahead): a fault
 /// reads the one page a lookup needs. The first lookup into a cold part of
 /// the tree pays a read from disk; the pages of the addresses seen stay.
-/// Best effort: on a filesystem that cannot drop them (a tmpfs temp dir)
-/// the pages simply stay cached.
-fn touched_pages_only(copy: &std::fs::File, map: &Mmap) {
+/// A copy that cannot be written back is refused (the load fails and the
+/// old data keeps serving): a page dropped after a failed write-back could
+/// be read back wrong. On a filesystem that cannot drop pages (a tmpfs
+/// temp dir) they simply stay cached.
+fn touched_pages_only(copy: &std::fs::File, map: &Mmap) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    if copy.sync_data().is_ok() {
-        // SAFETY: a plain syscall on a file descriptor this function borrows.
-        unsafe { libc::posix_fadvise(copy.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    }
-    let _ = map.advise(memmap2::Advice::Random);
+    copy.sync_data()?;
+    // SAFETY: a plain syscall on a file descriptor this function borrows.
+    unsafe { libc::posix_fadvise(copy.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    map.advise(memmap2::Advice::Random)
 }

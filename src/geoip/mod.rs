@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use database::Fingerprint;
-pub use database::{Database, FileInfo, Layout, Located};
+pub use database::{Database, FileInfo, Layout, Located, Residency};
 
 /// Where an address is, as far as the database knows. Unknown parts are
 /// empty strings, as they appear in the Kafka message.
@@ -60,6 +60,8 @@ pub struct GeoIp {
     seen: Mutex<Vec<Option<Fingerprint>>>,
     /// Slots of each loaded set's cache of recent lookups.
     cache_entries: usize,
+    /// Which pages of the mapped files stay in memory.
+    residency: Residency,
 }
 
 /// Slots of the lookup cache when the configuration says nothing: about
@@ -80,12 +82,25 @@ impl GeoIp {
     /// [`GeoIp::open`] with `cache_entries` slots of recent lookups (0: no
     /// cache).
     pub fn open_with_cache(paths: &[PathBuf], cache_entries: usize) -> Result<Self, GeoIpError> {
+        Self::open_with(paths, cache_entries, Residency::default())
+    }
+
+    /// [`GeoIp::open_with_cache`], keeping `residency` of the mapped files
+    /// in memory (at this load and every reload).
+    pub fn open_with(
+        paths: &[PathBuf],
+        cache_entries: usize,
+        residency: Residency,
+    ) -> Result<Self, GeoIpError> {
         let seen = fingerprints(paths);
         Ok(Self {
-            current: ArcSwap::from_pointee(Database::open(paths)?.with_cache(cache_entries)),
+            current: ArcSwap::from_pointee(
+                Database::open(paths, residency)?.with_cache(cache_entries),
+            ),
             paths: paths.to_vec(),
             seen: Mutex::new(seen),
             cache_entries,
+            residency,
         })
     }
 
@@ -102,6 +117,7 @@ impl GeoIp {
             paths: Vec::new(),
             seen: Mutex::new(Vec::new()),
             cache_entries: DEFAULT_CACHE_ENTRIES,
+            residency: Residency::default(),
         })
     }
 
@@ -127,7 +143,7 @@ impl GeoIp {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprints(&self.paths);
         // A fresh cache with the fresh data: no answer of the old files
         // outlives them.
-        let fresh = Database::open(&self.paths)?.with_cache(self.cache_entries);
+        let fresh = Database::open(&self.paths, self.residency)?.with_cache(self.cache_entries);
         let files = fresh.files().cloned().collect();
         self.current.store(Arc::new(fresh));
         Ok(files)

@@ -96,16 +96,19 @@ pub async fn serve(pages: Pages) -> String {
 
 /// A page that loads the SDK, counts its uploads and warnings, then runs
 /// `body` (with `venus`, `upload`, `report(obj)` and `stats` in scope).
+/// The SDK takes the page's `fetch` when it starts: setting
+/// `stats.fetchOff` makes every upload by `fetch` fail from then on.
 pub fn page(upload: &str, category: &str, key: &str, options: &str, body: &str) -> String {
     format!(
         r#"<!doctype html><meta charset="utf-8"><title>venus sdk test</title>
 <script src="/venus.js"></script>
 <script>
 const upload = {upload:?};
-const stats = {{uploads: 0, statuses: [], warnings: [], headers: null}};
+const stats = {{uploads: 0, statuses: [], warnings: [], headers: null, fetchOff: false}};
 const realFetch = window.fetch.bind(window);
 window.fetch = async (url, init) => {{
   if (String(url).startsWith(upload)) {{
+    if (stats.fetchOff) throw new TypeError("fetch is off in this test");
     stats.uploads += 1;
     if (!stats.headers) stats.headers = Object.assign({{}}, init.headers);
     const response = await realFetch(url, init);
@@ -187,19 +190,22 @@ impl Browser {
         panic!("Chromium wrote no DevToolsActivePort");
     }
 
-    /// Closes the tab whose URL starts with `url`, as a user closing it
-    /// does (DevTools' close: the page's unload runs, `pagehide` fires).
-    /// A blank tab is opened first, so the browser outlives the tab and
-    /// the test sees what the closed page sent, not a browser exiting.
-    pub async fn close_tab(&self, url: &str) {
+    /// Opens a blank tab in front: the browser then outlives a tab the
+    /// test closes, and the pages behind it are hidden from then on.
+    pub async fn open_blank_tab(&self) {
         let devtools = self.devtools().await;
-        let http = reqwest::Client::new();
-        let blank = http
+        let blank = reqwest::Client::new()
             .put(format!("{devtools}/json/new?about:blank"))
             .send()
             .await
             .expect("DevTools answers");
         assert!(blank.status().is_success(), "new tab: {}", blank.status());
+    }
+
+    /// Closes the tab whose URL starts with `url`, as a user closing it
+    /// does (DevTools' close: the page's unload runs, `pagehide` fires).
+    pub async fn close_tab(&self, url: &str) {
+        let devtools = self.devtools().await;
         let targets = self.targets().await;
         let id = targets
             .as_array()
@@ -209,7 +215,7 @@ impl Browser {
             .and_then(|t| t["id"].as_str())
             .unwrap_or_else(|| panic!("no tab on {url}: {targets}"))
             .to_owned();
-        let closed = http
+        let closed = reqwest::Client::new()
             .get(format!("{devtools}/json/close/{id}"))
             .send()
             .await
