@@ -98,38 +98,29 @@ async fn both_layouts_in_one_or_two_files_locate_v4_and_v6_events() {
     install(&flat4, &v4);
     install(&flat6, &v6);
 
+    let layouts = [
+        (
+            vec![geoip2.as_path()],
+            triple("GB", "England", "London"),
+            triple("CZ", "Hlavni mesto Praha", "Prague"),
+            "geoip2",
+        ),
+        (
+            vec![flat4.as_path(), flat6.as_path()],
+            triple("GB", "England", "Bracknell"),
+            triple("CZ", "South Moravian", "Brno"),
+            "flat",
+        ),
+    ];
     // Each layout with the files cached whole and with only the pages
     // lookups read resident (`geoip.residency`): the same answers.
-    for (databases, v4_place, v6_place, layout, residency) in [
-        (
-            vec![geoip2.as_path()],
-            triple("GB", "England", "London"),
-            triple("CZ", "Hlavni mesto Praha", "Prague"),
-            "geoip2",
-            "cached",
-        ),
-        (
-            vec![flat4.as_path(), flat6.as_path()],
-            triple("GB", "England", "Bracknell"),
-            triple("CZ", "South Moravian", "Brno"),
-            "flat",
-            "cached",
-        ),
-        (
-            vec![geoip2.as_path()],
-            triple("GB", "England", "London"),
-            triple("CZ", "Hlavni mesto Praha", "Prague"),
-            "geoip2",
-            "touched",
-        ),
-        (
-            vec![flat4.as_path(), flat6.as_path()],
-            triple("GB", "England", "Bracknell"),
-            triple("CZ", "South Moravian", "Brno"),
-            "flat",
-            "touched",
-        ),
-    ] {
+    let runs = ["cached", "touched"].into_iter().flat_map(|residency| {
+        layouts
+            .clone()
+            .into_iter()
+            .map(move |layout| (layout, residency))
+    });
+    for ((databases, v4_place, v6_place, layout), residency) in runs {
         let app = app_on(&databases, &[("VENUS__GEOIP__RESIDENCY", residency)]).await;
         let url = app.url("/api/v1/upload");
         let values = locate(
