@@ -218,14 +218,137 @@ pub fn trace_id(traceparent: Option<&str>) -> &str {
         .unwrap_or("")
 }
 
+/// What a row is made of, read from one message.
+struct Fields<'a> {
+    backend_id: uuid::Uuid,
+    upload_time: u64,
+    ip: &'a str,
+    country: &'a str,
+    region: &'a str,
+    city: &'a str,
+    app_id: &'a str,
+    category: &'a str,
+    event_id: &'a str,
+    /// `data.timestamp`, the client's time in epoch milliseconds.
+    timestamp: Option<u64>,
+    /// `meta` and `data` as they are in the message.
+    meta: &'a str,
+    data: &'a str,
+}
+
 /// Appends the row of `record` in `RowBinary` to `out`, or says why the
 /// message can never be inserted. `out` is left as it was on error.
+///
+/// Two ways to read a message, one result. A message as the gateway writes
+/// it (every field where it should be, no escape in a key or in the strings
+/// a row takes apart) is read by [`fast_fields`]: one validating pass that
+/// also finds the fields. Anything else, poison included, goes to
+/// [`parsed_fields`], a parse by sonic-rs, which decides what the row or
+/// the poison is. The fast way never decides a message is poison, so what
+/// is poison and why is the parser's answer alone; a test feeds both ways
+/// mutated messages and requires the same bytes wherever the fast way
+/// answers. Reading each message three times over (a scan, a UTF-8 check,
+/// the parse) made writing a row cost a third more (docs/BENCHMARKS.md,
+/// "Issue 33: the ingester").
 pub fn write_row(
     out: &mut Vec<u8>,
     record: &Record,
     ingested_at: u64,
     layout: Layout,
 ) -> Result<(), Poison> {
+    // JSON text is UTF-8; checking it whole first, as the gateway does,
+    // lets both readers hand out `&str`s of the text.
+    let text = std::str::from_utf8(record.payload())
+        .map_err(|e| Poison::Shape(format!("not UTF-8 (at byte {})", e.valid_up_to())))?;
+    let mut hyphenated = [0; 36];
+    if let Some(fields) = fast_fields(text, &mut hyphenated) {
+        write_fields(out, record, ingested_at, layout, &fields);
+        return Ok(());
+    }
+    parsed_fields(text, |fields| {
+        write_fields(out, record, ingested_at, layout, fields)
+    })
+}
+
+/// The paths [`fast_fields`] reads, in the order of its slots.
+const PATHS: [(&str, Option<&str>); 12] = [
+    ("backend_id", None),
+    ("upload_time", None),
+    ("ip", None),
+    ("country", None),
+    ("region", None),
+    ("city", None),
+    ("meta", None),
+    ("data", None),
+    ("meta", Some("app_id")),
+    ("meta", Some("category")),
+    ("data", Some("timestamp")),
+    ("data", Some("id")),
+];
+
+/// The fields of a message of the common shape, read in one validating
+/// pass (`json_scan::object_paths`), or `None` for anything else: a
+/// message this is not sure of is left to [`parsed_fields`], never called
+/// poison here. `hyphenated` holds the backend id's text when the event
+/// has no id of its own.
+fn fast_fields<'a>(text: &'a str, hyphenated: &'a mut [u8; 36]) -> Option<Fields<'a>> {
+    let json = text.as_bytes();
+    let paths = venus_shared::json_scan::object_paths(json, MAX_NESTING, PATHS).ok()?;
+    if paths.unreadable || paths.strings != venus_shared::json_scan::Strings::Clean {
+        return None;
+    }
+    let [backend_id, upload_time, ip, country, region, city, meta, data, app_id, category, timestamp, id] =
+        paths.found.map(|range| range.map(|range| &text[range]));
+    // The text of a string with nothing to unescape.
+    let plain = |value: &'a str| -> Option<&'a str> {
+        let inner = value.strip_prefix('"')?.strip_suffix('"')?;
+        (!inner.contains('\\')).then_some(inner)
+    };
+    // Digits only: `u64` as serde reads it, nothing it would refuse.
+    let integer = |value: &str| -> Option<u64> {
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        value.parse().ok()
+    };
+    let optional = |value: Option<&'a str>| match value {
+        None => Some(""),
+        Some(value) => plain(value),
+    };
+    let (meta, data) = (meta?, data?);
+    if !meta.starts_with('{') || !data.starts_with('{') {
+        return None;
+    }
+    let timestamp = match timestamp {
+        None | Some("null") => None,
+        Some(value) => Some(integer(value)?),
+    };
+    let backend_id = uuid::Uuid::try_parse(plain(backend_id?)?).ok()?;
+    let event_id = match id {
+        None | Some("null") => &*backend_id.hyphenated().encode_lower(hyphenated),
+        Some(id) if id.starts_with('"') => plain(id)?,
+        // A number (or anything else) as its JSON text.
+        Some(id) => id,
+    };
+    Some(Fields {
+        backend_id,
+        upload_time: integer(upload_time?)?,
+        ip: plain(ip?)?,
+        country: optional(country)?,
+        region: optional(region)?,
+        city: optional(city)?,
+        app_id: plain(app_id?)?,
+        category: plain(category?)?,
+        event_id,
+        timestamp,
+        meta,
+        data,
+    })
+}
+
+/// Reads a message with sonic-rs and calls `write` with its fields, or
+/// says why it can never be a row: what [`fast_fields`] leaves to it.
+fn parsed_fields(text: &str, write: impl FnOnce(&Fields<'_>)) -> Result<(), Poison> {
     // First the gateway's own pre-parse scan: sonic-rs skips nested values
     // by recursion with no limit, so a value nested a million deep would
     // overflow the stack and abort the process, and the restarted ingester
@@ -233,13 +356,8 @@ pub fn write_row(
     // gateway writes is within its document limit (a value nests one level
     // less than its document did), and the scan's escape rules keep it and
     // the parser agreeing on where every string ends.
-    venus_shared::json_scan::scan(record.payload(), MAX_NESTING)
+    venus_shared::json_scan::scan(text.as_bytes(), MAX_NESTING)
         .map_err(|e| Poison::Shape(e.to_string()))?;
-    // JSON text is UTF-8; checking it whole first, as the gateway does,
-    // keeps the lazy parser from ever handing out a `&str` over invalid
-    // bytes (sonic-rs asserts against that in debug builds).
-    let text = std::str::from_utf8(record.payload())
-        .map_err(|e| Poison::Shape(format!("not UTF-8 (at byte {})", e.valid_up_to())))?;
     // sonic-rs: SIMD parsing and skipping, the same JSON rules as
     // serde_json.
     let message: Message<'_> =
@@ -267,10 +385,6 @@ pub fn write_row(
         return Err(Poison::BackendId(message.backend_id.into_owned()));
     };
     let id = data.get("id");
-    // The table's identity is (category, day, app_id, event_id): an event
-    // without an id (the gateway requires one; other producers may not
-    // send it) is identified by its backend_id, so that such events never
-    // fold into one.
     let fallback;
     let event_id = match &id {
         // A number (or anything else) as its JSON text.
@@ -280,37 +394,67 @@ pub fn write_row(
             fallback.as_str()
         }
     };
-    // Every check is done: from here on nothing fails, so a row is written
-    // whole or not at all.
+    write(&Fields {
+        backend_id,
+        upload_time: message.upload_time,
+        ip: &message.ip,
+        country: &message.country,
+        region: &message.region,
+        city: &message.city,
+        app_id: app_id.as_str().unwrap_or_default(),
+        category: category.as_str().unwrap_or_default(),
+        event_id,
+        timestamp,
+        meta: meta.as_raw_str(),
+        data: data.as_raw_str(),
+    });
+    Ok(())
+}
+
+/// Appends the row of `fields` (read from `record`) in the columns' order.
+/// Every check is done before: nothing here fails, so a row is written
+/// whole or not at all.
+fn write_fields(
+    out: &mut Vec<u8>,
+    record: &Record,
+    ingested_at: u64,
+    layout: Layout,
+    fields: &Fields<'_>,
+) {
     out.reserve(record.payload().len() + 160);
     let mut row = RowBinary(out);
-    row.uuid(backend_id);
-    row.string(app_id.as_str().unwrap_or_default());
-    row.string(category.as_str().unwrap_or_default());
-    row.string(event_id);
+    row.uuid(fields.backend_id);
+    row.string(fields.app_id);
+    row.string(fields.category);
+    // The table's identity is (category, day, app_id, event_id): an event
+    // without an id (the gateway requires one; other producers may not
+    // send it) is identified by its backend_id, so that such events never
+    // fold into one.
+    row.string(fields.event_id);
+    let timestamp = fields.timestamp;
     match layout {
         Layout::Classic => {
-            row.u32(datetime(message.upload_time / 1000));
-            row.u64(message.upload_time);
+            row.u32(datetime(fields.upload_time / 1000));
+            row.u64(fields.upload_time);
             // A client time beyond `DateTime` keeps only its milliseconds.
             let client_time = timestamp.and_then(|ms| u32::try_from(ms / 1000).ok());
             row.nullable(client_time, RowBinary::u32);
         }
         Layout::Current => {
             // `DateTime64(3)`: milliseconds as an `Int64`.
-            row.i64(i64::try_from(message.upload_time).unwrap_or(i64::MAX));
-            row.u64(message.upload_time);
+            row.i64(i64::try_from(fields.upload_time).unwrap_or(i64::MAX));
+            row.u64(fields.upload_time);
             let client_time = timestamp.and_then(|ms| i64::try_from(ms).ok());
             row.nullable(client_time, RowBinary::i64);
         }
     }
     row.nullable(timestamp, RowBinary::u64);
-    row.string(&message.ip);
-    row.string(&message.country);
-    row.string(&message.region);
-    row.string(&message.city);
-    row.string(meta.as_raw_str());
-    row.string(data.as_raw_str());
+    row.string(fields.ip);
+    row.string(fields.country);
+    row.string(fields.region);
+    row.string(fields.city);
+    row.string(fields.meta);
+    row.string(fields.data);
     row.string(record.header("request_id").unwrap_or(""));
     row.string(trace_id(record.header("traceparent")));
     row.string(&record.source.topic);
@@ -318,7 +462,6 @@ pub fn write_row(
         .extend_from_slice(&record.source.partition.to_le_bytes());
     row.0.extend_from_slice(&record.source.offset.to_le_bytes());
     row.u32(datetime(ingested_at));
-    Ok(())
 }
 
 #[cfg(test)]
@@ -648,6 +791,151 @@ mod tests {
         let value = row(&payload).unwrap();
         assert_eq!(value["data"], data.as_str());
         assert_eq!(value["event_id"], "eé", "the id unescaped");
+    }
+
+    /// The messages of `venus-loadtest --raw-kafka` (the gateway's
+    /// format), and a few shapes other producers may send.
+    fn seeds() -> Vec<String> {
+        use venus_loadtest::generate::Generator;
+        let config = venus_loadtest::GenConfig {
+            seed: 11,
+            ..Default::default()
+        };
+        let generator = Generator::new(&config, 1_700_000_000_000);
+        let mut seeds = Vec::new();
+        for request in 0..4u64 {
+            let batch = generator.batch(request);
+            for (index, ip) in batch.accepted_events() {
+                let mut value = Vec::new();
+                venus_loadtest::raw_kafka::message_value(
+                    &batch,
+                    index,
+                    ip,
+                    uuid::Uuid::now_v7(),
+                    1_700_000_000_000,
+                    &mut value,
+                );
+                seeds.push(String::from_utf8(value).unwrap());
+            }
+        }
+        let backend = "0190a0e0-0000-7000-8000-000000000001";
+        for (meta, data) in [
+            (META, r#"{"id":7,"timestamp":null,"n":[1.5e3,{"a":"é"}]}"#),
+            (META, r#"{"timestamp":1700000000123,"s":"\u00e9\n"}"#),
+            (META, r#"{"id":{"k":[true,false]},"timestamp":0}"#),
+            (r#"{"category":"c","app_id":"a"}"#, r#"{"id":"x"}"#),
+        ] {
+            seeds.push(format!(
+                r#"{{"backend_id":"{backend}","upload_time":1700000005678,"ip":"::1","meta":{meta},"data":{data}}}"#
+            ));
+            seeds.push(format!(
+                r#" {{ "data" : {data} , "meta" : {meta} , "city" : "Köln" , "ip" : "10.0.0.1" , "upload_time" : 5 , "backend_id" : "{backend}" }} "#
+            ));
+        }
+        seeds
+    }
+
+    #[test]
+    fn the_gateways_messages_take_the_one_pass_way() {
+        let seeds = seeds();
+        for seed in &seeds {
+            assert!(
+                fast_fields(seed, &mut [0; 36]).is_some(),
+                "read by the parser: {seed}"
+            );
+        }
+        // Escapes in the fields a row takes apart are the parser's.
+        let seed = &seeds[0];
+        let escaped = seed.replacen(r#""ip":""#, r#""ip":"\u0031"#, 1);
+        assert_ne!(&escaped, seed);
+        assert!(fast_fields(&escaped, &mut [0; 36]).is_none());
+    }
+
+    /// Every message the one pass reads, it reads as sonic-rs does: the
+    /// same row, byte for byte. Thousands of random mutations of the seeds
+    /// (JSON's own tokens inserted, bytes replaced or removed) look for one
+    /// where they part.
+    #[test]
+    fn the_one_pass_and_the_parser_write_the_same_rows() {
+        const TOKENS: &[&str] = &[
+            "\"",
+            "\\",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            " ",
+            "null",
+            "1",
+            "-",
+            ".",
+            "e",
+            "0",
+            "é",
+            "\\u00e9",
+            "\\ud800",
+            "\\n",
+            "1e3",
+            "\"id\":",
+            "\"timestamp\":",
+            "\"app_id\":\"x\",",
+            "\"meta\":{},",
+            "\"country\":null,",
+            "\"x\\u0041\":1,",
+            "\"ip\":\"y\",",
+            "99999999999999999999",
+            "\"upload_time\":2,",
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as usize
+        };
+        let seeds = seeds();
+        let (mut tried, mut fast) = (0, 0);
+        for _ in 0..40_000 {
+            let mut bytes = seeds[next() % seeds.len()].clone().into_bytes();
+            for _ in 0..1 + next() % 3 {
+                let at = next() % (bytes.len() + 1);
+                match next() % 3 {
+                    0 => {
+                        let token = TOKENS[next() % TOKENS.len()];
+                        bytes.splice(at..at, token.bytes());
+                    }
+                    1 if at < bytes.len() => {
+                        let token = TOKENS[next() % TOKENS.len()];
+                        bytes.splice(at..at + 1, token.bytes());
+                    }
+                    _ => {
+                        let end = (at + 1 + next() % 4).min(bytes.len());
+                        bytes.drain(at.min(end)..end);
+                    }
+                }
+            }
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                continue;
+            };
+            tried += 1;
+            let record = record(text);
+            let mut hyphenated = [0; 36];
+            let Some(fields) = fast_fields(text, &mut hyphenated) else {
+                continue;
+            };
+            fast += 1;
+            let (mut one_pass, mut parsed) = (Vec::new(), Vec::new());
+            write_fields(&mut one_pass, &record, 1, Layout::Current, &fields);
+            parsed_fields(text, |fields| {
+                write_fields(&mut parsed, &record, 1, Layout::Current, fields)
+            })
+            .unwrap_or_else(|poison| panic!("the parser calls it poison ({poison}): {text}"));
+            assert_eq!(one_pass, parsed, "{text}");
+        }
+        // Enough of both kinds for the comparison to mean something.
+        assert!(fast > 2_000 && tried - fast > 2_000, "{fast} of {tried}");
     }
 
     #[test]
