@@ -2,7 +2,8 @@
 //! grammar, how deep it nests, and whether every string is JSON as RFC 8259
 //! writes it; it returns where `meta` and each event are. Then, per event,
 //! where its few wanted fields are ([`object_fields`]), without validating
-//! again.
+//! again. The ingester reads each message of the gateway the same way in
+//! one pass that also finds the fields it wants ([`object_paths`]).
 //!
 //! sonic-rs still reads `meta`, and the rare event whose keys have escapes,
 //! after this pass. It skips nested values by recursion with no depth limit
@@ -272,9 +273,10 @@ pub struct Paths<const N: usize> {
     pub unreadable: bool,
 }
 
-/// Reads the JSON object `json` in one validating pass (the rules of
+/// Reads the JSON object `json` in one validating pass (the parser of
 /// [`batch_document`]: RFC 8259 grammar, the escape rule above, at most
-/// `max_depth` deep, nothing after it but whitespace) and finds where the
+/// `max_depth` deep, nothing after it but whitespace; a key twice is valid
+/// JSON and only flagged, see [`Paths::unreadable`]) and finds where the
 /// values of `paths` are: `(key, None)` is a member of the object,
 /// `(key, Some(inner))` the member `inner` of the object that is the
 /// value of `key`.
@@ -1198,23 +1200,28 @@ mod tests {
         const STRAY: &[u8] = b"{}[]\",:0-.eE+ \\atn";
         const PATHS: [(&str, Option<&str>); 3] = [("a", None), ("m", Some("k")), ("m", None)];
         let mut next = xorshift(0x7a3c_91e4_0b5d_2f68);
-        let (mut accepted, mut refused, mut unreadable) = (0, 0, 0);
+        let (mut accepted, mut refused, mut unreadable, mut inner) = (0, 0, 0, 0);
         for round in 0..30_000 {
             let mut members = Vec::new();
             for _ in 0..next() % 4 {
-                let member = match next() % 7 {
+                let member = match next() % 9 {
                     0 | 1 => format!("\"a\" :{}", random_value(&mut next, 1)),
                     2 => format!("\"\\u0061\":{}", random_value(&mut next, 1)),
                     3 => format!("\"x\":{}", random_value(&mut next, 1)),
                     4 => format!("\"m\":{}", random_value(&mut next, 1)),
                     _ => {
-                        let inner: Vec<String> = (0..next() % 4)
-                            .map(|_| match next() % 3 {
-                                0 => format!("\"k\" : {}", random_value(&mut next, 2)),
-                                1 => format!("\"k\\\\\":{}", random_value(&mut next, 2)),
-                                _ => format!("\"y\":{}", random_value(&mut next, 2)),
-                            })
+                        // `k` once among `y`s, and now and then a second
+                        // `k` or a key with an escape.
+                        let mut inner: Vec<String> = (0..next() % 3)
+                            .map(|_| format!("\"y\":{}", random_value(&mut next, 2)))
                             .collect();
+                        let at = (next() % (inner.len() as u64 + 1)) as usize;
+                        inner.insert(at, format!("\"k\" : {}", random_value(&mut next, 2)));
+                        match next() % 6 {
+                            0 => inner.push(format!("\"k\":{}", random_value(&mut next, 2))),
+                            1 => inner.push(format!("\"k\\\\\":{}", random_value(&mut next, 2))),
+                            _ => {}
+                        }
                         format!("\"m\":{{ {} }}", inner.join(","))
                     }
                 };
@@ -1290,11 +1297,16 @@ mod tests {
                 .filter(|m| m.is_object())
                 .and_then(|m| m.get("k"));
             assert_eq!(value(&paths.found[1]).as_ref(), k, "{text}");
+            inner += usize::from(k.is_some());
         }
         assert!(
-            accepted > 5_000 && refused > 5_000 && unreadable > 1_000,
-            "{accepted} accepted, {refused} refused, {unreadable} unreadable"
+            accepted > 5_000 && refused > 5_000 && unreadable > 1_000 && inner > 1_500,
+            "{accepted} accepted, {refused} refused, {unreadable} unreadable, \
+             {inner} with m.k compared"
         );
+        // As deep as the limit is allowed, one more is not.
+        let at_limit = object_paths(b"{\"m\":{\"k\":[1]}}", 3, PATHS).unwrap();
+        assert_eq!(at_limit.found[1], Some(10..13));
         assert_eq!(
             object_paths(b"[1]", 32, PATHS),
             Err(ScanError::Syntax {
