@@ -192,16 +192,7 @@ pub fn batch_document(
     max_depth: usize,
     max_events: usize,
 ) -> Result<BatchDocument, ScanError> {
-    let mut parser = Parser {
-        json,
-        i: skip_whitespace(json, 0),
-        depth: 0,
-        max_depth,
-        strings: Strings::Clean,
-    };
-    if parser.peek() != Some(b'{') {
-        return Err(parser.expected("an object"));
-    }
+    let mut parser = Parser::at_object(json, max_depth)?;
     let (mut meta, mut data) = (None, None);
     let (mut seen_meta, mut seen_data) = (false, false);
     parser.object_members(|parser, key| {
@@ -248,10 +239,7 @@ pub fn batch_document(
         }
         Ok(())
     })?;
-    parser.i = skip_whitespace(json, parser.i);
-    if parser.i != json.len() {
-        return Err(parser.expected("the end of the batch"));
-    }
+    parser.only_whitespace_left("the end of the batch")?;
     Ok(BatchDocument {
         meta,
         data,
@@ -288,16 +276,7 @@ pub fn object_paths<const N: usize>(
     max_depth: usize,
     paths: [(&'static str, Option<&'static str>); N],
 ) -> Result<Paths<N>, ScanError> {
-    let mut parser = Parser {
-        json,
-        i: skip_whitespace(json, 0),
-        depth: 0,
-        max_depth,
-        strings: Strings::Clean,
-    };
-    if parser.peek() != Some(b'{') {
-        return Err(parser.expected("an object"));
-    }
+    let mut parser = Parser::at_object(json, max_depth)?;
     let mut found: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
     // A wanted field twice: which one counts is the parser's call.
     let mut twice = false;
@@ -345,10 +324,7 @@ pub fn object_paths<const N: usize>(
         }
         Ok(())
     })?;
-    parser.i = skip_whitespace(json, parser.i);
-    if parser.i != json.len() {
-        return Err(parser.expected("the end of the document"));
-    }
+    parser.only_whitespace_left("the end of the document")?;
     Ok(Paths {
         found,
         strings: parser.strings,
@@ -397,7 +373,31 @@ struct Parser<'a> {
     strings: Strings,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
+    /// A parser at the start of `json`, which must be an object.
+    fn at_object(json: &'a [u8], max_depth: usize) -> Result<Self, ScanError> {
+        let parser = Parser {
+            json,
+            i: skip_whitespace(json, 0),
+            depth: 0,
+            max_depth,
+            strings: Strings::Clean,
+        };
+        if parser.peek() != Some(b'{') {
+            return Err(parser.expected("an object"));
+        }
+        Ok(parser)
+    }
+
+    /// After the document's value: nothing but whitespace may follow.
+    fn only_whitespace_left(&mut self, expected: &'static str) -> Result<(), ScanError> {
+        self.i = skip_whitespace(self.json, self.i);
+        if self.i != self.json.len() {
+            return Err(self.expected(expected));
+        }
+        Ok(())
+    }
+
     fn peek(&self) -> Option<u8> {
         self.json.get(self.i).copied()
     }
