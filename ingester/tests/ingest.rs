@@ -408,6 +408,9 @@ async fn two_instances_of_a_group_share_the_partitions_and_count_each_event_once
         ))
         .await;
     assert_eq!(partitions, 2, "the gateway wrote to both partitions");
+    // A consumer adds to its counter every STORE_INTERVAL (200 ms), so the
+    // last rows can be in ClickHouse before their messages are counted.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut total = 0.0;
     for (name, instance) in [("first", &first), ("second", &second)] {
         let (_, text) = instance.get("/metrics").await;
@@ -416,7 +419,6 @@ async fn two_instances_of_a_group_share_the_partitions_and_count_each_event_once
         total += consumed;
     }
     assert_eq!(total, 200.0, "each message read by one instance only");
-    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         ch.count(&count_final_sql(&ns.qualified_table(), category))
             .await,
