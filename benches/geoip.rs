@@ -1,6 +1,6 @@
-//! GeoIP lookups on the real database files, memory-mapped (as the gateway
-//! loads them) against the same files read into the heap (as it loaded them
-//! before), with the same addresses.
+//! GeoIP lookups on the real database files: read into compact tables (the
+//! default `geoip.residency`), memory-mapped (`cached`), and read whole into
+//! the heap (as the gateway loaded them once), with the same addresses.
 //!
 //!     geoip/fetch.sh && cargo bench --bench geoip
 //!
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use venus::geoip::GeoIp;
+use venus::geoip::{GeoIp, Residency};
 
 /// 10,000 addresses from a fixed seed: 80% IPv4, 20% IPv6 in 2000::/3.
 fn addresses() -> Vec<IpAddr> {
@@ -46,16 +46,17 @@ fn lookups(c: &mut Criterion) {
         eprintln!("geoip bench: {paths:?} not found; run geoip/fetch.sh");
         return;
     }
-    let mapped = GeoIp::open(&paths).expect("mapped database");
+    let compact = GeoIp::open_with(&paths, 0, Residency::Compact).expect("compact database");
+    let mapped = GeoIp::open_with(&paths, 0, Residency::Cached).expect("mapped database");
     let heap = GeoIp::from_parts(paths.iter().map(|p| std::fs::read(p).unwrap()).collect())
         .expect("heap database");
     let ips = addresses();
     let mut group = c.benchmark_group("geoip_lookup");
     group.throughput(Throughput::Elements(ips.len() as u64));
-    for (name, db) in [("mapped", &mapped), ("heap", &heap)] {
-        // Same answers from both.
-        for ip in ips.iter().take(500) {
-            assert_eq!(mapped.lookup(*ip), heap.lookup(*ip), "{ip}");
+    for (name, db) in [("compact", &compact), ("mapped", &mapped), ("heap", &heap)] {
+        // The same answers from all three.
+        for ip in &ips {
+            assert_eq!(db.lookup(*ip), mapped.lookup(*ip), "{name} {ip}");
         }
         group.bench_function(name, |b| {
             b.iter(|| {

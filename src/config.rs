@@ -318,12 +318,14 @@ pub struct GeoIpSettings {
     /// bytes when taken; a reload starts an empty cache with the new data.
     #[serde(default = "defaults::geoip_cache_entries")]
     pub cache_entries: usize,
-    /// Which pages of the mapped files stay in memory: `cached` (the
-    /// default: the whole copy in the page cache, lookups never wait for
-    /// the disk, most of the files resident under varied traffic) or
-    /// `touched` (only the pages lookups read: far less memory, a read
-    /// from disk on the serving thread for a lookup into a part of a file
-    /// not read before). See `geoip::database::Residency`.
+    /// How the files are held in memory: `compact` (the default: read
+    /// once at load into a compact table of ranges in the heap, the same
+    /// memory whatever addresses come, seconds of load for large files),
+    /// `cached` (mapped, the whole copy in the page cache, lookups never
+    /// wait for the disk, most of the files resident under varied traffic)
+    /// or `touched` (mapped, only the pages lookups read: a read from disk
+    /// on the serving thread for a lookup into a part of a file not read
+    /// before). See `geoip::database::Residency`.
     #[serde(default)]
     pub residency: crate::geoip::Residency,
 }

@@ -129,6 +129,31 @@ pub struct Application {
     connections: ConnectionLimits,
 }
 
+/// Loads the GeoIP files off the async threads: reading them into compact
+/// tables (the default residency) walks every network, seconds for the
+/// DB-IP pair.
+async fn load_geoip(settings: &crate::config::GeoIpSettings) -> anyhow::Result<GeoIp> {
+    let (paths, entries, residency) = (
+        settings.database.clone(),
+        settings.cache_entries,
+        settings.residency,
+    );
+    let started = Instant::now();
+    let geoip =
+        tokio::task::spawn_blocking(move || GeoIp::open_with(&paths, entries, residency)).await??;
+    let database = geoip.current();
+    let files: Vec<&str> = database.files().map(|f| f.path.as_str()).collect();
+    let compact_bytes: usize = database.files().filter_map(|f| f.compact_bytes).sum();
+    tracing::info!(
+        residency = residency.as_str(),
+        files = %files.join(","),
+        compact_bytes,
+        took_ms = started.elapsed().as_millis() as u64,
+        "GeoIP database loaded"
+    );
+    Ok(geoip)
+}
+
 /// What every connection is held to.
 #[derive(Clone, Copy)]
 struct ConnectionLimits {
@@ -142,11 +167,7 @@ impl Application {
     /// Opens the GeoIP database, creates the producer and binds the listener.
     /// Kafka need not be up: readiness says so until it is.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let geoip = Arc::new(GeoIp::open_with(
-            &settings.geoip.database,
-            settings.geoip.cache_entries,
-            settings.geoip.residency,
-        )?);
+        let geoip = Arc::new(load_geoip(&settings.geoip).await?);
         let metering = Metering::new(&settings.telemetry)?;
         let metrics = Metrics::new(
             &metering.provider,

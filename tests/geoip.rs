@@ -112,14 +112,17 @@ async fn both_layouts_in_one_or_two_files_locate_v4_and_v6_events() {
             "flat",
         ),
     ];
-    // Each layout with the files cached whole and with only the pages
-    // lookups read resident (`geoip.residency`): the same answers.
-    let runs = ["cached", "touched"].into_iter().flat_map(|residency| {
-        layouts
-            .clone()
-            .into_iter()
-            .map(move |layout| (layout, residency))
-    });
+    // Each layout read into compact tables, with the mapped files cached
+    // whole, and with only the pages lookups read resident
+    // (`geoip.residency`): the same answers.
+    let runs = ["compact", "cached", "touched"]
+        .into_iter()
+        .flat_map(|residency| {
+            layouts
+                .clone()
+                .into_iter()
+                .map(move |layout| (layout, residency))
+        });
     for ((databases, v4_place, v6_place, layout), residency) in runs {
         let app = app_on(&databases, &[("VENUS__GEOIP__RESIDENCY", residency)]).await;
         let url = app.url("/api/v1/upload");
@@ -166,6 +169,15 @@ async fn both_layouts_in_one_or_two_files_locate_v4_and_v6_events() {
             .map(|f| f["layout"].as_str().unwrap())
             .collect();
         assert_eq!(used, vec![layout; databases.len()], "{ready}");
+        // A compact table says how much memory it takes; a mapped file not.
+        for file in ready["geoip_files"].as_array().unwrap() {
+            let bytes = file.get("compact_bytes").and_then(Value::as_u64);
+            assert_eq!(
+                bytes.is_some_and(|b| b > 0),
+                residency == "compact",
+                "{residency}: {file}"
+            );
+        }
         let metrics = app.metrics().await;
         assert!(
             metrics
@@ -310,10 +322,14 @@ async fn an_in_place_overwrite_of_a_mapped_file_does_not_crash_the_gateway() {
     let files = dir();
     let path = files.path().join("city.mmdb");
     install(&path, &test_support::city_database());
-    // The periodic look is off: nothing but the mapping sees the file.
+    // The periodic look is off: nothing but the mapping sees the file
+    // (mapped: `cached`; the default, `compact`, keeps nothing of it).
     let app = app_on(
         &[path.as_path()],
-        &[("VENUS__GEOIP__RELOAD_INTERVAL_MS", "0")],
+        &[
+            ("VENUS__GEOIP__RELOAD_INTERVAL_MS", "0"),
+            ("VENUS__GEOIP__RESIDENCY", "cached"),
+        ],
     )
     .await;
     let url = app.url("/api/v1/upload");

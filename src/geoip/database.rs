@@ -14,10 +14,12 @@
 //! two (an `ip_version` 4 file and an `ip_version` 6 one, as ip-location-db
 //! ships); a lookup asks the file for its address family.
 //!
-//! **Memory.** A file is memory-mapped, not read into the heap: only the
-//! pages that lookups touch become resident (with `geoip.residency:
-//! touched`, not even their neighbours: see [`Residency`]), and the kernel
-//! may drop them again. Mapping the operator's file itself would be unsafe: overwriting it
+//! **Memory.** By default (`geoip.residency: compact`) a file is read once
+//! into a compact table in the heap (`ranges`) and not kept. Otherwise it
+//! is memory-mapped, not read into the heap: only the pages that lookups
+//! touch become resident (with `touched`, not even their neighbours: see
+//! [`Residency`]), and the kernel may drop them again. Either way it is
+//! read from a private copy. Mapping the operator's file itself would be unsafe: overwriting it
 //! in place (`cp new.mmdb city.mmdb`) changes or truncates pages under the
 //! reader, and a truncated mapping kills the process with SIGBUS. So the
 //! gateway maps a **private copy**: an unnamed file (`O_TMPFILE`) in the
@@ -32,12 +34,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use maxminddb::Reader;
+use maxminddb::{LookupResult, Reader};
 use memmap2::Mmap;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use super::cache::LookupCache;
+use super::ranges::CompactFile;
 use super::{GeoIpError, Location, Lookup};
 
 /// How the records of a file are laid out.
@@ -65,18 +68,34 @@ pub struct FileInfo {
     pub ip_version: u16,
     /// When the data was built, in seconds since the epoch.
     pub build_epoch: u64,
+    /// Bytes of heap its compact table takes ([`Residency::Compact`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compact_bytes: Option<usize>,
 }
 
-/// Which pages of a mapped file stay in memory (`geoip.residency`).
+/// How the files are held in memory (`geoip.residency`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Residency {
-    /// The copy stays in the page cache: a lookup anywhere in the file is
-    /// a cheap fault, never a read from disk, but the kernel's fault-around
-    /// maps the cached pages around each faulting one, so a few thousand
-    /// addresses make most of the file resident (78 of the 134 MB DB-IP
-    /// files at 256 connections), and a container's limit counts them.
+    /// Nothing of the files: each is read once at load into a compact table
+    /// of its address ranges and the three strings the gateway reads (see
+    /// `ranges`), in the heap, and let go. The memory is the same whatever
+    /// addresses come (34 MB for the DB-IP pair, where the mapped files
+    /// reach 101-115 MB under ~160,000 addresses) and no lookup ever waits
+    /// for the disk. The price is at load: every network of the files is
+    /// walked (about 3 s for the DB-IP pair on a 2-core VM, before the
+    /// gateway listens, and on the reload thread while the old data
+    /// serves). While it walks, the process peaks at about 75 MB of heap
+    /// (tables and the maps that build them) plus the walked copy's pages,
+    /// which the kernel can reclaim (77 MB; the DB-IP pair at start).
     #[default]
+    Compact,
+    /// The mapped copy stays in the page cache: a lookup anywhere in the
+    /// file is a cheap fault, never a read from disk, but the kernel's
+    /// fault-around maps the cached pages around each faulting one, so a
+    /// few thousand addresses make most of the file resident (78 of the
+    /// 134 MB DB-IP files at 256 connections), and a container's limit
+    /// counts them.
     Cached,
     /// Only the pages lookups read stay (see `touched_pages_only`): 30 MB
     /// of the same files in the same run. A lookup into a part of the file
@@ -86,6 +105,17 @@ pub enum Residency {
     /// It saves memory only while the addresses are few: what lookups read
     /// grows with them (80 MB of the same files with ~160,000 addresses).
     Touched,
+}
+
+impl Residency {
+    /// The setting's name, as in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Compact => "compact",
+            Self::Cached => "cached",
+            Self::Touched => "touched",
+        }
+    }
 }
 
 /// The bytes of a file: a mapping of its private copy, or (tests,
@@ -125,9 +155,16 @@ impl Fingerprint {
 }
 
 struct File {
-    reader: Reader<Source>,
-    layout: Layout,
+    index: Index,
     info: FileInfo,
+}
+
+/// How a file answers lookups.
+enum Index {
+    /// Its own search tree, in the mapped copy or a heap buffer.
+    Tree(Reader<Source>, Layout),
+    /// Its compact table ([`Residency::Compact`]).
+    Compact(CompactFile),
 }
 
 /// One loaded, probed set of files.
@@ -211,17 +248,36 @@ impl Database {
                 path: shown.clone(),
                 reason: format!("cannot map a private copy: {e}"),
             })?;
-            files.push(File::load(source, shown)?);
+            files.push(if residency == Residency::Compact {
+                // Walked from the mapped copy, whose pages the kernel can
+                // drop under pressure, then unmapped and gone.
+                File::load_compact(source.as_ref(), shown)?
+            } else {
+                File::load(source, shown)?
+            });
         }
         Self::assemble(files)
     }
 
     /// A database from bytes in memory (tests, benchmarks).
     pub fn from_bytes(parts: Vec<Vec<u8>>) -> Result<Self, GeoIpError> {
+        Self::from_bytes_with(parts, Residency::Cached)
+    }
+
+    /// [`Database::from_bytes`], read into compact tables with
+    /// [`Residency::Compact`] (the others keep the bytes as they are).
+    pub fn from_bytes_with(parts: Vec<Vec<u8>>, residency: Residency) -> Result<Self, GeoIpError> {
         let files = parts
             .into_iter()
             .enumerate()
-            .map(|(i, bytes)| File::load(Source::Heap(bytes), format!("<memory {i}>")))
+            .map(|(i, bytes)| {
+                let path = format!("<memory {i}>");
+                if residency == Residency::Compact {
+                    File::load_compact(&bytes, path)
+                } else {
+                    File::load(Source::Heap(bytes), path)
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Self::assemble(files)
     }
@@ -319,71 +375,112 @@ impl File {
             reason,
         };
         let reader = Reader::from_source(source).map_err(|e| invalid(e.to_string()))?;
-        let metadata = reader.metadata();
         let (layout, probe) = probe(&reader).map_err(&invalid)?;
-        let info = FileInfo {
-            path: path.clone(),
-            database_type: metadata.database_type.clone(),
-            layout: layout.as_str(),
-            ip_version: metadata.ip_version,
-            build_epoch: metadata.build_epoch,
-        };
-        let file = Self {
-            reader,
-            layout,
+        let info = file_info(&reader, layout, &path);
+        Self {
+            index: Index::Tree(reader, layout),
             info,
+        }
+        .probed(probe)
+    }
+
+    /// [`File::load`] into a compact table ([`Residency::Compact`]): the
+    /// bytes are walked once and not kept.
+    fn load_compact(bytes: &[u8], path: String) -> Result<Self, GeoIpError> {
+        let invalid = |reason: String| GeoIpError::Invalid {
+            path: path.clone(),
+            reason,
         };
-        match file.lookup(probe) {
-            Lookup::Hit(_) => Ok(file),
-            Lookup::Miss => Err(invalid(format!(
-                "a probe lookup of {probe}, which the database lists, found nothing"
-            ))),
+        let reader = Reader::from_source(bytes).map_err(|e| invalid(e.to_string()))?;
+        let (layout, probe) = probe(&reader).map_err(&invalid)?;
+        let mut info = file_info(&reader, layout, &path);
+        let compact = CompactFile::build(bytes, |result| locate(result, layout))
+            .map_err(|e| invalid(format!("cannot walk its networks: {e}")))?;
+        info.compact_bytes = Some(compact.heap_bytes());
+        Self {
+            index: Index::Compact(compact),
+            info,
+        }
+        .probed(probe)
+    }
+
+    /// The file, if a lookup of `probe` (an address it lists) answers.
+    fn probed(self, probe: IpAddr) -> Result<Self, GeoIpError> {
+        match self.lookup(probe) {
+            Lookup::Hit(_) => Ok(self),
+            Lookup::Miss => Err(GeoIpError::Invalid {
+                path: self.info.path.clone(),
+                reason: format!(
+                    "a probe lookup of {probe}, which the database lists, found nothing"
+                ),
+            }),
         }
     }
 
     fn lookup(&self, ip: IpAddr) -> Lookup {
-        let Ok(result) = self.reader.lookup(ip) else {
-            return Lookup::Miss;
-        };
-        let location = match self.layout {
-            Layout::GeoIp2 => result
-                .decode::<CityRecord>()
+        let location = match &self.index {
+            Index::Tree(reader, layout) => reader
+                .lookup(ip)
                 .ok()
-                .flatten()
-                .map(|r| Location {
-                    country: r
-                        .country
-                        .and_then(|c| c.iso_code)
-                        .unwrap_or_default()
-                        .to_owned(),
-                    region: r
-                        .subdivisions
-                        .as_ref()
-                        .and_then(|s| s.first())
-                        .map(|s| s.english().to_owned())
-                        .unwrap_or_default(),
-                    city: r
-                        .city
-                        .as_ref()
-                        .map(|c| c.english().to_owned())
-                        .unwrap_or_default(),
-                }),
-            Layout::Flat => result
-                .decode::<FlatRecord>()
-                .ok()
-                .flatten()
-                .map(|r| Location {
-                    country: r.country_code.unwrap_or_default().to_owned(),
-                    region: r.state1.unwrap_or_default().to_owned(),
-                    city: r.city.unwrap_or_default().to_owned(),
-                }),
+                .and_then(|result| locate(&result, *layout)),
+            Index::Compact(compact) => compact.lookup(ip),
         };
         location.map_or(Lookup::Miss, Lookup::Hit)
     }
 }
 
+fn file_info<S: AsRef<[u8]>>(reader: &Reader<S>, layout: Layout, path: &str) -> FileInfo {
+    let metadata = reader.metadata();
+    FileInfo {
+        path: path.to_owned(),
+        database_type: metadata.database_type.clone(),
+        layout: layout.as_str(),
+        ip_version: metadata.ip_version,
+        build_epoch: metadata.build_epoch,
+        compact_bytes: None,
+    }
+}
+
+/// What the gateway reads of a record: `None` when there is no record or it
+/// does not decode (a damaged record must not fail an upload).
+fn locate<S: AsRef<[u8]>>(result: &LookupResult<'_, S>, layout: Layout) -> Option<Location> {
+    match layout {
+        Layout::GeoIp2 => result
+            .decode::<CityRecord>()
+            .ok()
+            .flatten()
+            .map(|r| Location {
+                country: r
+                    .country
+                    .and_then(|c| c.iso_code)
+                    .unwrap_or_default()
+                    .to_owned(),
+                region: r
+                    .subdivisions
+                    .as_ref()
+                    .and_then(|s| s.first())
+                    .map(|s| s.english().to_owned())
+                    .unwrap_or_default(),
+                city: r
+                    .city
+                    .as_ref()
+                    .map(|c| c.english().to_owned())
+                    .unwrap_or_default(),
+            }),
+        Layout::Flat => result
+            .decode::<FlatRecord>()
+            .ok()
+            .flatten()
+            .map(|r| Location {
+                country: r.country_code.unwrap_or_default().to_owned(),
+                region: r.state1.unwrap_or_default().to_owned(),
+                city: r.city.unwrap_or_default().to_owned(),
+            }),
+    }
+}
+
 /// The layout of the first record with data, and an address inside it.
-fn probe(reader: &Reader<Source>) -> Result<(Layout, IpAddr), String> {
+fn probe<S: AsRef<[u8]>>(reader: &Reader<S>) -> Result<(Layout, IpAddr), String> {
     let first = reader
         .networks(Default::default())
         .map_err(|e| e.to_string())?

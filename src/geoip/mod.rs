@@ -4,6 +4,8 @@
 //! * `database`: one loaded set of files (layouts, address families, the
 //!   memory-mapped private copy);
 //! * `cache`: recent lookups, in front of the files' tree walk;
+//! * `ranges`: a file as a compact table of ranges in the heap
+//!   (`geoip.residency: compact`);
 //! * `reload`: SIGHUP and a periodic look at the files, swapping in a new
 //!   set only when it loads and answers a probe.
 //!
@@ -13,6 +15,7 @@
 
 pub mod cache;
 pub mod database;
+pub mod ranges;
 pub mod reload;
 
 use std::net::IpAddr;
@@ -26,7 +29,7 @@ pub use database::{Database, FileInfo, Layout, Located, Residency};
 
 /// Where an address is, as far as the database knows. Unknown parts are
 /// empty strings, as they appear in the Kafka message.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Location {
     pub country: String,
     pub region: String,
@@ -85,8 +88,8 @@ impl GeoIp {
         Self::open_with(paths, cache_entries, Residency::default())
     }
 
-    /// [`GeoIp::open_with_cache`], keeping `residency` of the mapped files
-    /// in memory (at this load and every reload).
+    /// [`GeoIp::open_with_cache`], holding the files in memory as
+    /// `residency` says (at this load and every reload).
     pub fn open_with(
         paths: &[PathBuf],
         cache_entries: usize,
@@ -117,7 +120,8 @@ impl GeoIp {
             paths: Vec::new(),
             seen: Mutex::new(Vec::new()),
             cache_entries: DEFAULT_CACHE_ENTRIES,
-            residency: Residency::default(),
+            // Never reloaded (no paths); the bytes are kept as they are.
+            residency: Residency::Cached,
         })
     }
 
@@ -391,6 +395,32 @@ mod tests {
             let layouts: Vec<&str> = db.current().files().map(|f| f.layout).collect();
             assert_eq!(layouts, ["flat", "flat"]);
         }
+    }
+
+    #[test]
+    fn compact_tables_are_rebuilt_by_a_reload_and_a_bad_file_keeps_the_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("city.mmdb");
+        let install = |bytes: &[u8]| {
+            let staged = dir.path().join("city.mmdb.new");
+            std::fs::write(&staged, bytes).unwrap();
+            std::fs::rename(&staged, &path).unwrap();
+        };
+        install(&test_support::city_database());
+        let db = GeoIp::open_with(std::slice::from_ref(&path), 0, Residency::Compact).unwrap();
+        assert_eq!(hit(&db, "81.2.69.142").city, "London");
+        assert!(db.current().files().all(|f| f.compact_bytes.is_some()));
+
+        let moved = [("81.2.69.0/24", "GB", "Scotland", "Edinburgh")];
+        install(&test_support::geoip2_database("Venus-Test-City-2", &moved));
+        assert!(db.changed_on_disk());
+        db.reload().unwrap();
+        assert_eq!(hit(&db, "81.2.69.142").city, "Edinburgh");
+        assert_eq!(db.lookup("2001:218::1".parse().unwrap()), Lookup::Miss);
+
+        install(b"not a database");
+        assert!(db.reload().is_err());
+        assert_eq!(hit(&db, "81.2.69.142").city, "Edinburgh");
     }
 
     #[test]

@@ -1,0 +1,786 @@
+//! `geoip.residency: compact`: a GeoIP file read once into a table of
+//! address ranges in the heap, and the file let go.
+//!
+//! **Why.** A city database is mostly its search tree, one node per bit of
+//! every network's prefix: 44 of the 63 MB of the DB-IP IPv4 file, 59 of the
+//! 71 MB IPv6 one. Lookups from addresses all over the internet touch most
+//! of it, so a gateway that maps the files ends up with most of their pages
+//! resident whichever pages it tries to keep (`cached`, `touched`:
+//! docs/BENCHMARKS.md). The gateway reads three strings of a record (country,
+//! region, city). Kept as what it reads, the same data is much smaller:
+//! neighbouring networks with the same three strings become one range
+//! (6.3 million IPv4 networks are 3.5 million ranges), a range is the
+//! distance from the one before and a number for its place, and the places
+//! are a table of their own (about 170,000 in each DB-IP file).
+//!
+//! **Layout.** The ranges of an address family, in order of their first
+//! address, are cut into blocks of [`BLOCK`]:
+//! * `block_starts`: the first address of each block, binary-searched;
+//! * `stream`, per block: one byte `shift`, the place of its first range,
+//!   then for each further range its distance from the range before in
+//!   units of 2^`shift` (the largest power of two all of the block's
+//!   distances are multiples of: whole /48s in most of the IPv6 space,
+//!   whatever the odd /128 elsewhere), and its place; LEB128 varints;
+//! * places are numbered by how many ranges they have, most first, so the
+//!   common ones take one or two bytes. Place 0 is "no record": space the
+//!   file has nothing for.
+//!
+//! A lookup is a binary search over the block starts and a scan of one
+//! block. No page of it is ever read from disk, and its memory does not
+//! grow with the addresses looked up. The price is paid at load: every
+//! network of the file is walked twice (about 3 s for the DB-IP pair on 2
+//! cores, before the gateway listens, or at a reload on the
+//! reload thread, while the old data keeps serving; see geoip/README.md).
+//!
+//! **Aliases.** A MaxMind-style IPv6 file with IPv4 inside keeps IPv4 at
+//! `::/96` and points some IPv6 prefixes (`::ffff:0:0/96`, `2001::/32`,
+//! `2002::/16`) at the same subtree, so an address there is answered by
+//! the IPv4 address in the 32 bits after the prefix. The table finds those
+//! prefixes in the file's tree and answers them the same way.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use maxminddb::{LookupResult, Reader, WithinOptions};
+
+use super::Location;
+
+/// Ranges per block: a lookup scans at most this many varint pairs after
+/// its binary search; the index costs 20 bytes per block.
+const BLOCK: usize = 32;
+
+/// Bits of the address that pick the part of the block index a lookup
+/// searches (256 KiB of index per family).
+const TOP_BITS: u32 = 16;
+
+/// One address family's ranges (see the module doc for the layout).
+struct RangeTable {
+    /// Ranges in all.
+    len: usize,
+    /// Bits of an address: 32 or 128.
+    width: u32,
+    /// For each value `p` of an address's top [`TOP_BITS`] bits, the first
+    /// block that starts at or above `p`'s part of the space (one more
+    /// entry at the end): the binary search then looks only among the
+    /// blocks of one part.
+    top: Box<[u32]>,
+    block_starts: Box<[u128]>,
+    block_offsets: Box<[u32]>,
+    stream: Box<[u8]>,
+}
+
+/// The distinct (country, region, city) of a file; place `p` ≥ 1 is
+/// `fields[p - 1]`, each an offset of a length-prefixed string in `text`.
+struct Places {
+    fields: Box<[[u32; 3]]>,
+    text: Box<[u8]>,
+}
+
+/// A whole file, compact: what answers IPv4, what answers IPv6, and which
+/// IPv6 prefixes stand for IPv4 addresses.
+pub struct CompactFile {
+    places: Places,
+    v4: RangeTable,
+    v6: Option<RangeTable>,
+    /// `(prefix, length)`: an address under `prefix/length` is answered for
+    /// the IPv4 address in the 32 bits after the prefix.
+    v4_aliases: Vec<(u128, u32)>,
+}
+
+impl CompactFile {
+    /// Walks every network of `reader` and keeps, for each, what
+    /// `locate` makes of its record (`None`: no record, as for a record
+    /// that does not decode). Errors name what is wrong with the file.
+    pub fn build(
+        bytes: &[u8],
+        locate: impl Fn(&LookupResult<'_, &[u8]>) -> Option<Location>,
+    ) -> Result<Self, String> {
+        let reader = Reader::from_source(bytes).map_err(|e| e.to_string())?;
+        let reader = &reader;
+        let ipv6 = reader.metadata().ip_version == 6;
+        let mut interner = Interner::default();
+        let mut plans = vec![Plan::new(Family::V4)];
+        if ipv6 {
+            plans.push(Plan::new(Family::V6));
+        }
+        // First pass: find the places, how often each starts a range, and
+        // how many ranges there are.
+        for plan in &mut plans {
+            let family = plan.family;
+            for_each_range(reader, family, &mut interner, &locate, |start, place| {
+                plan.count(start, place)
+            })?;
+        }
+        // Number the places by use, most used first.
+        let mut uses = vec![0u64; interner.by_location.len() + 1];
+        for plan in &plans {
+            for (place, n) in plan.uses.iter().enumerate() {
+                uses[place] += n;
+            }
+        }
+        let mut order: Vec<u32> = (1..uses.len() as u32).collect();
+        order.sort_by_key(|&p| std::cmp::Reverse(uses[p as usize]));
+        let mut renumber = vec![0u32; uses.len()];
+        for (rank, &place) in order.iter().enumerate() {
+            renumber[place as usize] = rank as u32 + 1;
+        }
+        // Second pass: encode.
+        let mut tables = Vec::with_capacity(plans.len());
+        for plan in &plans {
+            let mut encoder = Encoder::with_capacity(plan.ranges, plan.family.width());
+            for_each_range(
+                reader,
+                plan.family,
+                &mut interner,
+                &locate,
+                |start, place| encoder.push(start, renumber[place as usize]),
+            )?;
+            tables.push(encoder.finish());
+        }
+        let places = interner.finish(&order);
+        let v6 = if ipv6 { tables.pop() } else { None };
+        let v4 = tables.pop().expect("an IPv4 table is always built");
+        Ok(Self {
+            places,
+            v4,
+            v6,
+            v4_aliases: if ipv6 {
+                v4_aliases(bytes, reader)
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Where `ip` is; `None` when the file has no record of it.
+    pub fn lookup(&self, ip: IpAddr) -> Option<Location> {
+        let place = match ip {
+            IpAddr::V4(v4) => self.v4.place(u32::from(v4).into()),
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                let alias = self
+                    .v4_aliases
+                    .iter()
+                    .find(|&&(prefix, len)| bits >> (128 - len) == prefix >> (128 - len));
+                match (alias, &self.v6) {
+                    (Some(&(_, len)), _) => self.v4.place((bits << len) >> 96),
+                    (None, Some(table)) => table.place(bits),
+                    (None, None) => 0,
+                }
+            }
+        };
+        self.places.get(place)
+    }
+
+    /// Bytes of heap the file takes (for the load's log line and tests).
+    pub fn heap_bytes(&self) -> usize {
+        let table = |t: &RangeTable| {
+            t.top.len() * 4 + t.block_starts.len() * 16 + t.block_offsets.len() * 4 + t.stream.len()
+        };
+        table(&self.v4)
+            + self.v6.as_ref().map_or(0, table)
+            + self.places.fields.len() * 12
+            + self.places.text.len()
+    }
+
+    /// Ranges in all (both families).
+    pub fn ranges(&self) -> usize {
+        self.v4.len + self.v6.as_ref().map_or(0, |t| t.len)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn width(self) -> u32 {
+        match self {
+            Self::V4 => 32,
+            Self::V6 => 128,
+        }
+    }
+}
+
+/// What the first pass learns of one family.
+struct Plan {
+    family: Family,
+    ranges: usize,
+    /// Ranges per place, by the interner's numbering.
+    uses: Vec<u64>,
+}
+
+impl Plan {
+    fn new(family: Family) -> Self {
+        Self {
+            family,
+            ranges: 0,
+            uses: Vec::new(),
+        }
+    }
+
+    fn count(&mut self, _start: u128, place: u32) {
+        self.ranges += 1;
+        let place = place as usize;
+        if self.uses.len() <= place {
+            self.uses.resize(place + 1, 0);
+        }
+        self.uses[place] += 1;
+    }
+}
+
+/// Places by the data record they came from and by their strings, while a
+/// file is walked.
+#[derive(Default)]
+struct Interner {
+    by_offset: HashMap<usize, u32>,
+    /// Numbered from 1 in the order first seen.
+    by_location: HashMap<Location, u32>,
+}
+
+impl Interner {
+    fn place<S: AsRef<[u8]>>(
+        &mut self,
+        result: &LookupResult<'_, S>,
+        locate: &impl Fn(&LookupResult<'_, S>) -> Option<Location>,
+    ) -> u32 {
+        let Some(offset) = result.offset() else {
+            return 0;
+        };
+        if let Some(&place) = self.by_offset.get(&offset) {
+            return place;
+        }
+        let place = match locate(result) {
+            None => 0,
+            Some(location) => {
+                let next = self.by_location.len() as u32 + 1;
+                *self.by_location.entry(location).or_insert(next)
+            }
+        };
+        self.by_offset.insert(offset, place);
+        place
+    }
+
+    /// The places in `order` (old numbers; the new number of `order[i]` is
+    /// `i + 1`), each string stored once.
+    fn finish(self, order: &[u32]) -> Places {
+        let mut list = vec![Location::default(); self.by_location.len()];
+        for (location, place) in self.by_location {
+            list[place as usize - 1] = location;
+        }
+        let mut text = Vec::new();
+        let mut stored: HashMap<&str, u32> = HashMap::new();
+        let mut fields = Vec::with_capacity(order.len());
+        for &old in order {
+            let location = &list[old as usize - 1];
+            let mut field = [0u32; 3];
+            for (slot, value) in
+                field
+                    .iter_mut()
+                    .zip([&location.country, &location.region, &location.city])
+            {
+                *slot = *stored.entry(value.as_str()).or_insert_with(|| {
+                    let at = text.len() as u32;
+                    put_varint(&mut text, value.len() as u128);
+                    text.extend_from_slice(value.as_bytes());
+                    at
+                });
+            }
+            fields.push(field);
+        }
+        Places {
+            fields: fields.into(),
+            text: text.into(),
+        }
+    }
+}
+
+impl Places {
+    fn get(&self, place: u32) -> Option<Location> {
+        let field = self.fields.get((place as usize).checked_sub(1)?)?;
+        let string = |at: u32| {
+            let mut pos = at as usize;
+            let len = get_varint(&self.text, &mut pos) as usize;
+            String::from_utf8_lossy(&self.text[pos..pos + len]).into_owned()
+        };
+        Some(Location {
+            country: string(field[0]),
+            region: string(field[1]),
+            city: string(field[2]),
+        })
+    }
+}
+
+/// Calls `emit(start, place)` for each range of `family` in `reader`, in
+/// order of address: where the place changes, where the file has a gap
+/// (place 0), and once at address 0.
+fn for_each_range<S: AsRef<[u8]>>(
+    reader: &Reader<S>,
+    family: Family,
+    interner: &mut Interner,
+    locate: &impl Fn(&LookupResult<'_, S>) -> Option<Location>,
+    mut emit: impl FnMut(u128, u32),
+) -> Result<(), String> {
+    let all: ipnetwork::IpNetwork = match family {
+        Family::V4 => "0.0.0.0/0",
+        Family::V6 => "::/0",
+    }
+    .parse()
+    .expect("a valid network");
+    let networks = reader
+        .within(all, WithinOptions::default())
+        .map_err(|e| e.to_string())?;
+    emit(0, 0);
+    let mut current = 0u32;
+    // The address after the last network seen; `None` past the top.
+    let mut expected = Some(0u128);
+    for result in networks {
+        let result = result.map_err(|e| e.to_string())?;
+        let network = result.network().map_err(|e| e.to_string())?;
+        let (start, end) = match (family, network) {
+            (Family::V4, ipnetwork::IpNetwork::V4(n)) => (
+                u128::from(u32::from(n.network())),
+                u128::from(u32::from(n.broadcast())),
+            ),
+            // An IPv6 file without IPv4 inside answers every IPv4
+            // address with the network on the way to `::/96`.
+            (Family::V4, ipnetwork::IpNetwork::V6(_)) => (0, u128::from(u32::MAX)),
+            // IPv4 inside an IPv6 file: answered by the IPv4 table.
+            (Family::V6, ipnetwork::IpNetwork::V4(_)) => continue,
+            (Family::V6, ipnetwork::IpNetwork::V6(n)) => {
+                (u128::from(n.network()), u128::from(n.broadcast()))
+            }
+        };
+        let place = interner.place(&result, locate);
+        if expected != Some(start) && current != 0 {
+            emit(expected.unwrap_or(start), 0);
+            current = 0;
+        }
+        if place != current {
+            emit(start, place);
+            current = place;
+        }
+        expected = end.checked_add(1);
+    }
+    if let (Some(next), true) = (expected, current != 0) {
+        let top = match family {
+            Family::V4 => u128::from(u32::MAX),
+            Family::V6 => u128::MAX,
+        };
+        if next <= top {
+            emit(next, 0);
+        }
+    }
+    Ok(())
+}
+
+/// Writes ranges, in order, into blocks.
+struct Encoder {
+    len: usize,
+    width: u32,
+    block_starts: Vec<u128>,
+    block_offsets: Vec<u32>,
+    stream: Vec<u8>,
+    /// The block being filled: its ranges, written out when full.
+    pending: Vec<(u128, u32)>,
+}
+
+impl Encoder {
+    fn with_capacity(ranges: usize, width: u32) -> Self {
+        Self {
+            len: 0,
+            width,
+            block_starts: Vec::with_capacity(ranges.div_ceil(BLOCK)),
+            block_offsets: Vec::with_capacity(ranges.div_ceil(BLOCK)),
+            stream: Vec::with_capacity(ranges * 4),
+            pending: Vec::with_capacity(BLOCK),
+        }
+    }
+
+    fn push(&mut self, start: u128, place: u32) {
+        self.len += 1;
+        self.pending.push((start, place));
+        if self.pending.len() == BLOCK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some(&(first, place)) = self.pending.first() else {
+            return;
+        };
+        let shift = self
+            .pending
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0).trailing_zeros())
+            .min()
+            .unwrap_or(0)
+            .min(127);
+        self.block_starts.push(first);
+        self.block_offsets.push(self.stream.len() as u32);
+        self.stream.push(shift as u8);
+        put_varint(&mut self.stream, place.into());
+        for w in self.pending.windows(2) {
+            put_varint(&mut self.stream, (w[1].0 - w[0].0) >> shift);
+            put_varint(&mut self.stream, w[1].1.into());
+        }
+        self.pending.clear();
+    }
+
+    fn finish(mut self) -> RangeTable {
+        self.flush();
+        self.stream.shrink_to_fit();
+        let shift = self.width - TOP_BITS;
+        let top = (0..=1u128 << TOP_BITS)
+            .map(|part| self.block_starts.partition_point(|&s| s >> shift < part) as u32)
+            .collect();
+        RangeTable {
+            len: self.len,
+            width: self.width,
+            top,
+            block_starts: self.block_starts.into(),
+            block_offsets: self.block_offsets.into(),
+            stream: self.stream.into(),
+        }
+    }
+}
+
+impl RangeTable {
+    /// The place of the range `address` falls in.
+    fn place(&self, address: u128) -> u32 {
+        // The block is the last that starts at or below `address`: among
+        // those of its part of the space, or the one before them.
+        let part = (address >> (self.width - TOP_BITS)) as usize;
+        let (low, high) = (self.top[part] as usize, self.top[part + 1] as usize);
+        let block = low + self.block_starts[low..high].partition_point(|&s| s <= address);
+        let Some(block) = block.checked_sub(1) else {
+            return 0;
+        };
+        let in_block = BLOCK.min(self.len - block * BLOCK);
+        let mut pos = self.block_offsets[block] as usize;
+        let shift = u32::from(self.stream[pos]);
+        pos += 1;
+        let mut start = self.block_starts[block];
+        let mut place = get_varint(&self.stream, &mut pos) as u32;
+        for _ in 1..in_block {
+            let next = start + (get_varint(&self.stream, &mut pos) << shift);
+            if next > address {
+                break;
+            }
+            start = next;
+            place = get_varint(&self.stream, &mut pos) as u32;
+        }
+        place
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u128) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn get_varint(bytes: &[u8], pos: &mut usize) -> u128 {
+    let mut value = 0u128;
+    let mut shift = 0;
+    loop {
+        let byte = bytes[*pos];
+        *pos += 1;
+        value |= u128::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return value;
+        }
+        shift += 7;
+    }
+}
+
+/// The IPv6 prefixes whose tree node is the IPv4 subtree's (`::/96` and
+/// the aliases a MaxMind-style writer adds), read from the file's tree.
+fn v4_aliases(bytes: &[u8], reader: &Reader<&[u8]>) -> Vec<(u128, u32)> {
+    let metadata = reader.metadata();
+    let tree = Tree {
+        bytes,
+        node_count: metadata.node_count as usize,
+        record_size: metadata.record_size,
+    };
+    let Some(ipv4_start) = tree.walk(0, 96) else {
+        return Vec::new();
+    };
+    if ipv4_start >= tree.node_count {
+        // No IPv4 subtree: `::/96` is part of an ordinary IPv6 network.
+        return Vec::new();
+    }
+    [
+        (0u128, 96u32),
+        (0xffff_u128 << 32, 96),
+        (0x2001_u128 << 112, 32),
+        (0x2002_u128 << 112, 16),
+    ]
+    .into_iter()
+    .filter(|&(prefix, len)| tree.walk(prefix, len) == Some(ipv4_start))
+    .collect()
+}
+
+/// Just enough of the MaxMind DB search tree to follow a prefix.
+struct Tree<'a> {
+    bytes: &'a [u8],
+    node_count: usize,
+    record_size: u16,
+}
+
+impl Tree<'_> {
+    /// The record reached by following the first `len` bits of `prefix`
+    /// from the root; `None` when the walk leaves the tree early or the
+    /// file is damaged.
+    fn walk(&self, prefix: u128, len: u32) -> Option<usize> {
+        let mut node = 0usize;
+        for i in 0..len {
+            if node >= self.node_count {
+                return None;
+            }
+            let bit = (prefix >> (127 - i)) & 1;
+            node = self.record(node, bit as usize)?;
+        }
+        Some(node)
+    }
+
+    fn record(&self, node: usize, side: usize) -> Option<usize> {
+        let b = |i: usize| -> Option<usize> { self.bytes.get(i).map(|&x| x as usize) };
+        match self.record_size {
+            24 => {
+                let at = node * 6 + side * 3;
+                Some(b(at)? << 16 | b(at + 1)? << 8 | b(at + 2)?)
+            }
+            28 => {
+                let at = node * 7;
+                let middle = b(at + 3)?;
+                if side == 0 {
+                    Some((middle & 0xf0) << 20 | b(at)? << 16 | b(at + 1)? << 8 | b(at + 2)?)
+                } else {
+                    Some((middle & 0x0f) << 24 | b(at + 4)? << 16 | b(at + 5)? << 8 | b(at + 6)?)
+                }
+            }
+            32 => {
+                let at = node * 8 + side * 4;
+                Some(b(at)? << 24 | b(at + 1)? << 16 | b(at + 2)? << 8 | b(at + 3)?)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use mmdb_writer::ipnet::IpNet;
+    use mmdb_writer::{IpVersion, RecordSize, Writer};
+    use proptest::prelude::*;
+
+    use super::super::database::{Database, Residency};
+
+    const PLACES: [(&str, &str, &str); 4] = [
+        ("GB", "England", "London"),
+        ("GB", "England", "Bracknell"),
+        ("CZ", "South Moravian", "Brno"),
+        ("", "", ""),
+    ];
+
+    /// A network of `family`'s width from random bits and a prefix length.
+    fn network(v6: bool, bits: u128, prefix: u8) -> IpNet {
+        if v6 {
+            let prefix = prefix % 129;
+            IpNet::new(IpAddr::V6(Ipv6Addr::from(bits)), prefix)
+                .unwrap()
+                .trunc()
+        } else {
+            let prefix = prefix % 33;
+            IpNet::new(IpAddr::V4(Ipv4Addr::from(bits as u32)), prefix)
+                .unwrap()
+                .trunc()
+        }
+    }
+
+    fn record(place: usize, flat: bool, serial: usize) -> serde_json::Value {
+        let (country, region, city) = PLACES[place % PLACES.len()];
+        if flat {
+            // Coordinates differ per network, as in DB-IP: records that
+            // differ in what the gateway does not read must still merge.
+            serde_json::json!({
+                "country_code": country, "state1": region, "city": city,
+                "latitude": serial as f64, "longitude": 1.5, "postcode": "",
+            })
+        } else {
+            serde_json::json!({
+                "country": {"iso_code": country},
+                "subdivisions": [{"names": {"en": region, "de": "x"}}],
+                "city": {"names": {"en": city}},
+                "location": {"latitude": serial as f64},
+            })
+        }
+    }
+
+    /// Bytes of a database of `version` holding `networks` (those the
+    /// writer refuses, such as aliased space, are left out).
+    fn database(
+        version: IpVersion,
+        size: RecordSize,
+        flat: bool,
+        networks: &[(IpNet, usize)],
+    ) -> Vec<u8> {
+        let mut writer = Writer::builder(if flat { "city" } else { "Test-City" })
+            .ip_version(version)
+            .record_size(size)
+            .build();
+        for (serial, (network, place)) in networks.iter().enumerate() {
+            let _ = writer.insert(*network, &record(*place, flat, serial));
+        }
+        writer.to_bytes().unwrap()
+    }
+
+    /// Addresses worth asking: around every network's edges, inside the
+    /// IPv6 prefixes that stand for IPv4, and some at random.
+    fn probes(networks: &[(IpNet, usize)], random: &[u128]) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for (network, _) in networks {
+            for edge in [network.network(), network.broadcast()] {
+                match edge {
+                    IpAddr::V4(v4) => {
+                        let n = u32::from(v4);
+                        for a in [n.wrapping_sub(1), n, n.wrapping_add(1)] {
+                            let v4 = Ipv4Addr::from(a);
+                            out.push(IpAddr::V4(v4));
+                            out.push(IpAddr::V6(v4.to_ipv6_compatible()));
+                            out.push(IpAddr::V6(Ipv6Addr::from(
+                                (0x2002u128 << 112) | (u128::from(a) << 80),
+                            )));
+                            out.push(IpAddr::V6(Ipv6Addr::from(
+                                (0x2001u128 << 112) | (u128::from(a) << 64) | 7,
+                            )));
+                        }
+                    }
+                    IpAddr::V6(v6) => {
+                        let n = u128::from(v6);
+                        for a in [n.wrapping_sub(1), n, n.wrapping_add(1)] {
+                            out.push(IpAddr::V6(Ipv6Addr::from(a)));
+                        }
+                    }
+                }
+            }
+        }
+        for &bits in random {
+            out.push(IpAddr::V4(Ipv4Addr::from(bits as u32)));
+            out.push(IpAddr::V6(Ipv6Addr::from(bits)));
+        }
+        out
+    }
+
+    fn networks(v6_share: u8) -> impl Strategy<Value = Vec<(IpNet, usize)>> {
+        prop::collection::vec(
+            (any::<u8>(), any::<u128>(), any::<u8>(), 0..PLACES.len()),
+            0..40,
+        )
+        .prop_map(move |rows| {
+            rows.into_iter()
+                .map(|(kind, bits, prefix, place)| {
+                    // Short prefixes are rare in real data and would cover
+                    // everything else: mostly long ones.
+                    let prefix = if prefix < 200 {
+                        prefix / 4 + 64
+                    } else {
+                        prefix
+                    };
+                    let v6 = kind < v6_share;
+                    let prefix = if v6 { prefix } else { prefix / 4 };
+                    (network(v6, bits, prefix), place)
+                })
+                .collect()
+        })
+    }
+
+    fn same_answers(parts: Vec<Vec<u8>>, probes: &[IpAddr]) {
+        let tree = Database::from_bytes(parts.clone());
+        let compact = Database::from_bytes_with(parts, Residency::Compact);
+        // A database with no record at all is refused either way.
+        let (tree, compact) = match (tree, compact) {
+            (Ok(tree), Ok(compact)) => (tree, compact),
+            (Err(_), Err(_)) => return,
+            (tree, compact) => panic!(
+                "one loads, the other not: tree {:?}, compact {:?}",
+                tree.err(),
+                compact.err()
+            ),
+        };
+        for &ip in probes {
+            assert_eq!(compact.lookup(ip), tree.lookup(ip), "{ip}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// One MaxMind-style file (IPv6, IPv4 inside, aliases), GeoIP2
+        /// layout, each record size: the compact table answers every
+        /// address as the tree does.
+        #[test]
+        fn one_ipv6_file_with_ipv4_inside_answers_as_its_tree(
+            rows in networks(128),
+            size in prop::sample::select(vec![RecordSize::Bits24, RecordSize::Bits28, RecordSize::Bits32]),
+            random in prop::collection::vec(any::<u128>(), 16),
+        ) {
+            let file = database(IpVersion::V6, size, false, &rows);
+            same_answers(vec![file], &probes(&rows, &random));
+        }
+
+        /// The flat layout in two files (IPv4, and IPv6 without IPv4
+        /// inside), as DB-IP ships it.
+        #[test]
+        fn two_flat_files_answer_as_their_trees(
+            rows in networks(128),
+            random in prop::collection::vec(any::<u128>(), 16),
+        ) {
+            let v4: Vec<_> = rows.iter().filter(|(n, _)| matches!(n, IpNet::V4(_))).cloned().collect();
+            let v6: Vec<_> = rows.iter().filter(|(n, _)| matches!(n, IpNet::V6(_))).cloned().collect();
+            let parts = vec![
+                database(IpVersion::V4, RecordSize::Bits28, true, &v4),
+                database(IpVersion::V6, RecordSize::Bits28, true, &v6),
+            ];
+            same_answers(parts, &probes(&rows, &random));
+        }
+    }
+
+    #[test]
+    fn neighbouring_networks_with_the_same_place_are_one_range() {
+        // 256 /24s of one place, in one block, with other coordinates each.
+        let rows: Vec<_> = (0..256u32)
+            .map(|i| (network(false, u128::from(0x5100_0000 | i << 8), 24), 0))
+            .collect();
+        let bytes = database(IpVersion::V4, RecordSize::Bits28, true, &rows);
+        let reader = maxminddb::Reader::from_source(bytes.as_slice()).unwrap();
+        // The file has a network per /24 (their records differ).
+        assert!(reader.metadata().node_count > 256);
+        let compact = super::CompactFile::build(&bytes, |r| {
+            r.decode::<serde_json::Value>()
+                .ok()
+                .flatten()
+                .map(|v| super::Location {
+                    country: v["country_code"].as_str().unwrap_or_default().into(),
+                    region: v["state1"].as_str().unwrap_or_default().into(),
+                    city: v["city"].as_str().unwrap_or_default().into(),
+                })
+        })
+        .unwrap();
+        // Nothing below 81.0.0.0, the /16 of London, nothing above.
+        assert_eq!(compact.ranges(), 3);
+        assert_eq!(
+            compact.lookup("81.0.200.7".parse().unwrap()).unwrap().city,
+            "London"
+        );
+        assert_eq!(compact.lookup("81.1.0.0".parse().unwrap()), None);
+        assert_eq!(compact.lookup("80.255.255.255".parse().unwrap()), None);
+    }
+}
