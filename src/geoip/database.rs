@@ -80,12 +80,12 @@ pub enum Residency {
     /// Nothing of the files: each is read once at load into a compact table
     /// of its address ranges and the three strings the gateway reads (see
     /// `ranges`), in the heap, and let go. The memory is the same whatever
-    /// addresses come (34 MB for the DB-IP pair, where the mapped files
+    /// addresses come (35 MB for the DB-IP pair, where the mapped files
     /// reach 101-115 MB under ~160,000 addresses) and no lookup ever waits
     /// for the disk. The price is at load: every network of the files is
-    /// walked (about 3 s for the DB-IP pair on a 2-core VM, before the
+    /// walked (about 2 s for the DB-IP pair on a 2-core VM, before the
     /// gateway listens, and on the reload thread while the old data
-    /// serves). While it walks, the process peaks at about 75 MB of heap
+    /// serves). While it walks, the process peaks at about 85 MB of heap
     /// (tables and the maps that build them) plus the walked copy's pages,
     /// which the kernel can reclaim (77 MB; the DB-IP pair at start).
     #[default]

@@ -481,6 +481,31 @@ mod tests {
     fn a_truncated_database_is_refused() {
         let mut bytes = test_support::city_database();
         bytes.truncate(bytes.len() / 2);
-        assert!(GeoIp::from_bytes(bytes).is_err());
+        assert!(GeoIp::from_bytes(bytes.clone()).is_err());
+        assert!(Database::from_bytes_with(vec![bytes], Residency::Compact).is_err());
+    }
+
+    #[test]
+    fn a_damaged_search_tree_is_refused_by_the_compact_load() {
+        // The tree's last node points past the data section. Mapped, the
+        // file loads (its probe record is elsewhere) and a lookup there
+        // misses; the compact load walks every node and refuses the file.
+        let mut bytes = test_support::city_database();
+        let (start, end) = {
+            let reader = maxminddb::Reader::from_source(bytes.as_slice()).unwrap();
+            let m = reader.metadata();
+            let node = m.record_size as usize * 2 / 8;
+            let nodes = m.node_count as usize;
+            ((nodes - 1) * node, nodes * node)
+        };
+        bytes[start..end].fill(0xff);
+        assert!(Database::from_bytes(vec![bytes.clone()]).is_ok());
+        let error = Database::from_bytes_with(vec![bytes], Residency::Compact)
+            .err()
+            .expect("refused");
+        assert!(
+            error.to_string().contains("cannot walk its networks"),
+            "{error}"
+        );
     }
 }
