@@ -36,6 +36,7 @@ pub mod connection;
 pub mod domain;
 pub mod drain;
 pub mod geoip;
+pub mod hangup;
 pub mod kafka;
 pub mod metrics;
 pub mod peers;

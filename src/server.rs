@@ -167,6 +167,9 @@ impl Application {
     /// Opens the GeoIP database, creates the producer and binds the listener.
     /// Kafka need not be up: readiness says so until it is.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Before the GeoIP load, which takes seconds: a SIGHUP from then on
+        // is a reload once the reloaders run, not the end of the process.
+        let (geoip_hangups, apps_hangups) = (crate::hangup::listen(), crate::hangup::listen());
         let geoip = Arc::new(load_geoip(&settings.geoip).await?);
         let metering = Metering::new(&settings.telemetry)?;
         let metrics = Metrics::new(
@@ -178,6 +181,7 @@ impl Application {
             geoip.clone(),
             Duration::from_millis(settings.geoip.reload_interval_ms),
             metrics.clone(),
+            geoip_hangups,
         );
         let sink = Arc::new(KafkaSink::new(&settings.kafka, metrics.clone())?);
         sink.start_healer();
@@ -191,7 +195,7 @@ impl Application {
             let loader: crate::apps::reload::Loader = Arc::new(move || {
                 Settings::load_with_env(&origin.path, origin.env.clone())?.access_policy()
             });
-            crate::apps::reload::spawn(apps.clone(), loader, metrics.clone());
+            crate::apps::reload::spawn(apps.clone(), loader, metrics.clone(), apps_hangups);
         }
         let budget = MemoryBudget::new(
             settings.server.max_in_flight_bytes,

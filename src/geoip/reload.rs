@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::GeoIp;
+use crate::hangup::{self, Hangups};
 use crate::metrics::Metrics;
 
 /// Why a reload was tried (for the log).
@@ -28,15 +29,13 @@ enum Trigger {
     FileChanged,
 }
 
-/// Watches for SIGHUP and, every `interval` (none when zero), for changed
+/// Watches `hangups` (registered by the caller before it loaded the data:
+/// see `crate::hangup`) and, every `interval` (none when zero), for changed
 /// files, until the process ends.
-pub fn spawn(geoip: Arc<GeoIp>, interval: Duration, metrics: Metrics) {
+pub fn spawn(geoip: Arc<GeoIp>, interval: Duration, metrics: Metrics, mut hangups: Hangups) {
     if geoip.paths().is_empty() {
         return;
     }
-    // Registered now, before the task first runs: a SIGHUP that arrives
-    // early must reload, not take SIGHUP's default action (exit).
-    let mut hangups = hangup_signals();
     tokio::spawn(async move {
         let mut ticker = (!interval.is_zero()).then(|| {
             let mut ticker = tokio::time::interval(interval);
@@ -45,7 +44,7 @@ pub fn spawn(geoip: Arc<GeoIp>, interval: Duration, metrics: Metrics) {
         });
         loop {
             let trigger = tokio::select! {
-                Some(()) = next_hangup(&mut hangups) => Trigger::Signal,
+                Some(()) = hangup::next(&mut hangups) => Trigger::Signal,
                 _ = tick(&mut ticker) => {
                     if !geoip.changed_on_disk() {
                         continue;
@@ -108,31 +107,6 @@ fn lower_this_threads_priority() {
 
 /// The reload thread's nice value.
 const RELOAD_NICE: i32 = 10;
-
-#[cfg(unix)]
-type Hangups = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangups = Option<()>;
-
-fn hangup_signals() -> Hangups {
-    #[cfg(unix)]
-    {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
-    }
-    #[cfg(not(unix))]
-    {
-        None
-    }
-}
-
-async fn next_hangup(hangups: &mut Hangups) -> Option<()> {
-    #[cfg(unix)]
-    if let Some(signal) = hangups {
-        return signal.recv().await;
-    }
-    let _ = hangups;
-    std::future::pending().await
-}
 
 async fn tick(ticker: &mut Option<tokio::time::Interval>) {
     match ticker {
