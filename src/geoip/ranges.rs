@@ -11,7 +11,8 @@
 //! neighbouring networks with the same three strings become one range
 //! (6.3 million IPv4 networks are 3.5 million ranges), a range is the
 //! distance from the one before and a number for its place, and the places
-//! are a table of their own (about 170,000 in each DB-IP file).
+//! are a table of their own (168,678 in the DB-IP IPv4 file, 127,939 in
+//! the IPv6 one).
 //!
 //! **Layout.** The ranges of an address family, in order of their first
 //! address, are cut into blocks of [`BLOCK`]:
@@ -39,6 +40,7 @@
 //! prefixes in the file's tree and answers them the same way.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 
 use maxminddb::{LookupResult, Reader, WithinOptions};
@@ -98,6 +100,11 @@ impl CompactFile {
         let reader = Reader::from_source(bytes).map_err(|e| e.to_string())?;
         let reader = &reader;
         let ipv6 = reader.metadata().ip_version == 6;
+        let v4_aliases = if ipv6 {
+            v4_aliases(bytes, reader)?
+        } else {
+            Vec::new()
+        };
         let mut interner = Interner::default();
         let mut families = vec![Family::V4];
         if ipv6 {
@@ -109,7 +116,11 @@ impl CompactFile {
         let mut tables = Vec::with_capacity(families.len());
         for family in families {
             let mut encoder = Encoder::new(family.width());
-            for_each_range(reader, family, &mut interner, &locate, |start, place| {
+            let walk = Walk {
+                family,
+                aliases_skipped: !v4_aliases.is_empty(),
+            };
+            for_each_range(reader, walk, &mut interner, &locate, |start, place| {
                 let place = place as usize;
                 if uses.len() <= place {
                     uses.resize(place + 1, 0);
@@ -128,6 +139,8 @@ impl CompactFile {
         for (rank, &place) in order.iter().enumerate() {
             renumber[place as usize] = rank as u32 + 1;
         }
+        // The largest of the maps that built the tables, done with.
+        interner.by_offset = Default::default();
         let mut tables: Vec<RangeTable> = tables
             .into_iter()
             .map(|t| t.renumbered(&renumber))
@@ -139,11 +152,7 @@ impl CompactFile {
             places,
             v4,
             v6,
-            v4_aliases: if ipv6 {
-                v4_aliases(bytes, reader)
-            } else {
-                Vec::new()
-            },
+            v4_aliases,
         })
     }
 
@@ -184,7 +193,7 @@ impl CompactFile {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Family {
     V4,
     V6,
@@ -199,11 +208,39 @@ impl Family {
     }
 }
 
+/// Hashes a data offset: a 64-bit multiply folded onto itself, so both
+/// halves of the product reach the bits the table picks buckets by.
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.write_u64(value as u64);
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        let product = u128::from(self.0 ^ value) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
 /// Places by the data record they came from and by their strings, while a
 /// file is walked.
 #[derive(Default)]
 struct Interner {
-    by_offset: HashMap<usize, u32>,
+    /// Asked once per network (millions per file): a plain multiply hash,
+    /// not SipHash, since the offsets come from the file, not a client.
+    by_offset: HashMap<usize, u32, BuildHasherDefault<OffsetHasher>>,
     /// Numbered from 1 in the order first seen.
     by_location: HashMap<Location, u32>,
 }
@@ -281,12 +318,24 @@ impl Places {
     }
 }
 
+/// What a walk covers.
+#[derive(Clone, Copy)]
+struct Walk {
+    family: Family,
+    /// Whether the file has an IPv4 subtree, whose aliases the IPv6 walk
+    /// skips (the table answers them from IPv4).
+    aliases_skipped: bool,
+}
+
 /// Calls `emit(start, place)` for each range of `family` in `reader`, in
 /// order of address: where the place changes, where the file has a gap
 /// (place 0), and once at address 0.
 fn for_each_range<S: AsRef<[u8]>>(
     reader: &Reader<S>,
-    family: Family,
+    Walk {
+        family,
+        aliases_skipped,
+    }: Walk,
     interner: &mut Interner,
     locate: &impl Fn(&LookupResult<'_, S>) -> Option<Location>,
     mut emit: impl FnMut(u128, u32),
@@ -297,14 +346,24 @@ fn for_each_range<S: AsRef<[u8]>>(
     }
     .parse()
     .expect("a valid network");
-    let networks = reader
-        .within(all, WithinOptions::default())
-        .map_err(|e| e.to_string())?;
+    // Every leaf is yielded, with data or not, so that a walk is counted
+    // leaf by leaf: a damaged or crafted tree whose nodes share children
+    // can have astronomically many leaves, and is refused past the budget.
+    let mut options = WithinOptions::default().include_networks_without_data();
+    if !aliases_skipped {
+        // `maxminddb` skips, as an alias, every record equal to the one
+        // `::/96` leads to. Without an IPv4 subtree that record is data (or
+        // nothing), and other networks with the same record are no aliases.
+        options = options.include_aliased_networks();
+    }
+    let networks = reader.within(all, options).map_err(|e| e.to_string())?;
+    let mut budget = walk_budget(reader.metadata().node_count);
     emit(0, 0);
     let mut current = 0u32;
     // The address after the last network seen; `None` past the top.
     let mut expected = Some(0u128);
     for result in networks {
+        budget = budget.checked_sub(1).ok_or_else(too_many_leaves)?;
         let result = result.map_err(|e| e.to_string())?;
         let network = result.network().map_err(|e| e.to_string())?;
         let (start, end) = match (family, network) {
@@ -342,6 +401,17 @@ fn for_each_range<S: AsRef<[u8]>>(
         }
     }
     Ok(())
+}
+
+/// How many leaves a walk of a tree of `node_count` nodes may visit: a
+/// tree is at most `node_count + 1` leaves; a writer that shares subtrees
+/// (besides the IPv4 aliases, which walks skip) may make a few times more.
+pub(super) fn walk_budget(node_count: u32) -> usize {
+    4 * node_count as usize + 65_536
+}
+
+fn too_many_leaves() -> String {
+    "its search tree has more networks than four times its nodes: damaged, or its nodes share subtrees (a mapped geoip.residency reads it without walking it)".into()
 }
 
 /// Writes ranges, in order, into blocks.
@@ -417,7 +487,7 @@ impl Encoder {
 
 impl RangeTable {
     /// The same ranges with place `p` written as `renumber[p]`.
-    fn renumbered(&self, renumber: &[u32]) -> RangeTable {
+    fn renumbered(self, renumber: &[u32]) -> RangeTable {
         let mut stream = Vec::with_capacity(self.stream.len());
         let mut block_offsets = Vec::with_capacity(self.block_offsets.len());
         let mut pos = 0;
@@ -437,8 +507,8 @@ impl RangeTable {
         RangeTable {
             len: self.len,
             width: self.width,
-            top: self.top.clone(),
-            block_starts: self.block_starts.clone(),
+            top: self.top,
+            block_starts: self.block_starts,
             block_offsets: block_offsets.into(),
             stream: stream.into(),
         }
@@ -494,9 +564,12 @@ fn get_varint(bytes: &[u8], pos: &mut usize) -> u128 {
     }
 }
 
-/// The IPv6 prefixes whose tree node is the IPv4 subtree's (`::/96` and
-/// the aliases a MaxMind-style writer adds), read from the file's tree.
-fn v4_aliases(bytes: &[u8], reader: &Reader<&[u8]>) -> Vec<(u128, u32)> {
+/// The IPv6 prefixes whose tree node is the IPv4 subtree's: `::/96`, and
+/// the aliases a MaxMind-style writer adds (`::ffff:0:0/96`, `2001::/32`,
+/// `2002::/16`, or any other), found by walking the tree's nodes as
+/// `maxminddb` does when it skips them. An alias deeper than /96 would
+/// leave fewer than 32 bits for the IPv4 address; none is kept.
+fn v4_aliases(bytes: &[u8], reader: &Reader<&[u8]>) -> Result<Vec<(u128, u32)>, String> {
     let metadata = reader.metadata();
     let tree = Tree {
         bytes,
@@ -504,21 +577,33 @@ fn v4_aliases(bytes: &[u8], reader: &Reader<&[u8]>) -> Vec<(u128, u32)> {
         record_size: metadata.record_size,
     };
     let Some(ipv4_start) = tree.walk(0, 96) else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     if ipv4_start >= tree.node_count {
         // No IPv4 subtree: `::/96` is part of an ordinary IPv6 network.
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    [
-        (0u128, 96u32),
-        (0xffff_u128 << 32, 96),
-        (0x2001_u128 << 112, 32),
-        (0x2002_u128 << 112, 16),
-    ]
-    .into_iter()
-    .filter(|&(prefix, len)| tree.walk(prefix, len) == Some(ipv4_start))
-    .collect()
+    let mut aliases = vec![(0u128, 96u32)];
+    let mut budget = walk_budget(metadata.node_count);
+    let mut stack = vec![(0usize, 0u128, 0u32)];
+    while let Some((node, prefix, depth)) = stack.pop() {
+        for side in 0..2u32 {
+            let Some(child) = tree.record(node, side as usize) else {
+                return Err(format!("node {node} lies outside the file"));
+            };
+            let prefix = prefix | u128::from(side) << (127 - depth);
+            let depth = depth + 1;
+            if child == ipv4_start {
+                if (prefix, depth) != (0, 96) && depth <= 96 {
+                    aliases.push((prefix, depth));
+                }
+            } else if child < tree.node_count && depth < 128 {
+                budget = budget.checked_sub(1).ok_or_else(too_many_leaves)?;
+                stack.push((child, prefix, depth));
+            }
+        }
+    }
+    Ok(aliases)
 }
 
 /// Just enough of the MaxMind DB search tree to follow a prefix.
@@ -574,7 +659,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use mmdb_writer::ipnet::IpNet;
-    use mmdb_writer::{IpVersion, RecordSize, Writer};
+    use mmdb_writer::{IpVersion, Ipv4Aliasing, RecordSize, Writer};
     use proptest::prelude::*;
 
     use super::super::database::{Database, Residency};
@@ -628,9 +713,20 @@ mod tests {
         flat: bool,
         networks: &[(IpNet, usize)],
     ) -> Vec<u8> {
+        database_with(version, size, flat, Ipv4Aliasing::Enabled, networks)
+    }
+
+    fn database_with(
+        version: IpVersion,
+        size: RecordSize,
+        flat: bool,
+        aliasing: Ipv4Aliasing,
+        networks: &[(IpNet, usize)],
+    ) -> Vec<u8> {
         let mut writer = Writer::builder(if flat { "city" } else { "Test-City" })
             .ip_version(version)
             .record_size(size)
+            .ipv4_aliasing(aliasing)
             .build();
         for (serial, (network, place)) in networks.iter().enumerate() {
             let _ = writer.insert(*network, &record(*place, flat, serial));
@@ -651,6 +747,7 @@ mod tests {
                             let v4 = Ipv4Addr::from(a);
                             out.push(IpAddr::V4(v4));
                             out.push(IpAddr::V6(v4.to_ipv6_compatible()));
+                            out.push(IpAddr::V6(v4.to_ipv6_mapped()));
                             out.push(IpAddr::V6(Ipv6Addr::from(
                                 (0x2002u128 << 112) | (u128::from(a) << 80),
                             )));
@@ -683,15 +780,20 @@ mod tests {
         .prop_map(move |rows| {
             rows.into_iter()
                 .map(|(kind, bits, prefix, place)| {
-                    // Short prefixes are rare in real data and would cover
-                    // everything else: mostly long ones.
-                    let prefix = if prefix < 200 {
-                        prefix / 4 + 64
-                    } else {
-                        prefix
-                    };
                     let v6 = kind < v6_share;
-                    let prefix = if v6 { prefix } else { prefix / 4 };
+                    // Mostly long prefixes, as in real data (short ones
+                    // cover everything else), sometimes any length, and
+                    // sometimes at the very bottom or top of the space.
+                    let prefix = match (prefix % 8, v6) {
+                        (0, _) => prefix,
+                        (_, true) => 64 + prefix % 65,
+                        (_, false) => 16 + prefix % 17,
+                    };
+                    let bits = match kind % 16 {
+                        0 => 0,
+                        1 => u128::MAX,
+                        _ => bits,
+                    };
                     (network(v6, bits, prefix), place)
                 })
                 .collect()
@@ -726,9 +828,13 @@ mod tests {
         fn one_ipv6_file_with_ipv4_inside_answers_as_its_tree(
             rows in networks(128),
             size in prop::sample::select(vec![RecordSize::Bits24, RecordSize::Bits28, RecordSize::Bits32]),
+            aliasing in prop::sample::select(vec![Ipv4Aliasing::Enabled, Ipv4Aliasing::Disabled]),
+            flat in any::<bool>(),
             random in prop::collection::vec(any::<u128>(), 16),
         ) {
-            let file = database(IpVersion::V6, size, false, &rows);
+            // Without aliases, networks may sit in ::ffff:0:0/96 and
+            // 2002::/16 themselves.
+            let file = database_with(IpVersion::V6, size, flat, aliasing, &rows);
             same_answers(vec![file], &probes(&rows, &random));
         }
 
@@ -737,15 +843,19 @@ mod tests {
         #[test]
         fn two_flat_files_answer_as_their_trees(
             rows in networks(128),
+            size in prop::sample::select(vec![RecordSize::Bits24, RecordSize::Bits28, RecordSize::Bits32]),
             random in prop::collection::vec(any::<u128>(), 16),
         ) {
             let v4: Vec<_> = rows.iter().filter(|(n, _)| matches!(n, IpNet::V4(_))).cloned().collect();
             let v6: Vec<_> = rows.iter().filter(|(n, _)| matches!(n, IpNet::V6(_))).cloned().collect();
             let parts = vec![
-                database(IpVersion::V4, RecordSize::Bits28, true, &v4),
-                database(IpVersion::V6, RecordSize::Bits28, true, &v6),
+                database(IpVersion::V4, size, true, &v4),
+                database(IpVersion::V6, size, true, &v6),
             ];
             same_answers(parts, &probes(&rows, &random));
+            // The IPv6 file alone answers IPv4 too (from the network on
+            // the way to ::/96, if any).
+            same_answers(vec![database(IpVersion::V6, size, true, &v6)], &probes(&rows, &random));
         }
     }
 
@@ -778,5 +888,112 @@ mod tests {
         );
         assert_eq!(compact.lookup("81.1.0.0".parse().unwrap()), None);
         assert_eq!(compact.lookup("80.255.255.255".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn the_edges_of_the_space_and_records_that_do_not_decode() {
+        let rows: Vec<(IpNet, usize)> = [
+            ("0.0.0.0/8", 0),
+            ("255.255.255.0/24", 1),
+            ("1.2.3.4/32", 2),
+            ("::/64", 0),
+            ("ffff::/16", 1),
+            ("2a02::1/128", 2),
+            ("2a02::2/128", 2),
+        ]
+        .iter()
+        .map(|(n, p)| (n.parse().unwrap(), *p))
+        .collect();
+        let mut probes = probes(&rows, &[0, u128::MAX, 1 << 64, u128::from(u32::MAX)]);
+        probes.push("64:ff9b::102:304".parse().unwrap());
+        let v4: Vec<_> = rows
+            .iter()
+            .filter(|(n, _)| matches!(n, IpNet::V4(_)))
+            .cloned()
+            .collect();
+        let v6: Vec<_> = rows
+            .iter()
+            .filter(|(n, _)| matches!(n, IpNet::V6(_)))
+            .cloned()
+            .collect();
+        for size in [RecordSize::Bits24, RecordSize::Bits32] {
+            same_answers(vec![database(IpVersion::V6, size, false, &rows)], &probes);
+            same_answers(
+                vec![
+                    database(IpVersion::V4, size, true, &v4),
+                    database(IpVersion::V6, size, true, &v6),
+                ],
+                &probes,
+            );
+            // ::/64 holds ::a.b.c.d: an IPv6 file without IPv4 inside
+            // answers every IPv4 address from it.
+            let v6_only = database_with(IpVersion::V6, size, true, Ipv4Aliasing::Disabled, &v6);
+            same_answers(vec![v6_only], &probes);
+        }
+        // A record whose `country` is a string, not a map: it does not
+        // decode, and both answer no record. (The file's first record, the
+        // one its layout is probed on, is a good one.)
+        let mut writer = Writer::builder("Test-City").build();
+        writer
+            .insert(
+                "81.2.69.0/24".parse::<IpNet>().unwrap(),
+                &serde_json::json!({"country": "GB", "city": {"names": {"en": "London"}}}),
+            )
+            .unwrap();
+        writer
+            .insert("1.2.3.0/24".parse::<IpNet>().unwrap(), &record(2, false, 0))
+            .unwrap();
+        let bytes = writer.to_bytes().unwrap();
+        same_answers(vec![bytes.clone()], &probes);
+        let compact = Database::from_bytes_with(vec![bytes], Residency::Compact).unwrap();
+        assert_eq!(
+            compact.lookup("81.2.69.1".parse().unwrap()),
+            super::super::Lookup::Miss
+        );
+        assert_ne!(
+            compact.lookup("1.2.3.4".parse().unwrap()),
+            super::super::Lookup::Miss
+        );
+    }
+
+    #[test]
+    fn a_tree_whose_nodes_share_children_is_refused_not_walked_forever() {
+        // Node 0: a record on the left, node 1 on the right; nodes 1 to
+        // 100 point both ways at the next one, and node 101 at nothing:
+        // 2^100 leaves from 102 nodes. The probe finds the record; the
+        // walk must stop at its budget.
+        let rows: Vec<(IpNet, usize)> = (0..200u128)
+            .map(|i| (network(true, (i + 1) << 100, 28), 2))
+            .collect();
+        let mut bytes = database(IpVersion::V6, RecordSize::Bits32, false, &rows);
+        let (node_count, data) = {
+            let reader = maxminddb::Reader::from_source(bytes.as_slice()).unwrap();
+            let found = reader
+                .lookup(IpAddr::V6(Ipv6Addr::from(1u128 << 100)))
+                .unwrap();
+            let node_count = reader.metadata().node_count as usize;
+            (
+                node_count,
+                (found.offset().unwrap() + node_count + 16) as u32,
+            )
+        };
+        assert!(node_count >= 102, "{node_count} nodes");
+        let mut set = |node: usize, side: usize, value: u32| {
+            let at = node * 8 + side * 4;
+            bytes[at..at + 4].copy_from_slice(&value.to_be_bytes());
+        };
+        set(0, 0, data);
+        set(0, 1, 1);
+        for node in 1..=100 {
+            set(node, 0, node as u32 + 1);
+            set(node, 1, node as u32 + 1);
+        }
+        set(101, 0, node_count as u32);
+        set(101, 1, node_count as u32);
+        assert!(Database::from_bytes(vec![bytes.clone()]).is_ok());
+        let error = Database::from_bytes_with(vec![bytes], Residency::Compact)
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains("more networks than"), "{error}");
     }
 }
