@@ -1,10 +1,12 @@
-//! Recent lookups, kept in front of the database's tree walk.
+//! Recent lookups, kept in front of the database.
 //!
-//! A lookup walks the database's binary tree one bit of the address at a
-//! time (up to 32 nodes for IPv4, 128 for IPv6, each a likely cache miss in a
-//! file of 60 to 130 MB) and then decodes the record's strings: about a tenth
-//! of the gateway's CPU per event when events carry many addresses
-//! (docs/BENCHMARKS.md). The same devices upload again and again, from the
+//! A lookup in a mapped file walks its binary tree one bit of the address
+//! at a time (up to 32 nodes for IPv4, 128 for IPv6, each a likely cache
+//! miss in a file of 60 to 130 MB) and then decodes the record's strings:
+//! about a tenth of the gateway's CPU per event when events carry many
+//! addresses (docs/BENCHMARKS.md). The compact tables (the default) cost
+//! about as much per lookup: a binary search over 35 MB and three strings
+//! copied out. The same devices upload again and again, from the
 //! same addresses, so most lookups have been done a few seconds before.
 //!
 //! The cache is set-associative: an address hashes to one set of [`WAYS`]

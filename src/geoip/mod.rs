@@ -2,8 +2,8 @@
 //! can be replaced while the gateway runs.
 //!
 //! * `database`: one loaded set of files (layouts, address families, the
-//!   memory-mapped private copy);
-//! * `cache`: recent lookups, in front of the files' tree walk;
+//!   private copy, how each is held: compact tables or a mapping);
+//! * `cache`: recent lookups, in front of the tables or the tree walk;
 //! * `ranges`: a file as a compact table of ranges in the heap
 //!   (`geoip.residency: compact`);
 //! * `reload`: SIGHUP and a periodic look at the files, swapping in a new
