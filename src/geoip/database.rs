@@ -484,8 +484,15 @@ fn locate<S: AsRef<[u8]>>(result: &LookupResult<'_, S>, layout: Layout) -> Optio
 fn probe<S: AsRef<[u8]>>(reader: &Reader<S>) -> Result<(Layout, IpAddr), String> {
     // Leaf by leaf, and no further than a sound tree's leaves: a damaged
     // tree whose nodes share children must not keep the load walking.
+    // Aliases are not skipped either: `maxminddb` skips every record equal
+    // to the one `::/96` leads to, which without an IPv4 subtree may be
+    // "nothing", and would then skip empty leaves without yielding them.
     let first = reader
-        .networks(WithinOptions::default().include_networks_without_data())
+        .networks(
+            WithinOptions::default()
+                .include_networks_without_data()
+                .include_aliased_networks(),
+        )
         .map_err(|e| e.to_string())?
         .take(super::ranges::walk_budget(reader.metadata().node_count))
         .filter_map(Result::ok)

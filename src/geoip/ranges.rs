@@ -411,7 +411,7 @@ pub(super) fn walk_budget(node_count: u32) -> usize {
 }
 
 fn too_many_leaves() -> String {
-    "its search tree has more networks than four times its nodes: damaged, or its nodes share subtrees (a mapped geoip.residency reads it without walking it)".into()
+    "its search tree has more networks than four times its nodes plus 65,536: damaged, or its nodes share subtrees (a mapped geoip.residency reads it without walking it)".into()
 }
 
 /// Writes ranges, in order, into blocks.
@@ -567,8 +567,9 @@ fn get_varint(bytes: &[u8], pos: &mut usize) -> u128 {
 /// The IPv6 prefixes whose tree node is the IPv4 subtree's: `::/96`, and
 /// the aliases a MaxMind-style writer adds (`::ffff:0:0/96`, `2001::/32`,
 /// `2002::/16`, or any other), found by walking the tree's nodes as
-/// `maxminddb` does when it skips them. An alias deeper than /96 would
-/// leave fewer than 32 bits for the IPv4 address; none is kept.
+/// `maxminddb` does when it skips them. A file with an alias deeper than
+/// /96 (fewer than 32 bits left for the IPv4 address) or more than
+/// [`MAX_ALIASES`] of them is refused.
 fn v4_aliases(bytes: &[u8], reader: &Reader<&[u8]>) -> Result<Vec<(u128, u32)>, String> {
     let metadata = reader.metadata();
     let tree = Tree {
@@ -594,9 +595,21 @@ fn v4_aliases(bytes: &[u8], reader: &Reader<&[u8]>) -> Result<Vec<(u128, u32)>, 
             let prefix = prefix | u128::from(side) << (127 - depth);
             let depth = depth + 1;
             if child == ipv4_start {
-                if (prefix, depth) != (0, 96) && depth <= 96 {
-                    aliases.push((prefix, depth));
+                if (prefix, depth) == (0, 96) {
+                    continue;
                 }
+                if depth > 96 {
+                    return Err(format!(
+                        "the IPv6 prefix {}/{depth} points at the IPv4 data, leaving it fewer than 32 bits",
+                        std::net::Ipv6Addr::from(prefix)
+                    ));
+                }
+                if aliases.len() == MAX_ALIASES {
+                    return Err(format!(
+                        "more than {MAX_ALIASES} IPv6 prefixes point at the IPv4 data"
+                    ));
+                }
+                aliases.push((prefix, depth));
             } else if child < tree.node_count && depth < 128 {
                 budget = budget.checked_sub(1).ok_or_else(too_many_leaves)?;
                 stack.push((child, prefix, depth));
@@ -605,6 +618,10 @@ fn v4_aliases(bytes: &[u8], reader: &Reader<&[u8]>) -> Result<Vec<(u128, u32)>, 
     }
     Ok(aliases)
 }
+
+/// IPv6 prefixes that may stand for IPv4 in one file: every lookup of an
+/// IPv6 address looks through them, and real files have four at most.
+const MAX_ALIASES: usize = 64;
 
 /// Just enough of the MaxMind DB search tree to follow a prefix.
 struct Tree<'a> {
@@ -978,10 +995,8 @@ mod tests {
             )
         };
         assert!(node_count >= 102, "{node_count} nodes");
-        let mut set = |node: usize, side: usize, value: u32| {
-            let at = node * 8 + side * 4;
-            bytes[at..at + 4].copy_from_slice(&value.to_be_bytes());
-        };
+        let mut set =
+            |node: usize, side: usize, value: u32| set_record(&mut bytes, node, side, value);
         set(0, 0, data);
         set(0, 1, 1);
         for node in 1..=100 {
@@ -991,9 +1006,24 @@ mod tests {
         set(101, 0, node_count as u32);
         set(101, 1, node_count as u32);
         assert!(Database::from_bytes(vec![bytes.clone()]).is_ok());
-        let error = Database::from_bytes_with(vec![bytes], Residency::Compact)
+        let error = Database::from_bytes_with(vec![bytes.clone()], Residency::Compact)
             .err()
             .expect("refused");
         assert!(error.to_string().contains("more networks than"), "{error}");
+        // With nothing on the left either, the probe that finds a file's
+        // layout (every residency runs it) meets only empty leaves: it
+        // stops at the same budget.
+        set_record(&mut bytes, 0, 0, node_count as u32);
+        for residency in [Residency::Cached, Residency::Compact] {
+            let error = Database::from_bytes_with(vec![bytes.clone()], residency)
+                .err()
+                .expect("refused");
+            assert!(error.to_string().contains("no records"), "{error}");
+        }
+    }
+
+    fn set_record(bytes: &mut [u8], node: usize, side: usize, value: u32) {
+        let at = node * 8 + side * 4;
+        bytes[at..at + 4].copy_from_slice(&value.to_be_bytes());
     }
 }
