@@ -81,14 +81,14 @@ pub enum Residency {
     /// of its address ranges and the three strings the gateway reads (see
     /// `ranges`), in the heap, and let go. The memory is the same whatever
     /// addresses come (35 MB for the DB-IP pair, where the mapped files'
-    /// resident pages reach 80-102 MB under ~160,000 addresses) and no lookup ever waits
-    /// for the disk. The price is at load: every network of the files is
+    /// resident pages reach 80-102 MB under ~160,000 addresses) and no
+    /// lookup ever waits for the disk. The price is at load: every network of the files is
     /// walked (about 2 s for the DB-IP pair on a 2-core VM, before the
     /// gateway listens, and on the reload thread while the old data
     /// serves). While it walks, the process's anonymous memory peaks at
     /// about 80 MB (tables and the maps that build them) plus the walked
-    /// copy's pages,
-    /// which the kernel can reclaim (77 MB; the DB-IP pair at start).
+    /// copy's pages, which the kernel can reclaim (77 MB; the DB-IP pair at
+    /// start).
     #[default]
     Compact,
     /// The mapped copy stays in the page cache: a lookup anywhere in the
@@ -371,13 +371,7 @@ impl File {
     /// Reads the metadata, finds the layout from a probe record, and checks
     /// that a lookup of that record's address answers.
     fn load(source: Source, path: String) -> Result<Self, GeoIpError> {
-        let invalid = |reason: String| GeoIpError::Invalid {
-            path: path.clone(),
-            reason,
-        };
-        let reader = Reader::from_source(source).map_err(|e| invalid(e.to_string()))?;
-        let (layout, probe) = probe(&reader).map_err(&invalid)?;
-        let info = file_info(&reader, layout, &path);
+        let (reader, layout, probe, info) = identify(source, &path)?;
         Self {
             index: Index::Tree(reader, layout),
             info,
@@ -388,15 +382,14 @@ impl File {
     /// [`File::load`] into a compact table ([`Residency::Compact`]): the
     /// bytes are walked once and not kept.
     fn load_compact(bytes: &[u8], path: String) -> Result<Self, GeoIpError> {
-        let invalid = |reason: String| GeoIpError::Invalid {
-            path: path.clone(),
-            reason,
-        };
-        let reader = Reader::from_source(bytes).map_err(|e| invalid(e.to_string()))?;
-        let (layout, probe) = probe(&reader).map_err(&invalid)?;
-        let mut info = file_info(&reader, layout, &path);
-        let compact = CompactFile::build(bytes, |result| locate(result, layout))
-            .map_err(|e| invalid(format!("cannot walk its networks: {e}")))?;
+        let (reader, layout, probe, mut info) = identify(bytes, &path)?;
+        let compact =
+            CompactFile::build(&reader, bytes, |result| locate(result, layout)).map_err(|e| {
+                GeoIpError::Invalid {
+                    path,
+                    reason: format!("cannot walk its networks: {e}"),
+                }
+            })?;
         info.compact_bytes = Some(compact.heap_bytes());
         Self {
             index: Index::Compact(compact),
@@ -430,16 +423,28 @@ impl File {
     }
 }
 
-fn file_info<S: AsRef<[u8]>>(reader: &Reader<S>, layout: Layout, path: &str) -> FileInfo {
+/// A file's reader, its layout (found from a probe record), an address
+/// the file lists, and what an operator sees of it.
+fn identify<S: AsRef<[u8]>>(
+    source: S,
+    path: &str,
+) -> Result<(Reader<S>, Layout, IpAddr, FileInfo), GeoIpError> {
+    let invalid = |reason: String| GeoIpError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let reader = Reader::from_source(source).map_err(|e| invalid(e.to_string()))?;
+    let (layout, probe) = probe(&reader).map_err(invalid)?;
     let metadata = reader.metadata();
-    FileInfo {
+    let info = FileInfo {
         path: path.to_owned(),
         database_type: metadata.database_type.clone(),
         layout: layout.as_str(),
         ip_version: metadata.ip_version,
         build_epoch: metadata.build_epoch,
         compact_bytes: None,
-    }
+    };
+    Ok((reader, layout, probe, info))
 }
 
 /// What the gateway reads of a record: `None` when there is no record or it

@@ -90,15 +90,15 @@ pub struct CompactFile {
 }
 
 impl CompactFile {
-    /// Walks every network of `reader` and keeps, for each, what
-    /// `locate` makes of its record (`None`: no record, as for a record
-    /// that does not decode). Errors name what is wrong with the file.
+    /// Walks every network of `reader`, the reader of `bytes`, and keeps,
+    /// for each, what `locate` makes of its record (`None`: no record, as
+    /// for a record that does not decode). Errors name what is wrong with
+    /// the file.
     pub fn build(
+        reader: &Reader<&[u8]>,
         bytes: &[u8],
         locate: impl Fn(&LookupResult<'_, &[u8]>) -> Option<Location>,
     ) -> Result<Self, String> {
-        let reader = Reader::from_source(bytes).map_err(|e| e.to_string())?;
-        let reader = &reader;
         let ipv6 = reader.metadata().ip_version == 6;
         let v4_aliases = if ipv6 {
             v4_aliases(bytes, reader)?
@@ -886,7 +886,7 @@ mod tests {
         let reader = maxminddb::Reader::from_source(bytes.as_slice()).unwrap();
         // The file has a network per /24 (their records differ).
         assert!(reader.metadata().node_count > 256);
-        let compact = super::CompactFile::build(&bytes, |r| {
+        let compact = super::CompactFile::build(&reader, &bytes, |r| {
             r.decode::<serde_json::Value>()
                 .ok()
                 .flatten()
