@@ -1022,6 +1022,96 @@ mod tests {
         }
     }
 
+    #[test]
+    fn ipv6_prefixes_pointing_at_the_ipv4_data_are_aliases_up_to_a_limit() {
+        // An IPv6 file with IPv4 inside and none of the writer's aliases,
+        // and 64 IPv6 /32s of their own; the test then points /32s at the
+        // IPv4 subtree, as a writer's aliases do (`2001::/32` is one).
+        let mut rows: Vec<(IpNet, usize)> = vec![
+            ("81.2.69.0/24".parse().unwrap(), 0),
+            ("1.2.3.0/24".parse().unwrap(), 2),
+        ];
+        let slash32 = |i: u128| (0x2400_0000u128 + i) << 96;
+        rows.extend((0..64).map(|i| (network(true, slash32(i), 32), 1)));
+        let file = database_with(
+            IpVersion::V6,
+            RecordSize::Bits32,
+            false,
+            Ipv4Aliasing::Disabled,
+            &rows,
+        );
+        let ipv4_start = node_at(&file, 0, 96) as u32;
+        // The last bit of a /32 chooses the side of the node above it.
+        let point = |count: u128| {
+            let mut bytes = file.clone();
+            for i in 0..count {
+                let node = node_at(&bytes, slash32(i), 31);
+                set_record(
+                    &mut bytes,
+                    node,
+                    ((slash32(i) >> 96) & 1) as usize,
+                    ipv4_start,
+                );
+            }
+            bytes
+        };
+        // With `::/96`, 64 prefixes: the limit. Behind each /32, the next
+        // 32 bits are an IPv4 address, and both lookups agree on it.
+        let bytes = point(63);
+        let london = slash32(5) | (u128::from(u32::from(Ipv4Addr::new(81, 2, 69, 7))) << 64);
+        let compact = Database::from_bytes_with(vec![bytes.clone()], Residency::Compact).unwrap();
+        match compact.lookup(IpAddr::V6(Ipv6Addr::from(london))) {
+            super::super::Lookup::Hit(location) => assert_eq!(location.city, "London"),
+            other => panic!("{other:?}"),
+        }
+        let mut probes = probes(&rows, &[london, slash32(62) | 7, slash32(63) | 7]);
+        probes.push(IpAddr::V6(Ipv6Addr::from(london)));
+        same_answers(vec![bytes], &probes);
+        // One more is refused, with the count.
+        let error = Database::from_bytes_with(vec![point(64)], Residency::Compact)
+            .err()
+            .expect("refused");
+        assert!(
+            error
+                .to_string()
+                .contains("more than 64 IPv6 prefixes point at the IPv4 data"),
+            "{error}"
+        );
+        // A prefix deeper than /96 leaves the IPv4 data fewer than 32 bits:
+        // refused, naming it.
+        rows.push((network(true, 0x2a02u128 << 112, 112), 1));
+        let mut bytes = database_with(
+            IpVersion::V6,
+            RecordSize::Bits32,
+            false,
+            Ipv4Aliasing::Disabled,
+            &rows,
+        );
+        let ipv4_start = node_at(&bytes, 0, 96) as u32;
+        let node = node_at(&bytes, 0x2a02u128 << 112, 111);
+        set_record(&mut bytes, node, 0, ipv4_start);
+        let error = Database::from_bytes_with(vec![bytes], Residency::Compact)
+            .err()
+            .expect("refused");
+        assert!(
+            error.to_string().contains(
+                "the IPv6 prefix 2a02::/112 points at the IPv4 data, leaving it fewer than 32 bits"
+            ),
+            "{error}"
+        );
+    }
+
+    /// The record reached from the root by the first `depth` bits of
+    /// `prefix`, in a file of 32-bit records.
+    fn node_at(bytes: &[u8], prefix: u128, depth: u32) -> usize {
+        let mut node = 0usize;
+        for i in 0..depth {
+            let at = node * 8 + ((prefix >> (127 - i)) & 1) as usize * 4;
+            node = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        }
+        node
+    }
+
     fn set_record(bytes: &mut [u8], node: usize, side: usize, value: u32) {
         let at = node * 8 + side * 4;
         bytes[at..at + 4].copy_from_slice(&value.to_be_bytes());
