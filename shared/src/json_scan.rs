@@ -717,67 +717,107 @@ pub fn object_fields<const N: usize>(
 /// Calls `member` with the range of each key's text (between its quotes,
 /// escapes as sent) and of its value, in order, for an object a validating
 /// parser has already accepted, like [`object_fields`]; `None` when the
-/// text is not such an object (it never panics). The privacy rules read
-/// events with it: one pass over the bytes, nothing allocated.
+/// text is not such an object (it never panics).
 pub fn for_each_member(
     object: &[u8],
     mut member: impl FnMut(Range<usize>, Range<usize>),
 ) -> Option<()> {
-    let mut i = skip_whitespace(object, 0);
-    if object.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_whitespace(object, i + 1);
-    if object.get(i) == Some(&b'}') {
-        return Some(());
-    }
-    loop {
-        if object.get(i) != Some(&b'"') {
-            return None;
-        }
-        let key_end = closing_quote(object, i + 1)?;
-        let key = i + 1..key_end;
-        i = skip_whitespace(object, key_end + 1);
-        if object.get(i) != Some(&b':') {
-            return None;
-        }
-        let start = skip_whitespace(object, i + 1);
-        i = value_end(object, start)?;
-        member(key, start..i);
-        i = skip_whitespace(object, i);
-        match object.get(i) {
-            Some(b',') => i = skip_whitespace(object, i + 1),
-            Some(b'}') => return Some(()),
-            _ => return None,
-        }
-    }
+    walk_object(object, skip_whitespace(object, 0), |key, start| {
+        let end = value_end(object, start)?;
+        member(key, start..end);
+        Some(end)
+    })
+    .map(drop)
 }
 
 /// Calls `item` with the range of each item of an array a validating
 /// parser has already accepted; `None` when the text is not such an array.
 pub fn for_each_item(array: &[u8], mut item: impl FnMut(Range<usize>)) -> Option<()> {
-    let mut i = skip_whitespace(array, 0);
-    if array.get(i) != Some(&b'[') {
+    walk_array(array, skip_whitespace(array, 0), |start| {
+        let end = value_end(array, start)?;
+        item(start..end);
+        Some(end)
+    })
+    .map(drop)
+}
+
+/// The members of the object whose `{` is at `start` in `json` (already
+/// accepted by a validating parser), in order: `member` gets the range of
+/// the key's text (between its quotes, escapes as sent) and where the value
+/// starts, and returns the index just after the value, found by reading it
+/// (the privacy rules descend into the objects on a rule's path this way,
+/// and read each byte once) or with [`value_end`]. Returns the index just
+/// after the closing `}`; `None` when the text is not such an object or
+/// `member` returned `None`. Never panics.
+pub fn walk_object(
+    json: &[u8],
+    start: usize,
+    mut member: impl FnMut(Range<usize>, usize) -> Option<usize>,
+) -> Option<usize> {
+    if json.get(start) != Some(&b'{') {
         return None;
     }
-    i = skip_whitespace(array, i + 1);
-    if array.get(i) == Some(&b']') {
-        return Some(());
+    let mut i = skip_whitespace(json, start + 1);
+    if json.get(i) == Some(&b'}') {
+        return Some(i + 1);
     }
     loop {
-        let start = i;
-        i = value_end(array, start)?;
-        item(start..i);
-        i = skip_whitespace(array, i);
-        match array.get(i) {
-            Some(b',') => i = skip_whitespace(array, i + 1),
-            Some(b']') => return Some(()),
+        if json.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = closing_quote(json, i + 1)?;
+        let key = i + 1..key_end;
+        i = skip_whitespace(json, key_end + 1);
+        if json.get(i) != Some(&b':') {
+            return None;
+        }
+        let value = skip_whitespace(json, i + 1);
+        i = member(key, value)?;
+        // A callback that went backwards would loop for ever.
+        if i <= value {
+            return None;
+        }
+        i = skip_whitespace(json, i);
+        match json.get(i) {
+            Some(b',') => i = skip_whitespace(json, i + 1),
+            Some(b'}') => return Some(i + 1),
             _ => return None,
         }
     }
 }
 
-fn skip_whitespace(json: &[u8], mut i: usize) -> usize {
+/// The items of the array whose `[` is at `start` in `json`, like
+/// [`walk_object`]: `item` gets where each starts and returns the index
+/// just after it. Returns the index just after the closing `]`.
+pub fn walk_array(
+    json: &[u8],
+    start: usize,
+    mut item: impl FnMut(usize) -> Option<usize>,
+) -> Option<usize> {
+    if json.get(start) != Some(&b'[') {
+        return None;
+    }
+    let mut i = skip_whitespace(json, start + 1);
+    if json.get(i) == Some(&b']') {
+        return Some(i + 1);
+    }
+    loop {
+        let value = i;
+        i = item(value)?;
+        if i <= value {
+            return None;
+        }
+        i = skip_whitespace(json, i);
+        match json.get(i) {
+            Some(b',') => i = skip_whitespace(json, i + 1),
+            Some(b']') => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// The index of the first byte at or after `i` that is not JSON whitespace.
+pub fn skip_whitespace(json: &[u8], mut i: usize) -> usize {
     while matches!(json.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
         i += 1;
     }
@@ -799,8 +839,10 @@ fn closing_quote(json: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
-/// The index just after the value starting at `i`.
-fn value_end(json: &[u8], mut i: usize) -> Option<usize> {
+/// The index just after the value starting at `i`, in a document a
+/// validating parser has already accepted; `None` when there is no value
+/// there.
+pub fn value_end(json: &[u8], mut i: usize) -> Option<usize> {
     match json.get(i)? {
         b'"' => closing_quote(json, i + 1).map(|end| end + 1),
         b'{' | b'[' => {
