@@ -538,14 +538,14 @@ mod reload_privacy_tests {
         let before = apps.load().privacy_of("a").clone();
         let rules = before.rules(false);
         assert!(rules
-            .apply_data(event, None, &mut rules.hashes())
+            .apply_data(event, None, &mut rules.scratch())
             .unwrap()
             .contains("email"));
         apps.replace(policy("remove"));
         let after = apps.load().privacy_of("a").clone();
         let rules = after.rules(false);
         assert_eq!(
-            rules.apply_data(event, None, &mut rules.hashes()).unwrap(),
+            rules.apply_data(event, None, &mut rules.scratch()).unwrap(),
             r#"{"id":"1"}"#
         );
     }

@@ -43,13 +43,14 @@ fn run(ctx: &mut UploadContext) -> Outcome {
         return Outcome::proceed();
     };
     let rules = app.rules(ctx.anonymous());
-    // Hashes repeat within a batch (its events share a user, a session).
-    let mut hashes = rules.hashes();
+    // Hashes repeat within a batch (its events share a user, a session),
+    // and the edit list serves every event.
+    let mut scratch = rules.scratch();
     let mut rewritten = 0i64;
     if let Some(batch) = ctx.batch.as_mut() {
         // Valid UTF-8: the document was checked as JSON text.
         let meta = std::str::from_utf8(&batch.meta).unwrap_or_default();
-        if let Some(clean) = rules.apply_meta(meta, &mut hashes) {
+        if let Some(clean) = rules.apply_meta(meta, &mut scratch) {
             batch.meta = Bytes::from(clean);
         }
     }
@@ -59,7 +60,7 @@ fn run(ctx: &mut UploadContext) -> Outcome {
             _ => None,
         };
         let raw = std::str::from_utf8(&event.raw).unwrap_or_default();
-        if let Some(clean) = rules.apply_data(raw, sent_ip, &mut hashes) {
+        if let Some(clean) = rules.apply_data(raw, sent_ip, &mut scratch) {
             event.raw = Bytes::from(clean);
             rewritten += 1;
         }

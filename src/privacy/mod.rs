@@ -28,7 +28,7 @@ use std::sync::Arc;
 use crate::config::ConfigError;
 
 pub use self::hash::{HashKey, Secret};
-pub use self::rules::{FieldRule, Hashes, MemberRewrite, Replacement, Root, RuleTree};
+pub use self::rules::{FieldRule, MemberRewrite, Replacement, Root, RuleTree, Scratch};
 pub use self::settings::{AppPrivacySettings, FieldRuleSettings, IpMode, PrivacySettings};
 
 /// The request header that marks a batch anonymous.
@@ -124,14 +124,15 @@ impl Privacy {
         !self.data_rules.is_empty()
     }
 
-    /// The memory of one batch's hashes, under this configuration's key.
-    pub fn hashes(&self) -> Hashes<'_> {
-        Hashes::new(self.key.as_deref())
+    /// What one batch's rewrites reuse (its hashes, under this
+    /// configuration's key, and the edit list).
+    pub fn scratch(&self) -> Scratch<'_> {
+        Scratch::new(self.key.as_deref())
     }
 
     /// `meta` with the meta rules applied; `None` when none changed it.
-    pub fn apply_meta(&self, meta: &str, hashes: &mut Hashes<'_>) -> Option<String> {
-        self.meta_rules.apply(meta, hashes, None)
+    pub fn apply_meta(&self, meta: &str, scratch: &mut Scratch<'_>) -> Option<String> {
+        self.meta_rules.apply(meta, scratch, None)
     }
 
     /// An event with the data rules applied and, when `sent_ip` is given,
@@ -141,7 +142,7 @@ impl Privacy {
         &self,
         event: &str,
         sent_ip: Option<&StoredIp>,
-        hashes: &mut Hashes<'_>,
+        scratch: &mut Scratch<'_>,
     ) -> Option<String> {
         let replace_ip = |raw: &str| -> Replacement {
             if !raw.trim_start().starts_with('"') {
@@ -150,11 +151,7 @@ impl Privacy {
             match sent_ip {
                 Some(StoredIp::Dropped) => Replacement::Remove,
                 Some(StoredIp::Truncated(text) | StoredIp::Hashed(text)) => {
-                    let mut value = String::with_capacity(text.len() + 2);
-                    value.push('"');
-                    value.push_str(text);
-                    value.push('"');
-                    Replacement::Value(value)
+                    Replacement::PlainString(text.clone())
                 }
                 Some(StoredIp::Address(ip)) => Replacement::Value(format!("\"{ip}\"")),
                 None => Replacement::Keep,
@@ -165,7 +162,7 @@ impl Privacy {
         if self.data_rules.is_empty() && extra.is_none() {
             return None;
         }
-        self.data_rules.apply(event, hashes, extra)
+        self.data_rules.apply(event, scratch, extra)
     }
 
     /// The same rules for a batch marked anonymous: no address stored.
@@ -503,7 +500,7 @@ mod tests {
         assert!(rules.has_meta_rules() && !rules.has_data_rules());
         assert_eq!(
             rules
-                .apply_meta(r#"{"app_id":"a","user":"jane"}"#, &mut rules.hashes())
+                .apply_meta(r#"{"app_id":"a","user":"jane"}"#, &mut rules.scratch())
                 .unwrap(),
             r#"{"app_id":"a","user":"****"}"#
         );
@@ -518,17 +515,17 @@ mod tests {
         let event = r#"{"id":"1","ip":"81.2.69.142","x":1}"#;
         assert_eq!(
             rules
-                .apply_data(event, Some(&StoredIp::Dropped), &mut rules.hashes())
+                .apply_data(event, Some(&StoredIp::Dropped), &mut rules.scratch())
                 .unwrap(),
             r#"{"id":"1","x":1}"#
         );
         let truncated = StoredIp::Truncated("81.2.69.0".into());
         assert_eq!(
             rules
-                .apply_data(event, Some(&truncated), &mut rules.hashes())
+                .apply_data(event, Some(&truncated), &mut rules.scratch())
                 .unwrap(),
             r#"{"id":"1","ip":"81.2.69.0","x":1}"#
         );
-        assert_eq!(rules.apply_data(event, None, &mut rules.hashes()), None);
+        assert_eq!(rules.apply_data(event, None, &mut rules.scratch()), None);
     }
 }
