@@ -35,7 +35,7 @@ use crate::kafka::KafkaSink;
 use crate::metrics::Metrics;
 use crate::pipeline::context::{Batch, Enrichment, EventStatus};
 use crate::pipeline::{cpu_heavy, Handler, Outcome, SpanKind, UploadContext};
-use crate::privacy::StoredIp;
+use crate::privacy::{write_ip, StoredIp};
 use crate::spool::record::SpoolRecord;
 use crate::spool::Spool;
 use crate::telemetry;
@@ -85,26 +85,6 @@ fn push_json_str(out: &mut Vec<u8>, text: &str) {
 /// Appends an address's text form, which needs no JSON escaping. IPv4
 /// octets are written directly: `Display` went through the formatting
 /// machinery for every event.
-fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
-    use std::io::Write;
-
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            let mut digits = itoa::Buffer::new();
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                out.extend_from_slice(digits.format(octet).as_bytes());
-            }
-        }
-        // Writing to a Vec cannot fail.
-        std::net::IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
-    }
-}
-
 /// Writes the Kafka message value of one event into `out` (cleared first),
 /// so one buffer serves a whole batch: librdkafka copies each payload.
 pub fn write_message_value(
@@ -132,7 +112,7 @@ pub fn write_message_value(
     );
     out.extend_from_slice(b",\"ip\":\"");
     match &enrichment.ip {
-        StoredIp::Address(ip) => push_ip(out, *ip),
+        StoredIp::Address(ip) => write_ip(out, *ip),
         // An address's text or hex digits: nothing to escape.
         StoredIp::Truncated(text) | StoredIp::Hashed(text) => {
             out.extend_from_slice(text.as_bytes())
@@ -660,28 +640,5 @@ impl WriteKafka {
         };
         messaging(outcome, topic)
             .with_attribute(KeyValue::new("messaging.batch.message_count", sent as i64))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses_are_written_as_their_display_form() {
-        for ip in [
-            "0.0.0.0",
-            "255.255.255.255",
-            "10.0.9.100",
-            "81.2.69.142",
-            "::1",
-            "2001:db8::ff00:42:8329",
-            "::ffff:1.2.3.4",
-        ] {
-            let ip: std::net::IpAddr = ip.parse().unwrap();
-            let mut out = b"x".to_vec();
-            push_ip(&mut out, ip);
-            assert_eq!(out, format!("x{ip}").into_bytes());
-        }
     }
 }
