@@ -540,12 +540,16 @@ mod reload_privacy_tests {
         assert!(rules
             .apply_data(event, None, &mut rules.scratch())
             .unwrap()
+            .unwrap()
             .contains("email"));
         apps.replace(policy("remove"));
         let after = apps.load().privacy_of("a").clone();
         let rules = after.rules(false);
         assert_eq!(
-            rules.apply_data(event, None, &mut rules.scratch()).unwrap(),
+            rules
+                .apply_data(event, None, &mut rules.scratch())
+                .unwrap()
+                .unwrap(),
             r#"{"id":"1"}"#
         );
     }

@@ -82,9 +82,6 @@ fn push_json_str(out: &mut Vec<u8>, text: &str) {
     let _ = sonic_rs::to_writer(&mut *out, text);
 }
 
-/// Appends an address's text form, which needs no JSON escaping. IPv4
-/// octets are written directly: `Display` went through the formatting
-/// machinery for every event.
 /// Writes the Kafka message value of one event into `out` (cleared first),
 /// so one buffer serves a whole batch: librdkafka copies each payload.
 pub fn write_message_value(

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use crate::config::ConfigError;
 
 pub use self::hash::{HashKey, Secret};
-pub use self::rules::{FieldRule, MemberRewrite, Replacement, Root, RuleTree, Scratch};
+pub use self::rules::{FieldRule, MemberRewrite, Replacement, Root, RuleTree, Scratch, Unreadable};
 pub use self::settings::{AppPrivacySettings, FieldRuleSettings, IpMode, PrivacySettings};
 
 /// The request header that marks a batch anonymous.
@@ -136,20 +136,24 @@ impl Privacy {
         Scratch::new(self.key.as_deref())
     }
 
-    /// `meta` with the meta rules applied; `None` when none changed it.
-    pub fn apply_meta(&self, meta: &str, scratch: &mut Scratch<'_>) -> Option<String> {
+    /// `meta` with the meta rules applied; `Ok(None)` when none changed it.
+    pub fn apply_meta(
+        &self,
+        meta: &str,
+        scratch: &mut Scratch<'_>,
+    ) -> Result<Option<String>, Unreadable> {
         self.meta_rules.apply(meta, scratch, None)
     }
 
     /// An event with the data rules applied and, when `sent_ip` is given,
     /// its own `ip` member replaced by it (removed when dropped), all in one
-    /// walk; `None` when nothing changed.
+    /// walk; `Ok(None)` when nothing changed.
     pub fn apply_data(
         &self,
         event: &str,
         sent_ip: Option<&StoredIp>,
         scratch: &mut Scratch<'_>,
-    ) -> Option<String> {
+    ) -> Result<Option<String>, Unreadable> {
         let replace_ip = |raw: &str| -> Replacement {
             if !raw.trim_start().starts_with('"') {
                 return Replacement::Keep;
@@ -166,7 +170,7 @@ impl Privacy {
         let extra: Option<MemberRewrite<'_>> =
             sent_ip.map(|_| ("ip", &replace_ip as &dyn Fn(&str) -> Replacement));
         if self.data_rules.is_empty() && extra.is_none() {
-            return None;
+            return Ok(None);
         }
         self.data_rules.apply(event, scratch, extra)
     }
@@ -548,6 +552,7 @@ mod tests {
         assert_eq!(
             rules
                 .apply_meta(r#"{"app_id":"a","user":"jane"}"#, &mut rules.scratch())
+                .unwrap()
                 .unwrap(),
             r#"{"app_id":"a","user":"****"}"#
         );
@@ -563,6 +568,7 @@ mod tests {
         assert_eq!(
             rules
                 .apply_data(event, Some(&StoredIp::Dropped), &mut rules.scratch())
+                .unwrap()
                 .unwrap(),
             r#"{"id":"1","x":1}"#
         );
@@ -570,9 +576,13 @@ mod tests {
         assert_eq!(
             rules
                 .apply_data(event, Some(&truncated), &mut rules.scratch())
+                .unwrap()
                 .unwrap(),
             r#"{"id":"1","ip":"81.2.69.0","x":1}"#
         );
-        assert_eq!(rules.apply_data(event, None, &mut rules.scratch()), None);
+        assert_eq!(
+            rules.apply_data(event, None, &mut rules.scratch()),
+            Ok(None)
+        );
     }
 }

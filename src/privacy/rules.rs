@@ -204,21 +204,23 @@ impl RuleTree {
     }
 
     /// `document` (an object's JSON text) with every rule applied, and
-    /// `extra` on its top-level member of that name; `None` when nothing
-    /// changed (or the text is not the object the door accepted).
+    /// `extra` on its top-level member of that name; `Ok(None)` when
+    /// nothing changed. [`Unreadable`] when the text is not the object the
+    /// door accepted, anywhere on a rule's path: the caller must not store
+    /// it as it is, since a rule could not be applied.
     pub fn apply(
         &self,
         document: &str,
         scratch: &mut Scratch<'_>,
         extra: Option<MemberRewrite<'_>>,
-    ) -> Option<String> {
+    ) -> Result<Option<String>, Unreadable> {
         scratch.edits.clear();
         let start = json_scan::skip_whitespace(document.as_bytes(), 0);
-        rewrite_object(document, start, self, scratch, extra)?;
+        rewrite_object(document, start, self, scratch, extra).ok_or(Unreadable)?;
         if scratch.edits.is_empty() {
-            return None;
+            return Ok(None);
         }
-        Some(splice(document, 0..document.len(), &scratch.edits))
+        Ok(Some(splice(document, 0..document.len(), &scratch.edits)))
     }
 }
 
@@ -282,6 +284,12 @@ impl Node {
         Some((end, false))
     }
 }
+
+/// A document the rules could not be applied to: not the JSON object the
+/// door accepted (which cannot happen to a document that passed
+/// `split_and_validate`; if it does, nothing of it may be stored unrewritten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
 
 /// What one batch's rewrites reuse: the keyed hashes already made (a
 /// batch's events mostly share a user id, a session, an address) and the
@@ -566,7 +574,9 @@ mod tests {
     fn apply(path: &str, action: &str, document: &str) -> Option<String> {
         let rule = FieldRule::parse(path, action, &[]).unwrap();
         let key = key();
-        RuleTree::new([&rule]).apply(document, &mut Scratch::new(Some(&key)), None)
+        RuleTree::new([&rule])
+            .apply(document, &mut Scratch::new(Some(&key)), None)
+            .expect("readable")
     }
 
     #[test]
@@ -657,7 +667,7 @@ mod tests {
         let tree = RuleTree::new(&rules);
         let event = r#"{"id":"e","user":"u1","session":"s","props":{"query":"a@b.io","tags":[{"mail":"x","k":1}]},"n":2}"#;
         let mut scratch = Scratch::new(Some(&key));
-        let out = tree.apply(event, &mut scratch, None).unwrap();
+        let out = tree.apply(event, &mut scratch, None).unwrap().unwrap();
         // The hash of "u1", then masked: 32 stars.
         assert_eq!(
             out,
@@ -666,7 +676,10 @@ mod tests {
                 "*".repeat(32)
             )
         );
-        assert_eq!(tree.apply(r#"{"id":"e","n":2}"#, &mut scratch, None), None);
+        assert_eq!(
+            tree.apply(r#"{"id":"e","n":2}"#, &mut scratch, None),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -689,6 +702,7 @@ mod tests {
         assert_eq!(
             RuleTree::new([&rule])
                 .apply(meta, &mut Scratch::new(None), None)
+                .unwrap()
                 .unwrap(),
             "{\"app_id\": \"a\",\n  \"user\" : \"****\", \"sdk\": {\"v\": [1, 2]} }"
         );
@@ -728,6 +742,7 @@ mod tests {
         ] {
             let out = rules(paths)
                 .apply(event, &mut Scratch::new(None), None)
+                .unwrap()
                 .unwrap();
             assert_eq!(out, expected, "{paths:?}");
             serde_json::from_str::<serde_json::Value>(&out).unwrap();
@@ -735,12 +750,16 @@ mod tests {
         let items = r#"{"l":[{"x":1},{"k":0},{"x":2} , {"x":3}]}"#;
         let tree = RuleTree::new([&FieldRule::parse("data.l[*]", "remove", &[]).unwrap()]);
         assert_eq!(
-            tree.apply(items, &mut Scratch::new(None), None).unwrap(),
+            tree.apply(items, &mut Scratch::new(None), None)
+                .unwrap()
+                .unwrap(),
             r#"{"l":[]}"#
         );
         let tree = RuleTree::new([&FieldRule::parse("data.l[*].x", "remove", &[]).unwrap()]);
         assert_eq!(
-            tree.apply(items, &mut Scratch::new(None), None).unwrap(),
+            tree.apply(items, &mut Scratch::new(None), None)
+                .unwrap()
+                .unwrap(),
             r#"{"l":[{},{"k":0},{} , {}]}"#
         );
     }
@@ -758,6 +777,7 @@ mod tests {
                 &mut Scratch::new(Some(&key)),
                 None,
             )
+            .unwrap()
             .unwrap();
         let expected = key.hash(br#"{"name":"j"}"#);
         assert_eq!(out, format!(r#"{{"id":"e","user":"{expected}"}}"#));
@@ -771,11 +791,13 @@ mod tests {
         let event = r#"{"ip":"1.2.3.4","b":1,"c":2}"#;
         assert_eq!(
             tree.apply(event, &mut Scratch::new(None), Some(("ip", &to_x)))
+                .unwrap()
                 .unwrap(),
             r#"{"ip":"x","c":2}"#
         );
         assert_eq!(
             tree.apply(event, &mut Scratch::new(None), Some(("ip", &drop)))
+                .unwrap()
                 .unwrap(),
             r#"{"c":2}"#
         );
@@ -787,8 +809,32 @@ mod tests {
                     &mut Scratch::new(None),
                     Some(("ip", &to_x))
                 )
+                .unwrap()
                 .unwrap(),
             r#"{"\u0069p":"x"}"#
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_the_object_the_door_accepted_is_unreadable_not_passed_on() {
+        let tree = RuleTree::new([&FieldRule::parse("data.a.b", "remove", &[]).unwrap()]);
+        for text in [
+            r#"["a"]"#,
+            r#"{"a":{"b":1"#,
+            r#"{"a":{"b" 1}}"#,
+            r#"{"x":1 "a":{"b":1}}"#,
+            "",
+        ] {
+            assert_eq!(
+                tree.apply(text, &mut Scratch::new(None), None),
+                Err(Unreadable),
+                "{text}"
+            );
+        }
+        // Off a rule's path nothing is read but the members' extent.
+        assert_eq!(
+            tree.apply(r#"{"c":{"b":1}}"#, &mut Scratch::new(None), None),
+            Ok(None)
         );
     }
 
@@ -943,6 +989,7 @@ mod tests {
                 };
                 let out = RuleTree::new(&rules)
                     .apply(&text, &mut Scratch::new(None), extra)
+                    .map_err(|_| TestCaseError::fail(format!("unreadable: {text}")))?
                     .unwrap_or_else(|| text.clone());
 
                 let mut expected = document.clone();
