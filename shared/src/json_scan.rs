@@ -772,16 +772,9 @@ pub fn walk_object(
             return None;
         }
         let value = skip_whitespace(json, i + 1);
-        i = member(key, value)?;
-        // A callback that went backwards would loop for ever.
-        if i <= value {
-            return None;
-        }
-        i = skip_whitespace(json, i);
-        match json.get(i) {
-            Some(b',') => i = skip_whitespace(json, i + 1),
-            Some(b'}') => return Some(i + 1),
-            _ => return None,
+        match after_value(json, value, member(key, value)?, b'}')? {
+            After::Next(next) => i = next,
+            After::Closed(end) => return Some(end),
         }
     }
 }
@@ -802,17 +795,34 @@ pub fn walk_array(
         return Some(i + 1);
     }
     loop {
-        let value = i;
-        i = item(value)?;
-        if i <= value {
-            return None;
+        match after_value(json, i, item(i)?, b']')? {
+            After::Next(next) => i = next,
+            After::Closed(end) => return Some(end),
         }
-        i = skip_whitespace(json, i);
-        match json.get(i) {
-            Some(b',') => i = skip_whitespace(json, i + 1),
-            Some(b']') => return Some(i + 1),
-            _ => return None,
-        }
+    }
+}
+
+/// What follows a member's or an item's value.
+enum After {
+    /// A comma: the next one starts here.
+    Next(usize),
+    /// The closing bracket: the object or array ends just before here.
+    Closed(usize),
+}
+
+/// After the value that starts at `start` and ends at `end`, in an object
+/// or array closed by `close`; `None` when neither a comma nor `close`
+/// follows, or when `end` is not past `start` (a callback that went
+/// backwards would loop for ever).
+fn after_value(json: &[u8], start: usize, end: usize, close: u8) -> Option<After> {
+    if end <= start {
+        return None;
+    }
+    let i = skip_whitespace(json, end);
+    match json.get(i) {
+        Some(b',') => Some(After::Next(skip_whitespace(json, i + 1))),
+        Some(&byte) if byte == close => Some(After::Closed(i + 1)),
+        _ => None,
     }
 }
 
