@@ -730,17 +730,6 @@ pub fn for_each_member(
     .map(drop)
 }
 
-/// Calls `item` with the range of each item of an array a validating
-/// parser has already accepted; `None` when the text is not such an array.
-pub fn for_each_item(array: &[u8], mut item: impl FnMut(Range<usize>)) -> Option<()> {
-    walk_array(array, skip_whitespace(array, 0), |start| {
-        let end = value_end(array, start)?;
-        item(start..end);
-        Some(end)
-    })
-    .map(drop)
-}
-
 /// The members of the object whose `{` is at `start` in `json` (already
 /// accepted by a validating parser), in order: `member` gets the range of
 /// the key's text (between its quotes, escapes as sent) and where the value
@@ -925,15 +914,20 @@ mod tests {
                 ("s".to_owned(), r#""q\"}""#.to_owned()),
             ]
         );
-        let array = br#"[ {"a":[1]}, "x,y" ,null]"#;
+        let array = br#"[ {"a":[1]}, "x,y" ,null] "#;
         let mut items = Vec::new();
-        for_each_item(array, |item| {
-            items.push(String::from_utf8_lossy(&array[item]).into_owned())
-        })
-        .unwrap();
+        let end = walk_array(array, 0, |item| {
+            let end = value_end(array, item)?;
+            items.push(String::from_utf8_lossy(&array[item..end]).into_owned());
+            Some(end)
+        });
         assert_eq!(items, [r#"{"a":[1]}"#, r#""x,y""#, "null"]);
+        assert_eq!(end, Some(array.len() - 1), "just after the ]");
         assert!(for_each_member(b"[1]", |_, _| {}).is_none());
-        assert!(for_each_item(b"{}", |_| {}).is_none());
+        assert!(walk_array(b"{}", 0, |_| None).is_none());
+        // A callback that does not move past its value ends the walk.
+        assert!(walk_array(b"[1,2]", 0, Some).is_none());
+        assert!(walk_object(br#"{"a":1}"#, 0, |_, value| Some(value)).is_none());
         assert!(
             for_each_member(br#"{"a":"#, |_, _| {}).is_none(),
             "truncated"

@@ -482,11 +482,6 @@ fn rewrite_object(
         let node = tree.get(&name);
         let wanted = extra.filter(|(wanted, _)| *wanted == name);
         let mark = scratch.edits.len();
-        if node.is_none() && wanted.is_none() {
-            let end = json_scan::value_end(bytes, value)?;
-            removals.next(key.start - 1, end, false, mark, &mut scratch.edits);
-            return Some(end);
-        }
         let (end, mut removed) = match node {
             Some(node) => node.rewrite(doc, value, scratch)?,
             None => (json_scan::value_end(bytes, value)?, false),
